@@ -1,0 +1,64 @@
+"""Per-user held-out pairwise preference accuracy for the base, global and personalized models.
+
+* personalized: base + shared + this user's private tensors; a pair counts as right when the DPO
+  implicit reward ``log pi(y|x) - log pi_ref(y|x)`` ranks chosen above rejected (a tie counts half).
+* global: the same with every private tensor at its initial value (base + shared only).
+* base: no adapters. Its implicit reward is zero by definition, so the base ranks by its own mean
+  per-token log-likelihood instead: the natural "no alignment" baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedpersona.alignment.batching import EncodedPair, encode_pairs
+from fedpersona.alignment.trainer import pair_policy_logps, reference_logps
+from fedpersona.data.schema import PreferencePair
+from fedpersona.model.resident import ResidentModel
+
+
+def _ranking_accuracy(margin: torch.Tensor) -> float:
+    if margin.numel() == 0:
+        return float("nan")
+    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+
+
+@torch.no_grad()
+def _policy_margins(resident: ResidentModel, encoded: Sequence[EncodedPair], ref: torch.Tensor,
+                    batch_size: int) -> torch.Tensor:
+    margins = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        pc, pr, _, _ = pair_policy_logps(resident, chunk)
+        r = ref[start : start + batch_size]
+        margins.append((pc - r[:, 0]) - (pr - r[:, 1]))
+    return torch.cat(margins) if margins else torch.zeros(0)
+
+
+@torch.no_grad()
+def base_margins(resident: ResidentModel, encoded: Sequence[EncodedPair], batch_size: int = 64) -> torch.Tensor:
+    """Mean per-token log-likelihood margin (chosen minus rejected) under the frozen base."""
+    margins = []
+    with resident.model.disable_adapter():
+        for start in range(0, len(encoded), batch_size):
+            pc, pr, lc, lr = pair_policy_logps(resident, encoded[start : start + batch_size])
+            margins.append(pc / lc.clamp(min=1) - pr / lr.clamp(min=1))
+    return torch.cat(margins) if margins else torch.zeros(0)
+
+
+def evaluate_user(resident: ResidentModel, pairs: Sequence[PreferencePair], max_length: int,
+                  batch_size: int = 64) -> dict[str, float]:
+    """Accuracy of the three models on one user's held-out pairs: keys personalized, global, base."""
+    resident.model.eval()
+    encoded = encode_pairs(resident.tokenizer, pairs, max_length)
+    ref = reference_logps(resident, encoded, batch_size)
+    personal = _policy_margins(resident, encoded, ref, batch_size)
+    with resident.adapters.private_strength(0.0):
+        global_ = _policy_margins(resident, encoded, ref, batch_size)
+    return {
+        "personalized": _ranking_accuracy(personal),
+        "global": _ranking_accuracy(global_),
+        "base": _ranking_accuracy(base_margins(resident, encoded, batch_size)),
+    }

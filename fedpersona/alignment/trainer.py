@@ -1,0 +1,129 @@
+"""Local preference training on one user's pairs: DPO-family loss, AdamW, deterministic on CPU.
+
+The trainer works on a resident model (see ``fedpersona.model.resident``): it trains whatever adapter
+tensors the split policy marks trainable (shared and private) and never touches the frozen base.
+Reference log-probs come from the frozen base, computed once per pair and cached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedpersona.alignment.batching import EncodedPair, collate, encode_pairs, sequence_logprobs
+from fedpersona.alignment.losses import get_loss
+from fedpersona.data.schema import PreferencePair
+from fedpersona.model.adapters import Role
+from fedpersona.model.resident import ResidentModel
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 2
+    max_steps: int = 0  # 0: no cap; else stop after this many optimizer steps per round
+    min_steps: int = 0  # users with few pairs still take this many steps (they cycle their data)
+    batch_size: int = 8
+    lr: float = 1e-2  # learning rate of private tensors
+    shared_lr: float = 2e-3  # learning rate of shared tensors (lower: they are averaged with other users')
+    weight_decay: float = 0.0
+    beta: float = 0.1
+    loss: str = "dpo"
+    max_length: int = 96
+
+    def steps_for(self, num_pairs: int) -> int:
+        steps = max(self.epochs * math.ceil(num_pairs / self.batch_size), self.min_steps)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    pairs_seen: int
+    mean_loss: float
+
+
+@torch.no_grad()
+def reference_logps(resident: ResidentModel, encoded: Sequence[EncodedPair], batch_size: int = 64) -> torch.Tensor:
+    """``[N, 2]`` (chosen, rejected) log-probs under the frozen base, from the cache where possible."""
+    cache = resident.ref_cache
+    missing = [e for e in encoded if cache.get(e.key) is None]
+    if missing:
+        was_training = resident.model.training
+        resident.model.eval()
+        with resident.model.disable_adapter():
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                sides = [e.chosen for e in chunk] + [e.rejected for e in chunk]
+                logps, _ = sequence_logprobs(resident.model, collate(sides, resident.pad_id, resident.device))
+                for i, e in enumerate(chunk):
+                    cache.put(e.key, (float(logps[i]), float(logps[len(chunk) + i])))
+        resident.model.train(was_training)
+    return torch.tensor([cache.get(e.key) for e in encoded], dtype=torch.float32)
+
+
+def pair_policy_logps(resident: ResidentModel, chunk: Sequence[EncodedPair], *, separate_sides: bool = False):
+    """Policy log-probs and lengths for chosen and rejected of each pair.
+
+    One forward over chosen+rejected is fastest; ``separate_sides`` makes two calls (chosen batch, then
+    rejected batch, same pair order), which per-pair DP-SGD needs so that both sides of a pair land in
+    one per-sample gradient row.
+    """
+    if separate_sides:
+        pc, lc = sequence_logprobs(resident.model, collate([e.chosen for e in chunk], resident.pad_id, resident.device))
+        pr, lr = sequence_logprobs(resident.model, collate([e.rejected for e in chunk], resident.pad_id, resident.device))
+        return pc, pr, lc, lr
+    n = len(chunk)
+    sides = [e.chosen for e in chunk] + [e.rejected for e in chunk]
+    logps, lens = sequence_logprobs(resident.model, collate(sides, resident.pad_id, resident.device))
+    return logps[:n], logps[n:], lens[:n], lens[n:]
+
+
+def pair_losses(resident: ResidentModel, chunk: Sequence[EncodedPair], ref: torch.Tensor, settings: TrainSettings,
+                *, separate_sides: bool = False) -> torch.Tensor:
+    """Per-pair loss (no reduction) for a chunk of encoded pairs with their reference log-probs."""
+    pc, pr, lc, lr = pair_policy_logps(resident, chunk, separate_sides=separate_sides)
+    loss_fn = get_loss(settings.loss)
+    return loss_fn(pc, pr, ref[:, 0], ref[:, 1], beta=settings.beta, len_c=lc, len_r=lr)
+
+
+def trainable_parameters(resident: ResidentModel) -> list[torch.nn.Parameter]:
+    return [p for p in resident.adapters.params.values() if p.requires_grad]
+
+
+def parameter_groups(resident: ResidentModel, settings: TrainSettings) -> list[dict]:
+    """AdamW groups: private tensors at ``lr``, shared tensors at ``shared_lr``."""
+    state = resident.adapters
+    groups = []
+    for role, lr in ((Role.PRIVATE, settings.lr), (Role.SHARED, settings.shared_lr)):
+        params = [state.params[n] for n in state.names(role) if state.params[n].requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr})
+    return groups
+
+
+def train_local(resident: ResidentModel, pairs: Sequence[PreferencePair], settings: TrainSettings,
+                seed: int) -> TrainStats:
+    """Plain (non-private) local training: shuffled mini-batches for ``settings.epochs`` epochs."""
+    encoded = encode_pairs(resident.tokenizer, pairs, settings.max_length)
+    ref = reference_logps(resident, encoded)
+    optimizer = torch.optim.AdamW(parameter_groups(resident, settings), weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(int(seed))
+    total_steps = settings.steps_for(len(encoded))
+    resident.model.train()
+    steps, seen, loss_sum = 0, 0, 0.0
+    while steps < total_steps:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            losses = pair_losses(resident, [encoded[i] for i in idx], ref[idx], settings)
+            optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            optimizer.step()
+            steps, seen, loss_sum = steps + 1, seen + len(idx), loss_sum + float(losses.detach().sum())
+            if steps >= total_steps:
+                break
+    resident.model.eval()
+    return TrainStats(steps, seen, loss_sum / max(seen, 1))

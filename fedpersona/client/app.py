@@ -1,0 +1,82 @@
+"""The Flower ClientApp: one user per node; shared tensors in the reply, private tensors kept local.
+
+In simulation the user is ``node_config["partition-id"]`` and the private adapter lives in the node's
+``Context.state`` between rounds (Flower keeps a context per node). The reply carries one ArrayRecord
+(shared tensors only) and one MetricRecord: ``num-examples`` and counters, never a raw loss, a pair
+or a per-example value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpersona.client.local import evaluate_round, population_user, train_round
+from fedpersona.config import RunConfig
+
+PRIVATE_KEY = "fedpersona.private"
+COUNTERS_KEY = "fedpersona.counters"
+
+
+class ContextStore:
+    """PrivateStore over a Flower node's ``Context.state`` (simulation)."""
+
+    def __init__(self, context: Context) -> None:
+        self.state = context.state
+
+    def load_private(self) -> dict[str, torch.Tensor] | None:
+        record = self.state.array_records.get(PRIVATE_KEY)
+        return None if record is None else record.to_torch_state_dict()
+
+    def save_private(self, tensors: Mapping[str, torch.Tensor], rounds_trained: int) -> None:
+        self.state[PRIVATE_KEY] = ArrayRecord(dict(tensors))
+        self.state[COUNTERS_KEY] = ConfigRecord({"rounds-trained": rounds_trained})
+
+    def rounds_trained(self) -> int:
+        counters = self.state.config_records.get(COUNTERS_KEY)
+        return int(counters["rounds-trained"]) if counters else 0
+
+
+def user_index(context: Context) -> int:
+    for key in ("partition-id", "user-index"):
+        if key in context.node_config:
+            return int(context.node_config[key])
+    raise ValueError("node_config has neither 'partition-id' (simulation) nor 'user-index'")
+
+
+def _shared_from(msg: Message) -> dict[str, torch.Tensor] | None:
+    record = msg.content.array_records.get("arrays")
+    return None if record is None or not len(record) else record.to_torch_state_dict()
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, extras = RunConfig.from_message(msg.content["config"])
+    index = user_index(context)
+    store = ContextStore(context)
+    result = train_round(config, population_user(config, index), index, int(extras.get("server-round", 0)),
+                         _shared_from(msg), store)
+    metrics = MetricRecord({"num-examples": result.num_examples, "train-steps": result.stats.steps})
+    return Message(RecordDict({"arrays": ArrayRecord(result.shared), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, _ = RunConfig.from_message(msg.content["config"])
+    index = user_index(context)
+    store = ContextStore(context)
+    user = population_user(config, index)
+    acc = evaluate_round(config, user, _shared_from(msg), store)
+    metrics = MetricRecord({
+        "num-examples": len(user.test),
+        "user-index": index,
+        "rounds-trained": store.rounds_trained(),
+        **{f"acc-{name}": value for name, value in acc.items()},
+    })
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

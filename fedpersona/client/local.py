@@ -1,0 +1,90 @@
+"""What one user's device does in a round, free of Flower: load tensors, train or evaluate, hand back.
+
+The Flower ClientApp (``fedpersona.client.app``) and the on-device runner both call these functions;
+the private tensors live in a ``PrivateStore`` (the node's Context.state in simulation, the device's
+state directory in deployment) and are never part of what ``train_round`` returns for sending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fedpersona.alignment.evaluation import evaluate_user
+from fedpersona.alignment.trainer import TrainStats, train_local
+from fedpersona.config import RunConfig
+from fedpersona.data.schema import UserData
+from fedpersona.data.sources import user_data
+from fedpersona.model.adapters import Role
+from fedpersona.model.resident import ResidentModel, get_resident
+from fedpersona.strategies.schemes import get_scheme
+
+
+class PrivateStore(Protocol):
+    """Where a user's private tensors and small counters persist between rounds."""
+
+    def load_private(self) -> dict[str, torch.Tensor] | None: ...
+
+    def save_private(self, tensors: Mapping[str, torch.Tensor], rounds_trained: int) -> None: ...
+
+    def rounds_trained(self) -> int: ...
+
+
+def resident_for(config: RunConfig) -> ResidentModel:
+    """This process's resident model for the run's (model, scheme, ranks, seed); built once."""
+    scheme = get_scheme(config.scheme)
+    key = (config.model, config.scheme, config.shared_rank, config.private_rank, config.seed, config.resolved_device())
+    return get_resident(key, config.model, lambda: scheme.layout(config.shared_rank, config.private_rank),
+                        seed=config.seed, device=config.resolved_device())
+
+
+def population_user(config: RunConfig, index: int) -> UserData:
+    return user_data(config.data, index, num_users=config.num_users, seed=config.seed,
+                     dirichlet_alpha=config.dirichlet_alpha, test_fraction=config.test_fraction,
+                     min_pairs=config.min_pairs)
+
+
+def round_seed(config: RunConfig, user_index: int, server_round: int) -> int:
+    """A per-(run, user, round) seed: deterministic, and independent across users and rounds."""
+    digest = hashlib.sha256(f"{config.seed}/{user_index}/{server_round}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def prepare(resident: ResidentModel, shared: Mapping[str, torch.Tensor] | None, store: PrivateStore) -> None:
+    """Put this user's view into the resident model: the server's shared tensors, the user's private ones."""
+    if resident.adapters.names(Role.SHARED):
+        if shared is None:
+            raise ValueError("the server sent no shared tensors for a scheme that has them")
+        resident.adapters.load(shared, Role.SHARED)
+    private = store.load_private()
+    if private is None:
+        resident.adapters.reset(Role.PRIVATE)
+    else:
+        resident.adapters.load(private, Role.PRIVATE)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    shared: dict[str, torch.Tensor]  # what may be sent: shared tensors only
+    num_examples: int
+    stats: TrainStats
+
+
+def train_round(config: RunConfig, user: UserData, user_index: int, server_round: int,
+                shared: Mapping[str, torch.Tensor] | None, store: PrivateStore) -> RoundResult:
+    resident = resident_for(config)
+    prepare(resident, shared, store)
+    stats = train_local(resident, user.train, config.train_settings, seed=round_seed(config, user_index, server_round))
+    store.save_private(resident.adapters.tensors(Role.PRIVATE), store.rounds_trained() + 1)
+    return RoundResult(resident.adapters.tensors(Role.SHARED), len(user.train), stats)
+
+
+def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch.Tensor] | None,
+                   store: PrivateStore) -> dict[str, float]:
+    resident = resident_for(config)
+    prepare(resident, shared, store)
+    return evaluate_user(resident, user.test, config.max_length)

@@ -1,0 +1,178 @@
+"""One typed run configuration, validated in one place.
+
+Sources merge in this order (later wins): defaults, a TOML file (``--config``), Flower's run config
+(``[tool.flwr.app.config]`` or ``flwr run --run-config``), CLI flags. Keys may be spelled with dashes or
+underscores. The whole configuration travels to clients inside each Flower message as a flat
+ConfigRecord, so a client needs nothing but the message to do its part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedpersona.alignment.losses import LOSSES
+from fedpersona.alignment.trainer import TrainSettings
+from fedpersona.errors import UsageError
+
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # what to run
+    model: str = "embedded"
+    data: str = "synthetic:conflicting"  # "synthetic:<scenario>" or a JSONL pair file
+    scheme: str = "split"
+    strategy: str = "FedAvg"
+    strategy_args: str = ""  # "key=value,key=value", parsed and typed by the strategy registry
+    # the federation
+    num_users: int = 32
+    rounds: int = 12
+    fraction_train: float = 0.5
+    eval_every: int = 1  # evaluate every user every k rounds (and always after the last round)
+    min_users: int = 2
+    round_timeout: float = 3600.0
+    seed: int = 0
+    # the data
+    dirichlet_alpha: float = -1.0  # < 0: the scenario's own value
+    test_fraction: float = 0.2  # for pair files whose rows carry no split
+    min_pairs: int = 4
+    # adapters
+    shared_rank: int = 8
+    private_rank: int = 8
+    # local training
+    loss: str = "dpo"
+    beta: float = 0.1
+    lr: float = 1e-2
+    shared_lr: float = 1e-3
+    epochs: int = 4
+    min_steps: int = 16
+    max_steps: int = 0
+    batch_size: int = 8
+    max_length: int = 96
+    # resources
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], base: RunConfig | None = None, source: str = "config") -> RunConfig:
+        """Merge flat ``key: value`` pairs over ``base`` (defaults if None), converting and validating."""
+        known = {f.name: f for f in fields(cls)}
+        values = dataclasses.asdict(base or cls())
+        for raw_key, raw in flat.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                if key in _IGNORED_KEYS:
+                    continue
+                raise UsageError(f"{source}: unknown setting '{raw_key}'; known settings: {', '.join(sorted(known))}")
+            values[key] = _convert(raw, known[key].type, f"{source}: setting '{raw_key}'")
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    @classmethod
+    def from_message(cls, flat: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
+        """Split a message's config into the run configuration and the strategy's own extra keys
+        (``server-round``, FedProx's ``proximal-mu``, ...)."""
+        known = {f.name for f in fields(cls)}
+        ours = {k: v for k, v in flat.items() if k.replace("-", "_") in known}
+        extras = {k: v for k, v in flat.items() if k.replace("-", "_") not in known}
+        return cls.from_flat(ours, source="message config"), extras
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"--config {path}: file not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"--config {path}: not valid TOML ({err})") from None
+        return cls.from_flat(data.get("fedpersona", data), base, source=str(path))
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """Dash-spelled scalars, ready for a Flower ConfigRecord or run config."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        config = dataclasses.replace(self, **changes)
+        config.validate("config")
+        return config
+
+    # ---- derived views ------------------------------------------------------------------------
+    @property
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(epochs=self.epochs, max_steps=self.max_steps, min_steps=self.min_steps,
+                             batch_size=self.batch_size, lr=self.lr, shared_lr=self.shared_lr,
+                             beta=self.beta, loss=self.loss, max_length=self.max_length)
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.data.startswith("synthetic:")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self, source: str = "config") -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise UsageError(f"{source}: {key.replace('_', '-')}={getattr(self, key)!r} is invalid: {what}")
+
+        need(self.num_users >= 1, "num_users", "need at least 1 user")
+        need(self.rounds >= 1, "rounds", "need at least 1 round")
+        need(0.0 < self.fraction_train <= 1.0, "fraction_train", "must be in (0, 1]")
+        need(self.eval_every >= 1, "eval_every", "must be >= 1")
+        need(self.min_users >= 1, "min_users", "must be >= 1")
+        need(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+        need(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
+        need(self.min_pairs >= 2, "min_pairs", "must be >= 2 (a user needs a train and a test pair)")
+        need(self.shared_rank >= 1 and self.private_rank >= 1, "shared_rank", "LoRA ranks must be >= 1")
+        need(self.loss in LOSSES, "loss", f"choose one of {', '.join(LOSSES)}")
+        need(self.beta > 0, "beta", "must be > 0")
+        need(self.lr > 0 and self.shared_lr >= 0, "lr", "learning rates must be positive")
+        need(self.epochs >= 1, "epochs", "must be >= 1")
+        need(self.min_steps >= 0 and self.max_steps >= 0, "max_steps", "step counts must be >= 0")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.max_length >= 8, "max_length", "must be >= 8 tokens")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+             "use auto, cpu, cuda or cuda:N")
+        if self.is_synthetic:
+            from fedpersona.data.synthetic import SCENARIOS
+
+            scenario = self.data.split(":", 1)[1]
+            need(scenario in SCENARIOS, "data", f"unknown scenario; choose synthetic:<{'|'.join(SCENARIOS)}> or a pair file")
+        elif not Path(self.data).is_file():
+            need(False, "data", "pair file not found; pass a JSONL file or synthetic:<scenario>")
+
+
+# Flower adds these to every run config / message config; they are not ours to validate.
+_IGNORED_KEYS = {"server_round"}
+
+
+def _convert(raw: Any, annotation: Any, where: str) -> Scalar:
+    kind = {"str": str, "int": int, "float": float, "bool": bool}[annotation if isinstance(annotation, str) else annotation.__name__]
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    try:
+        if kind is bool:
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        return kind(raw) if kind is not int else int(float(raw))
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected {kind.__name__}, got {raw!r}") from None

@@ -1,0 +1,133 @@
+"""Shared and private LoRA adapters on one frozen base, and the split policy that labels every tensor.
+
+A *layout* names the LoRA adapters to attach (``{"shared": 8, "private": 4}``: name -> rank); all of them
+are active together. A *split policy* maps each adapter tensor's name to a Role: SHARED tensors go to the
+server, PRIVATE tensors never leave the device, FROZEN tensors are not trained. The policy is the single
+place that decides what is sent; the client packs its reply from ``tensors(Role.SHARED)`` alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+class Role(str, enum.Enum):
+    SHARED = "shared"
+    PRIVATE = "private"
+    FROZEN = "frozen"
+
+
+SplitPolicy = Callable[[str], Role]
+
+
+def by_adapter_name(roles: Mapping[str, Role]) -> SplitPolicy:
+    """Policy for layouts with one adapter per role: the role is the adapter's (``...lora_A.<name>.weight``)."""
+
+    def policy(tensor_name: str) -> Role:
+        for adapter, role in roles.items():
+            if f".{adapter}." in tensor_name:
+                return role
+        raise KeyError(f"tensor {tensor_name} belongs to no adapter in {sorted(roles)}")
+
+    return policy
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Which LoRA adapters sit on the base and which role each tensor plays."""
+
+    ranks: Mapping[str, int]
+    policy: SplitPolicy
+    target_modules: str | tuple[str, ...] = "all-linear"
+    alpha_per_rank: float = 2.0
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+def attach_adapters(base: torch.nn.Module, layout: AdapterLayout, seed: int):
+    """Wrap ``base`` with every adapter of ``layout`` (PEFT), all active; trainability set by the policy."""
+    from peft import LoraConfig, get_peft_model
+
+    def config(rank: int) -> LoraConfig:
+        targets = layout.target_modules if isinstance(layout.target_modules, str) else list(layout.target_modules)
+        return LoraConfig(r=rank, lora_alpha=layout.alpha_per_rank * rank, lora_dropout=0.0, bias="none",
+                          target_modules=targets, task_type="CAUSAL_LM")
+
+    names = list(layout.ranks)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # LoRA A initialisation is the same on every process: a shared seed
+        model = get_peft_model(base, config(layout.ranks[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, config(layout.ranks[name]))
+    model.base_model.set_adapter(names)  # all active at once; also marks them trainable
+    for name, param in adapter_parameters(model):
+        param.requires_grad_(layout.policy(name) is not Role.FROZEN)
+    return model
+
+
+def adapter_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            yield name, param
+
+
+class AdapterState:
+    """Reads, writes and resets adapter tensors by role on a resident PEFT model (no model rebuild)."""
+
+    def __init__(self, model: torch.nn.Module, policy: SplitPolicy) -> None:
+        self.params = dict(adapter_parameters(model))
+        self.roles = {name: policy(name) for name in self.params}
+        self.initial = {name: p.detach().clone() for name, p in self.params.items()}
+
+    def names(self, role: Role) -> list[str]:
+        return [n for n, r in self.roles.items() if r is role]
+
+    def count(self, role: Role) -> int:
+        return sum(self.params[n].numel() for n in self.names(role))
+
+    def tensors(self, role: Role) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of this role's tensors, in a stable order."""
+        return {n: self.params[n].detach().cpu().clone() for n in self.names(role)}
+
+    def numpy(self, role: Role) -> dict[str, np.ndarray]:
+        return {n: t.numpy() for n, t in self.tensors(role).items()}
+
+    @torch.no_grad()
+    def load(self, tensors: Mapping[str, torch.Tensor | np.ndarray], role: Role) -> None:
+        """Copy values into this role's tensors; every name must match exactly (no silent partial load)."""
+        expected = set(self.names(role))
+        if set(tensors) != expected:
+            missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(f"{role.value} tensors do not match the layout: missing {missing[:3]}, unknown {unknown[:3]}")
+        for name, value in tensors.items():
+            param = self.params[name]
+            param.copy_(torch.as_tensor(np.asarray(value)).to(param.dtype).reshape(param.shape))
+
+    @torch.no_grad()
+    def reset(self, role: Role) -> None:
+        for name in self.names(role):
+            self.params[name].copy_(self.initial[name])
+
+    @contextmanager
+    def private_strength(self, strength: float) -> Iterator[None]:
+        """Temporarily set private tensors to ``initial + strength * (current - initial)``.
+
+        0 gives the global model (base + shared), 1 the fully personal one. For a private LoRA adapter
+        (B starts at zero) this scales the adapter's output by ``strength`` exactly.
+        """
+        names = self.names(Role.PRIVATE)
+        saved = {n: self.params[n].detach().clone() for n in names}
+        with torch.no_grad():
+            for n in names:
+                self.params[n].copy_(self.initial[n] + strength * (saved[n] - self.initial[n]))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n in names:
+                    self.params[n].copy_(saved[n])

@@ -1,0 +1,99 @@
+"""What a person watching a run sees: live progress while it runs, a table when it ends.
+
+On a terminal: a progress bar (round r/R, users done in the current phase, running accuracy). Off a
+terminal (CI logs, pipes): one plain line per round. ``QuietReporter`` prints nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+class QuietReporter:
+    def start(self, num_rounds: int) -> None: ...
+
+    def phase(self, server_round: int, phase: str) -> None: ...
+
+    def replies(self, done: int, total: int) -> None: ...
+
+    def round_done(self, row: dict[str, Any]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class ConsoleReporter(QuietReporter):
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.live = self.console.is_terminal
+        self.progress: Progress | None = None
+        self.round_task = self.phase_task = None
+        self.num_rounds = 0
+        self.current = (0, "")
+        self.accuracy = ""
+
+    def start(self, num_rounds: int) -> None:
+        self.num_rounds = num_rounds
+        if self.live:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[acc]}"), console=self.console)
+            self.progress.start()
+            self.round_task = self.progress.add_task("rounds", total=num_rounds, acc="")
+            self.phase_task = self.progress.add_task("  users", total=1, acc="")
+
+    def phase(self, server_round: int, phase: str) -> None:
+        self.current = (server_round, phase)
+
+    def replies(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            server_round, phase = self.current
+            self.progress.update(self.phase_task, description=f"  round {server_round} {phase}",
+                                 completed=done, total=max(total, 1))
+
+    def round_done(self, row: dict[str, Any]) -> None:
+        if row.get("personalized_accuracy_mean") is not None:
+            self.accuracy = (f"personalized {_pct(row['personalized_accuracy_mean'])}  "
+                             f"global {_pct(row['global_accuracy_mean'])}")
+        if self.progress is not None:
+            self.progress.update(self.round_task, completed=row["round"], acc=self.accuracy)
+        else:
+            print(f"round {row['round']}/{self.num_rounds}  users trained {row.get('train_replies', 0)}"
+                  f"  {self.accuracy}  [{row['wall_seconds']:.0f}s]", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The end-of-run table: accuracy of the three models over users, then the cost of the run."""
+    table = Table(title=f"fedpersona: {summary['num_users']} users, {summary['rounds']} rounds, "
+                        f"scheme {summary['scheme']}, strategy {summary['strategy']}")
+    table.add_column("model")
+    for column in ("mean acc", "p10 acc", "worst user"):
+        table.add_column(column, justify="right")
+    for model, label in (("personalized", "personalized (base+shared+private)"),
+                         ("global", "global (base+shared)"), ("base", "base (no adapters)")):
+        table.add_row(label, *(_pct(summary.get(f"{model}_accuracy_{s}")) for s in ("mean", "p10", "min")))
+    costs = Table(show_header=False, box=None)
+    eps = summary.get("epsilon_max")
+    for key, value in (
+        ("shared parameters", f"{summary['shared_parameters']:,}"),
+        ("private parameters per user", f"{summary['private_parameters_per_user']:,}"),
+        ("bytes up per client-round", f"{summary['bytes_up_per_client_round']:,.0f}"),
+        ("privacy (epsilon max)", "no DP" if eps is None else f"{eps:.2f}"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+    ):
+        costs.add_row(key, value)
+    grid = Table.grid()
+    grid.add_row(table)
+    grid.add_row(costs)
+    return grid

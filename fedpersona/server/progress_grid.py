@@ -1,0 +1,63 @@
+"""A Grid that reports replies as they arrive, and polls often.
+
+Flower's grids block in ``send_and_receive`` until every reply is in (the deployment grid sleeps 3 s
+between polls). This wrapper pushes, then polls every ``poll_interval`` seconds, telling a callback how
+many replies are in, so a progress display can show "users done" live. Everything else is delegated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+ReplyCallback = Callable[[int, int], None]  # (replies received, messages sent)
+
+
+class ProgressGrid(Grid):
+    def __init__(self, inner: Grid, on_reply: ReplyCallback | None = None, poll_interval: float = 0.05) -> None:
+        self.inner = inner
+        self.on_reply = on_reply
+        self.poll_interval = poll_interval
+
+    # ---- delegated --------------------------------------------------------------------------
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - the simulation sets the inner grid's run
+        self.inner.set_run(run_id)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    # ---- the one change ---------------------------------------------------------------------
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        total = len(pending)
+        replies: list[Message] = []
+        if self.on_reply:
+            self.on_reply(0, total)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending and (deadline is None or time.monotonic() < deadline):
+            new = list(self.pull_messages(pending))
+            if new:
+                replies.extend(new)
+                pending.difference_update(m.metadata.reply_to_message_id for m in new)
+                if self.on_reply:
+                    self.on_reply(len(replies), total)
+            else:
+                time.sleep(self.poll_interval)
+        return replies

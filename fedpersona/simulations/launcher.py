@@ -1,0 +1,93 @@
+"""Launch a run on Flower's simulation engine, on Ray: this machine, many GPUs, or an existing cluster.
+
+Each Ray actor keeps one resident model (base loaded once, adapters built once); a simulated user only
+swaps tensors in. Client resources (CPUs, fractional GPUs) decide how many actors run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpersona.config import RunConfig
+from fedpersona.data.sources import count_users
+from fedpersona.errors import UsageError
+from fedpersona.model.loading import resolve_model_path
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0  # per simulated client (one Ray actor each)
+    num_gpus: float = 0.0  # per simulated client; fractions share a GPU between actors
+    ray_address: str | None = None  # "auto", "ray://host:10001", or None for a local Ray
+    total_cpus: int | None = None  # cap the CPUs a local Ray may use (None: all)
+
+    def validate(self) -> None:
+        if self.num_cpus <= 0:
+            raise UsageError(f"--num-cpus {self.num_cpus}: must be > 0 CPUs per client")
+        if not 0 <= self.num_gpus:
+            raise UsageError(f"--num-gpus {self.num_gpus}: must be >= 0 (fractions share a GPU)")
+        if self.num_gpus > 0:
+            import torch
+
+            if not torch.cuda.is_available() and not self.ray_address:
+                raise UsageError(f"--num-gpus {self.num_gpus}: no CUDA device here; use --num-gpus 0")
+
+
+def prepare_config(config: RunConfig) -> RunConfig:
+    """Resolve what workers must agree on before they start: absolute data path, user count, model built."""
+    if not config.is_synthetic:
+        config = config.replace(data=str(Path(config.data).resolve()))
+    users = count_users(config.data, num_users=config.num_users, test_fraction=config.test_fraction,
+                        min_pairs=config.min_pairs)
+    config = config.replace(num_users=users, min_users=min(config.min_users, users))
+    resolve_model_path(config.model)  # builds the embedded model once, before many workers want it
+    return config
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    if verbose:
+        return
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resources = Resources(),
+             reporter: Any = None, verbose: bool = False) -> dict[str, Any]:
+    """Run the federation for ``config`` on Ray and return its summary (also written to ``out_dir``)."""
+    from flwr.simulation import run_simulation
+
+    from fedpersona.client.app import app as client_app
+    from fedpersona.server.app import RESULT, make_server_app
+
+    resources.validate()
+    config = prepare_config(config)
+    _quiet_libraries(verbose)
+    init_args: dict[str, Any] = {"logging_level": "WARNING" if not verbose else "INFO", "log_to_driver": verbose}
+    if resources.ray_address:
+        init_args["address"] = resources.ray_address
+    elif resources.total_cpus:
+        init_args["num_cpus"] = resources.total_cpus
+    backend_config = {
+        "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
+        "init_args": init_args,
+    }
+    RESULT.clear()
+    run_simulation(
+        server_app=make_server_app(config, out_dir, reporter),
+        client_app=client_app,
+        num_supernodes=config.num_users,
+        backend_name="ray",
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    if not RESULT:
+        raise RuntimeError("the simulation ended without a summary; rerun with --verbose to see Flower's log")
+    return dict(RESULT)
