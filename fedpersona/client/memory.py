@@ -1,0 +1,345 @@
+"""The user's preference memory on their device: an embedded SQLite database, ``memory.sqlite``.
+
+Why SQLite (stdlib ``sqlite3``) rather than a JSONL file: feedback must survive crashes and restarts,
+be listable page by page, deletable, and de-duplicated; and a training process must be able to read
+it while the user adds feedback from another process. WAL mode gives exactly that: one writer and
+any number of readers at once, each reader on a consistent snapshot. ``synchronous=FULL`` makes a
+committed pair survive power loss; ``secure_delete`` makes ``forget`` overwrite the deleted text.
+
+Policy on user ids (a device holds ONE user's feedback):
+
+* the device's user id lives in the ``meta`` table; the first ``add``/``import_file`` sets it;
+* an import file whose rows name more than one ``user_id`` is refused with a UsageError, unless
+  ``as_user`` is given, which files every row under that id;
+* a pair (or file) of a user other than the device's is refused; ``forget`` clears the user id, so
+  a device can change hands only after its memory is wiped.
+
+Splits: each pair is stored with its split, taken from the pair or assigned on insert with
+``assign_split(pair, test_fraction)`` (a stable content hash), so training and evaluation see the
+same held-out pairs every run.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fedpersona.data.schema import PreferencePair, UserData, assign_split, iter_pairs_jsonl, validate_row
+from fedpersona.errors import UsageError
+
+MEMORY_FILE = "memory.sqlite"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0
+_USER_KEY = "user_id"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pairs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id     TEXT NOT NULL,
+    prompt      TEXT NOT NULL,
+    chosen      TEXT NOT NULL,
+    rejected    TEXT NOT NULL,
+    split       TEXT NOT NULL CHECK (split IN ('train', 'test')),
+    created_at  TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    content_key TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+_COLUMNS = "id, user_id, prompt, chosen, rejected, split, created_at, source"
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One stored pair as ``list`` shows it: the pair plus its id, split, time added and source."""
+
+    id: int
+    user_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    split: str
+    created_at: str
+    source: str
+
+    @property
+    def pair(self) -> PreferencePair:
+        return PreferencePair(self.user_id, self.prompt, self.chosen, self.rejected, self.split)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "user_id": self.user_id, "prompt": self.prompt, "chosen": self.chosen,
+                "rejected": self.rejected, "split": self.split, "created_at": self.created_at,
+                "source": self.source}
+
+
+def content_key(pair: PreferencePair) -> str:
+    """What makes two pairs duplicates: the same prompt, chosen and rejected text (JSON keeps it unambiguous)."""
+    return hashlib.sha256(json.dumps([pair.prompt, pair.chosen, pair.rejected]).encode()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class PreferenceMemory:
+    """The device's preference pairs in one SQLite file; safe to use from several processes at once.
+
+    Each instance holds one connection (usable from any thread; calls are serialized by a lock).
+    Close it with ``close()`` or use it as a context manager.
+    """
+
+    def __init__(self, path: str | Path, *, test_fraction: float = 0.2) -> None:
+        if not 0.0 <= test_fraction <= 1.0:
+            raise UsageError(f"test fraction must be between 0 and 1, got {test_fraction}")
+        self.path = Path(path)
+        self.test_fraction = test_fraction
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._open()
+
+    @classmethod
+    def in_dir(cls, state_dir: str | Path, *, test_fraction: float = 0.2) -> PreferenceMemory:
+        """The memory of the device state directory ``state_dir`` (``state_dir/memory.sqlite``)."""
+        return cls(Path(state_dir) / MEMORY_FILE, test_fraction=test_fraction)
+
+    # ------------------------------------------------------------------ connection
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn: sqlite3.Connection | None = None
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly what we say.
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.DatabaseError(f"could not switch to WAL mode (got {mode!r})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA secure_delete=ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise UsageError(f"{self.path}: preference memory has schema version {version}, newer than "
+                                 f"this fedpersona understands ({SCHEMA_VERSION}); upgrade fedpersona")
+            if version < SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.DatabaseError as err:
+            if conn is not None:
+                conn.close()
+            raise UsageError(f"{self.path}: not a readable preference memory ({err}); move the file aside, "
+                             "or run `fedpersona feedback forget` to start an empty one") from None
+        self._conn = conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"{self.path}: preference memory is closed")
+        return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> PreferenceMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every SELECT inside sees the same snapshot, even while another process writes."""
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ user id
+    def user_id(self) -> str | None:
+        """The device's user id, or None before the first pair is stored (and after ``forget``)."""
+        with self._lock:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (_USER_KEY,)).fetchone()
+            return None if row is None else str(row[0])
+
+    def _claim(self, conn: sqlite3.Connection, user_id: str, where: str) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (_USER_KEY,)).fetchone()
+        if row is None:
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_USER_KEY, user_id))
+        elif row[0] != user_id:
+            raise UsageError(
+                f"{where}: this device's preference memory belongs to user {row[0]!r}, not {user_id!r}; "
+                f"pass --as-user {row[0]} to file the pairs under this device's user, "
+                "or run `fedpersona feedback forget` first")
+
+    # ------------------------------------------------------------------ writes
+    def _insert(self, conn: sqlite3.Connection, pair: PreferencePair, source: str,
+                created_at: str) -> tuple[int, bool]:
+        """Insert one pair; (its id, True) if new, (the stored copy's id, False) if a duplicate."""
+        key = content_key(pair)
+        split = assign_split(pair, self.test_fraction)
+        cursor = conn.execute(
+            "INSERT INTO pairs (user_id, prompt, chosen, rejected, split, created_at, source, content_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (content_key) DO NOTHING",
+            (pair.user_id, pair.prompt, pair.chosen, pair.rejected, split, created_at, source, key))
+        if cursor.rowcount == 1:
+            assert cursor.lastrowid is not None
+            return int(cursor.lastrowid), True
+        row = conn.execute("SELECT id FROM pairs WHERE content_key = ?", (key,)).fetchone()
+        return int(row[0]), False
+
+    def add(self, pair: PreferencePair, *, source: str = "add") -> int:
+        """Store one pair (validated like a file row) and return its id; a duplicate returns the stored id.
+
+        Use ``contains`` first if the caller needs to tell "added" from "already there".
+        """
+        pair = validate_row(pair.to_json(), "feedback")
+        with self._write() as conn:
+            self._claim(conn, pair.user_id, "feedback")
+            return self._insert(conn, pair, source, _now())[0]
+
+    def import_file(self, path: str | Path, *, as_user: str | None = None,
+                    source: str | None = None) -> tuple[int, int]:
+        """Import a JSONL pair file; returns (added, duplicates).
+
+        The whole file is validated before anything is written, and all rows go in ONE transaction:
+        a bad row (UsageError naming file:line) or a refused user id imports nothing.
+        """
+        path = Path(path)
+        pairs = list(iter_pairs_jsonl(path))
+        if as_user is not None:
+            if not as_user.strip():
+                raise UsageError("--as-user: the user id must not be empty")
+            pairs = [replace(p, user_id=as_user) for p in pairs]
+        users = list(dict.fromkeys(p.user_id for p in pairs))
+        if len(users) > 1:
+            shown = ", ".join(repr(u) for u in users[:3]) + (", ..." if len(users) > 3 else "")
+            raise UsageError(
+                f"{path}: rows belong to {len(users)} users ({shown}) but a device holds one user's feedback; "
+                "pass --as-user NAME to import all rows as one user, or split the file by user_id")
+        if not pairs:
+            return 0, 0
+        added = 0
+        created_at = _now()
+        with self._write() as conn:
+            self._claim(conn, users[0], str(path))
+            for pair in pairs:
+                added += self._insert(conn, pair, source or f"import:{path.name}", created_at)[1]
+        return added, len(pairs) - added
+
+    def remove(self, pair_id: int) -> bool:
+        """Delete one pair by id; False if there was none."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM pairs WHERE id = ?", (pair_id,)).rowcount == 1
+
+    def forget(self) -> int:
+        """Delete every pair and the device's user id; returns how many pairs were deleted.
+
+        ``secure_delete`` zeroes the freed pages and the WAL is checkpointed and truncated, so the text
+        does not linger in the file (best effort while another process holds a read snapshot).
+        """
+        with self._write() as conn:
+            deleted = conn.execute("DELETE FROM pairs").rowcount
+            conn.execute("DELETE FROM meta")
+            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'pairs'")
+        with self._lock:
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:
+                pass  # a reader still holds an old snapshot; its pages go at a later checkpoint
+        return int(deleted)
+
+    # ------------------------------------------------------------------ reads
+    def count(self) -> int:
+        with self._lock:
+            return int(self.conn.execute("SELECT COUNT(*) FROM pairs").fetchone()[0])
+
+    def contains(self, pair: PreferencePair) -> int | None:
+        """The id of the stored pair with the same prompt/chosen/rejected, or None."""
+        with self._lock:
+            row = self.conn.execute("SELECT id FROM pairs WHERE content_key = ?", (content_key(pair),)).fetchone()
+            return None if row is None else int(row[0])
+
+    def get(self, pair_id: int) -> MemoryRow | None:
+        with self._lock:
+            row = self.conn.execute(f"SELECT {_COLUMNS} FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+            return None if row is None else MemoryRow(**dict(row))
+
+    def list(self, limit: int | None = 50, offset: int = 0, *, newest_first: bool = False) -> builtins.list[MemoryRow]:
+        """A page of stored pairs in insertion order (or newest first); ``limit=None`` for all."""
+        if limit is not None and limit < 0:
+            raise UsageError(f"--limit must be 0 or more, got {limit}")
+        if offset < 0:
+            raise UsageError(f"--offset must be 0 or more, got {offset}")
+        order = "DESC" if newest_first else "ASC"
+        with self._lock:
+            rows = self.conn.execute(f"SELECT {_COLUMNS} FROM pairs ORDER BY id {order} LIMIT ? OFFSET ?",
+                                     (-1 if limit is None else limit, offset)).fetchall()
+        return [MemoryRow(**dict(r)) for r in rows]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for ``feedback stats``: pairs, train, test, users, user_id, first_added, last_added."""
+        with self._read() as conn:
+            pairs, train, test, users, first, last = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(split = 'train'), 0), COALESCE(SUM(split = 'test'), 0), "
+                "COUNT(DISTINCT user_id), MIN(created_at), MAX(created_at) FROM pairs").fetchone()
+            owner = conn.execute("SELECT value FROM meta WHERE key = ?", (_USER_KEY,)).fetchone()
+        return {"pairs": int(pairs), "train": int(train), "test": int(test), "users": int(users),
+                "user_id": None if owner is None else str(owner[0]),
+                "first_added": first, "last_added": last}
+
+    def user_data(self, user_id: str | None = None) -> UserData:
+        """What training and evaluation read: the user's pairs (one snapshot) in their stored splits.
+
+        ``user_id`` defaults to the device's user; an empty memory gives an empty UserData (user_id
+        "" if none is known), and the caller decides whether that is an error.
+        """
+        with self._read() as conn:
+            if user_id is None:
+                owner = conn.execute("SELECT value FROM meta WHERE key = ?", (_USER_KEY,)).fetchone()
+                user_id = "" if owner is None else str(owner[0])
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM pairs WHERE user_id = ? ORDER BY id",
+                                (user_id,)).fetchall()
+        data = UserData(user_id)
+        for row in rows:
+            pair = PreferencePair(row["user_id"], row["prompt"], row["chosen"], row["rejected"], row["split"])
+            (data.test if pair.split == "test" else data.train).append(pair)
+        return data
