@@ -55,6 +55,13 @@ class RunConfig:
     max_steps: int = 0
     batch_size: int = 8
     max_length: int = 96
+    # pair-level differential privacy (DP-SGD per preference pair, on the device)
+    dp_epsilon: float = 0.0  # 0: off; else each user's pair-level target epsilon over the whole run
+    dp_delta: float = 0.0  # 0: min(1e-5, 1/(10 n)) per user with n training pairs
+    dp_max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
+    dp_max_physical_batch: int = 32
+    dp_reproducible: bool = False  # simulation only: sampling and noise seeded from the round seed
     # resources
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
@@ -112,6 +119,14 @@ class RunConfig:
                              beta=self.beta, loss=self.loss, max_length=self.max_length)
 
     @property
+    def dp_settings(self):
+        from fedpersona.privacy.dp_training import DPSettings
+
+        return DPSettings(target_epsilon=self.dp_epsilon, delta=self.dp_delta or None,
+                          max_grad_norm=self.dp_max_grad_norm, accountant=self.dp_accountant,
+                          max_physical_batch=self.dp_max_physical_batch, reproducible=self.dp_reproducible)
+
+    @property
     def is_synthetic(self) -> bool:
         return self.data.startswith("synthetic:")
 
@@ -144,6 +159,11 @@ class RunConfig:
         need(self.min_steps >= 0 and self.max_steps >= 0, "max_steps", "step counts must be >= 0")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.max_length >= 8, "max_length", "must be >= 8 tokens")
+        need(self.dp_epsilon >= 0, "dp_epsilon", "must be >= 0 (0: no DP)")
+        need(0.0 <= self.dp_delta < 1.0, "dp_delta", "must be in [0, 1) (0: default)")
+        need(self.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0")
+        need(self.dp_accountant in ("rdp", "prv"), "dp_accountant", "choose rdp or prv")
+        need(self.dp_max_physical_batch >= 1, "dp_max_physical_batch", "must be >= 1")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "use auto, cpu, cuda or cuda:N")
         if self.is_synthetic:

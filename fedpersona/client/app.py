@@ -14,11 +14,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpersona.client.local import evaluate_round, population_user, train_round
+from fedpersona.client.local import RoundResult, current_epsilon, evaluate_round, population_user, train_round
 from fedpersona.config import RunConfig
 
 PRIVATE_KEY = "fedpersona.private"
 COUNTERS_KEY = "fedpersona.counters"
+LEDGER_KEY = "fedpersona.ledger"
 
 
 class ContextStore:
@@ -39,6 +40,13 @@ class ContextStore:
         counters = self.state.config_records.get(COUNTERS_KEY)
         return int(counters["rounds-trained"]) if counters else 0
 
+    def load_ledger(self) -> str | None:
+        record = self.state.config_records.get(LEDGER_KEY)
+        return None if record is None else str(record["json"])
+
+    def save_ledger(self, ledger_json: str) -> None:
+        self.state[LEDGER_KEY] = ConfigRecord({"json": ledger_json})
+
 
 def user_index(context: Context) -> int:
     for key in ("partition-id", "user-index"):
@@ -52,6 +60,25 @@ def _shared_from(msg: Message) -> dict[str, torch.Tensor] | None:
     return None if record is None or not len(record) else record.to_torch_state_dict()
 
 
+def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
+    """The only content a training reply carries: shared tensors and non-private counters.
+
+    With DP on, ``num-examples`` is a constant 1: a pair count depends on the data (Opacus treats n as
+    public; we do not send it) and weighting by it would break user-level DP analysis. A user whose
+    budget is spent replies with no tensors and ``declined=1``, which aggregation weights by 0.
+    """
+    dp = config.dp_epsilon > 0
+    metrics: dict[str, float | int] = {
+        "num-examples": 0 if result.declined else (1 if dp else result.num_examples),
+        "declined": int(result.declined),
+    }
+    if not dp:
+        metrics["train-steps"] = result.stats.steps
+    if result.epsilon is not None:
+        metrics["epsilon"] = float(result.epsilon)
+    return RecordDict({"arrays": ArrayRecord(result.shared), "metrics": MetricRecord(metrics)})
+
+
 app = ClientApp()
 
 
@@ -62,8 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     store = ContextStore(context)
     result = train_round(config, population_user(config, index), index, int(extras.get("server-round", 0)),
                          _shared_from(msg), store)
-    metrics = MetricRecord({"num-examples": result.num_examples, "train-steps": result.stats.steps})
-    return Message(RecordDict({"arrays": ArrayRecord(result.shared), "metrics": metrics}), reply_to=msg)
+    return Message(train_reply(config, result), reply_to=msg)
 
 
 @app.evaluate()
@@ -77,6 +103,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "num-examples": len(user.test),
         "user-index": index,
         "rounds-trained": store.rounds_trained(),
+        **({"epsilon": eps} if (eps := current_epsilon(store)) is not None else {}),
         **{f"acc-{name}": value for name, value in acc.items()},
     })
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

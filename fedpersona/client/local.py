@@ -33,6 +33,10 @@ class PrivateStore(Protocol):
 
     def rounds_trained(self) -> int: ...
 
+    def load_ledger(self) -> str | None: ...
+
+    def save_ledger(self, ledger_json: str) -> None: ...
+
 
 def resident_for(config: RunConfig) -> ResidentModel:
     """This process's resident model for the run's (model, scheme, ranks, seed); built once."""
@@ -71,16 +75,51 @@ def prepare(resident: ResidentModel, shared: Mapping[str, torch.Tensor] | None, 
 class RoundResult:
     shared: dict[str, torch.Tensor]  # what may be sent: shared tensors only
     num_examples: int
-    stats: TrainStats
+    stats: object  # TrainStats or DPTrainStats
+    declined: bool = False  # the user's privacy budget could not afford this round
+    epsilon: float | None = None  # pair-level epsilon spent so far (DP only)
+
+
+def _train_private(config: RunConfig, resident: ResidentModel, user: UserData, seed: int,
+                   store: PrivateStore):
+    """Pair-level DP-SGD with the user's persistent ledger (saved before anything leaves the device)."""
+    from fedpersona.privacy.dp_training import plan_ledger, train_local_dp
+    from fedpersona.privacy.ledger import PrivacyLedger
+
+    dp, settings = config.dp_settings, config.train_settings
+    saved = store.load_ledger()
+    # planned_rounds = all rounds: the worst case (sampled every round), so the budget holds regardless
+    ledger = (PrivacyLedger.from_json(saved) if saved is not None
+              else plan_ledger(len(user.train), settings, dp, planned_rounds=config.rounds))
+    try:
+        return train_local_dp(resident, user.train, settings, seed, dp, ledger)
+    finally:
+        store.save_ledger(ledger.dumps())
 
 
 def train_round(config: RunConfig, user: UserData, user_index: int, server_round: int,
                 shared: Mapping[str, torch.Tensor] | None, store: PrivateStore) -> RoundResult:
     resident = resident_for(config)
     prepare(resident, shared, store)
-    stats = train_local(resident, user.train, config.train_settings, seed=round_seed(config, user_index, server_round))
+    seed = round_seed(config, user_index, server_round)
+    if config.dp_epsilon > 0:
+        stats = _train_private(config, resident, user, seed, store)
+        if stats.declined:
+            return RoundResult({}, 0, stats, declined=True, epsilon=stats.epsilon)
+        epsilon = stats.epsilon
+    else:
+        stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed), None
     store.save_private(resident.adapters.tensors(Role.PRIVATE), store.rounds_trained() + 1)
-    return RoundResult(resident.adapters.tensors(Role.SHARED), len(user.train), stats)
+    return RoundResult(resident.adapters.tensors(Role.SHARED), len(user.train), stats, epsilon=epsilon)
+
+
+def current_epsilon(store: PrivateStore) -> float | None:
+    saved = store.load_ledger()
+    if saved is None:
+        return None
+    from fedpersona.privacy.ledger import PrivacyLedger
+
+    return PrivacyLedger.from_json(saved).spent_epsilon()
 
 
 def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch.Tensor] | None,

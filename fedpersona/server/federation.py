@@ -63,7 +63,6 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         "scheme": config.scheme,
         "strategy": config.strategy,
         **recorder.summary_stats(),
-        "epsilon_max": None,
         "shared_parameters": resident.adapters.count(Role.SHARED),
         "private_parameters_per_user": resident.adapters.count(Role.PRIVATE),
         "wall_seconds": round(time.monotonic() - started, 2),
@@ -71,6 +70,9 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         "data": config.data,
         "seed": config.seed,
         "evaluated_users": len(recorder.per_user()),
+        "dp": {"pair_level_target_epsilon": config.dp_epsilon or None,
+               "delta": (config.dp_delta or "min(1e-5, 1/(10 n)) per user") if config.dp_epsilon else None,
+               "accountant": config.dp_accountant if config.dp_epsilon else None},
     }
     if out_dir:
         write_outputs(out_dir, summary, recorder.per_user())

@@ -44,6 +44,8 @@ class RoundRecorder:
         self.bytes_up: list[int] = []
         self.last_eval: dict[int, dict[str, float]] = {}  # user index -> accuracies
         self._train: dict[int, dict[str, Any]] = {}
+        self.epsilons: list[float] = []  # pair-level epsilon reported with training replies
+        self.last_epsilon: dict[int, float] = {}  # user index -> pair-level epsilon spent
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
@@ -53,10 +55,16 @@ class RoundRecorder:
 
     def record_train(self, server_round: int, replies: list[Message]) -> None:
         ok = [m for m in replies if not m.has_error()]
-        sizes = [sum(rec.count_bytes() for rec in m.content.array_records.values()) for m in ok]
+        contributing = [m for m in ok if not is_declined(m)]
+        sizes = [sum(rec.count_bytes() for rec in m.content.array_records.values()) for m in contributing]
         self.bytes_up.extend(sizes)
+        for m in ok:
+            eps = _metric(m, "epsilon")
+            if eps is not None:
+                self.epsilons.append(float(eps))
         self._train[server_round] = {
-            "train_replies": len(ok),
+            "train_replies": len(contributing),
+            "train_declined": len(ok) - len(contributing),
             "train_failures": len(replies) - len(ok),
             "bytes_up_mean": float(np.mean(sizes)) if sizes else 0.0,
         }
@@ -71,6 +79,8 @@ class RoundRecorder:
             if metrics is None or "user-index" not in metrics:
                 continue
             self.last_eval[int(metrics["user-index"])] = {m: float(metrics[f"acc-{m}"]) for m in MODELS}
+            if "epsilon" in metrics:
+                self.last_epsilon[int(metrics["user-index"])] = float(metrics["epsilon"])
         users = sorted(self.last_eval)
         row: dict[str, Any] = {"eval_users": len(users)}
         for model in MODELS:
@@ -79,6 +89,9 @@ class RoundRecorder:
                 row[f"{model}_accuracy_{stat}"] = value
         row["per_user_personalized"] = [self.last_eval[u]["personalized"] for u in users]
         row["per_user_global"] = [self.last_eval[u]["global"] for u in users]
+        if self.last_epsilon:
+            row["per_user_epsilon"] = {str(u): e for u, e in sorted(self.last_epsilon.items())}
+            row["epsilon_max"] = max(self.last_epsilon.values())
         self._finish_round(server_round, row)
 
     def _finish_round(self, server_round: int, eval_row: dict[str, Any]) -> None:
@@ -100,7 +113,19 @@ class RoundRecorder:
             for stat, value in _stats([self.last_eval[u][model] for u in users]).items():
                 out[f"{model}_accuracy_{stat}"] = value
         out["bytes_up_per_client_round"] = float(np.mean(self.bytes_up)) if self.bytes_up else 0.0
+        spent = list(self.last_epsilon.values()) + self.epsilons
+        out["epsilon_max"] = max(spent) if spent else None
         return out
+
+
+def _metric(msg: Message, key: str) -> Any:
+    metrics = msg.content.metric_records.get("metrics")
+    return None if metrics is None or key not in metrics else metrics[key]
+
+
+def is_declined(msg: Message) -> bool:
+    """A user whose privacy budget is spent replies ``declined=1`` and no tensors: not aggregated."""
+    return not msg.has_error() and bool(_metric(msg, "declined"))
 
 
 def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
@@ -115,7 +140,7 @@ def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
             replies = list(replies)
             recorder.record_train(server_round, replies)
-            return super().aggregate_train(server_round, replies)
+            return super().aggregate_train(server_round, [m for m in replies if not is_declined(m)])
 
         def configure_evaluate(self, server_round: int, arrays, config, grid) -> Iterable[Message]:
             if not recorder.should_evaluate(server_round):

@@ -1,0 +1,152 @@
+"""The ``fedpersona`` command: one thin command per use; the work lives in the packages.
+
+Exit codes (DESIGN.md): 0 done, 2 bad input or usage (one clear line on stderr), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from fedpersona.errors import UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated, privacy-preserving personalized preference alignment of language models.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at preference data files.")
+app.add_typer(data_app, name="data")
+
+Opt = typer.Option
+
+
+def _config_from(config_file: Optional[Path], settings: list[str], flags: dict[str, Any]):
+    """Defaults < --config TOML < --set key=value < explicit flags; validated once, here."""
+    from fedpersona.config import RunConfig
+
+    config = RunConfig.from_toml(config_file) if config_file else RunConfig()
+    pairs = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: expected key=value (any setting of fedpersona/config.py)")
+        pairs[key.strip()] = value.strip()
+    config = RunConfig.from_flat(pairs, config, source="--set") if pairs else config
+    given = {k: v for k, v in flags.items() if v is not None}
+    return RunConfig.from_flat(given, config, source="command line") if given else config
+
+
+@app.command()
+def simulate(
+    users: Annotated[Optional[int], Opt("--users", "-n", help="Number of simulated users (synthetic data).")] = None,
+    rounds: Annotated[Optional[int], Opt("--rounds", "-r", help="Federated rounds.")] = None,
+    fraction: Annotated[Optional[float], Opt("--fraction", help="Fraction of users trained per round.")] = None,
+    seed: Annotated[Optional[int], Opt(help="Seed of users, sampling and initialisation.")] = None,
+    model: Annotated[Optional[str], Opt(help="'embedded' (default), an HF model id or a local folder.")] = None,
+    data: Annotated[Optional[str], Opt(help="'synthetic:<scenario>' or a JSONL pair file.")] = None,
+    scheme: Annotated[Optional[str], Opt(help="Personalization scheme: split, global, local, fedsa, ffa.")] = None,
+    strategy: Annotated[Optional[str], Opt(help="Flower strategy name or package.module:Class.")] = None,
+    strategy_arg: Annotated[list[str], Opt("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
+    dp: Annotated[bool, Opt("--dp", help="Pair-level DP-SGD on every client.")] = False,
+    target_epsilon: Annotated[float, Opt(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
+    delta: Annotated[Optional[float], Opt(help="Per-user delta (default min(1e-5, 1/(10 n))).")] = None,
+    max_grad_norm: Annotated[Optional[float], Opt(help="Per-pair clipping norm (with --dp).")] = None,
+    accountant: Annotated[Optional[str], Opt(help="rdp (default) or prv.")] = None,
+    num_cpus: Annotated[float, Opt(help="CPUs per simulated client (one Ray actor each).")] = 1.0,
+    num_gpus: Annotated[float, Opt(help="GPUs per simulated client; fractions share a GPU.")] = 0.0,
+    ray_address: Annotated[Optional[str], Opt(help="Join an existing Ray cluster ('auto' or ray://host:port).")] = None,
+    config: Annotated[Optional[Path], Opt("--config", help="TOML file of settings.")] = None,
+    set_: Annotated[list[str], Opt("--set", help="Any setting key=value (see fedpersona/config.py).")] = [],
+    out: Annotated[Path, Opt("--out", "-o", help="Output folder: metrics.jsonl, summary.json, per_user.json.")] = Path("runs/latest"),
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress display.")] = False,
+    verbose: Annotated[bool, Opt("--verbose", help="Flower's and Ray's own logs.")] = False,
+    json_out: Annotated[bool, Opt("--json", help="Print summary.json to stdout instead of the table.")] = False,
+) -> None:
+    """Simulate many users with Flower's simulation engine on Ray, then print a summary table."""
+    from rich.console import Console
+
+    from fedpersona.server.display import ConsoleReporter, QuietReporter, summary_table
+    from fedpersona.simulations.launcher import Resources, simulate as run
+
+    flags = {"num-users": users, "rounds": rounds, "fraction-train": fraction, "seed": seed, "model": model,
+             "data": data, "scheme": scheme, "strategy": strategy,
+             "strategy-args": ",".join(strategy_arg) if strategy_arg else None,
+             "dp-epsilon": target_epsilon if dp else None, "dp-delta": delta, "dp-max-grad-norm": max_grad_norm,
+             "dp-accountant": accountant}
+    cfg = _config_from(config, set_, flags)
+    reporter = QuietReporter() if quiet else ConsoleReporter()
+    summary = run(cfg, out_dir=out, resources=Resources(num_cpus, num_gpus, ray_address), reporter=reporter,
+                  verbose=verbose)
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    else:
+        Console().print(summary_table(summary))
+        Console().print(f"results: {out}/summary.json, {out}/metrics.jsonl, {out}/per_user.json")
+
+
+@app.command()
+def privacy(
+    noise: Annotated[Optional[float], Opt(help="Noise multiplier: compute epsilon.")] = None,
+    epsilon: Annotated[Optional[float], Opt(help="Target epsilon: compute the noise multiplier.")] = None,
+    sample_rate: Annotated[float, Opt(help="Poisson sample rate q (expected batch / pairs).")] = ...,
+    steps: Annotated[int, Opt(help="Number of DP-SGD steps.")] = ...,
+    delta: Annotated[float, Opt(help="Delta.")] = 1e-5,
+    accountant: Annotated[str, Opt(help="rdp or prv.")] = "rdp",
+    json_out: Annotated[bool, Opt("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Privacy calculator: epsilon of a DP-SGD run, or the noise multiplier a target epsilon needs."""
+    from fedpersona.privacy.calculator import epsilon_report, format_report, noise_report
+
+    if (noise is None) == (epsilon is None):
+        raise UsageError("fedpersona privacy: give exactly one of --noise (to get epsilon) or --epsilon (to get noise)")
+    report = (epsilon_report(noise, sample_rate, steps, delta, accountant) if noise is not None
+              else noise_report(epsilon, sample_rate, steps, delta, accountant))
+    print(json.dumps(report) if json_out else format_report(report))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Annotated[Path, typer.Argument(help="A pair file or a dataset file in a known format.")],
+    format_: Annotated[str, Opt("--format", help="auto, pairs, personalllm, psoups, prism, hh-rlhf.")] = "auto",
+    users: Annotated[Optional[int], Opt(help="Users to form (hh-rlhf, personalllm).")] = None,
+    json_out: Annotated[bool, Opt("--json")] = False,
+) -> None:
+    """Users, pairs per user (spread) and disagreement between users."""
+    from fedpersona.data.formats import load_format
+    from fedpersona.data.formats.inspect import format_inspection, inspect_pairs
+
+    options: dict[str, Any] = {}
+    if users is not None:
+        options["num_users" if format_ == "personalllm" else "users"] = users
+    info = inspect_pairs(load_format(file, format_, **options))
+    print(json.dumps(info, indent=2) if json_out else format_inspection(info))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: UsageError -> one line on stderr and exit 2; anything else unexpected -> exit 1."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except UsageError as err:
+        print(f"fedpersona: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        print("fedpersona: aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as err:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
