@@ -125,6 +125,13 @@ def data_inspect(
     print(json.dumps(info, indent=2) if json_out else format_inspection(info))
 
 
+# Command groups that live in their own modules (one job each).
+from fedpersona.commands import deploy as _deploy, research as _research  # noqa: E402
+
+_deploy.register(app)
+_research.register(app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: UsageError -> one line on stderr and exit 2; anything else unexpected -> exit 1."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,1 @@
+"""CLI command groups, one module per use (deployment, research); ``fedpersona.cli`` registers them."""
