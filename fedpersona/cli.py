@@ -129,6 +129,9 @@ def data_inspect(
 from fedpersona.commands import deploy as _deploy, research as _research  # noqa: E402
 
 _deploy.register(app)
+from fedpersona.commands import device as _device  # noqa: E402
+
+_device.register(app)
 _research.register(app)
 
 

@@ -1,0 +1,366 @@
+"""A user's commands on their device: ``feedback add/import/list/stats/forget``, ``generate``, ``export``.
+
+All of them work on one device state directory (``--state DIR``, or ``$FEDPERSONA_STATE``); see
+``fedpersona.client.device_state``. The ``feedback`` commands touch only the preference memory and
+import no torch, so they stay fast. ``generate`` and ``export`` rebuild the model the state belongs to
+(``meta.json``: model id and scheme; adapter ranks from meta.json if recorded, else read off the stored
+tensors) and load the stored shared and private tensors into it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from fedpersona.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedpersona.client.device_state import DeviceState
+    from fedpersona.model.resident import ResidentModel
+
+Opt = typer.Option
+DEFAULT_USER = "me"  # the user id of a device's first pair when no --user is given
+STATE_HELP = "The device state folder (your feedback, adapters and ledger)."
+
+feedback_app = typer.Typer(no_args_is_help=True,
+                           help="Your preference feedback on this device: add, import, list, stats, forget.")
+
+StateOpt = Annotated[Path, Opt("--state", envvar="FEDPERSONA_STATE", help=STATE_HELP)]
+JsonOpt = Annotated[bool, Opt("--json", help="Machine-readable JSON on stdout instead of a table.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to the ``fedpersona`` app."""
+    app.add_typer(feedback_app, name="feedback")
+    app.command("generate")(generate)
+    app.command("export")(export)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _open(state: Path, *, create: bool) -> DeviceState:
+    from fedpersona.client.device_state import DeviceState
+
+    return DeviceState(state, create=create)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _short(text: str, width: int = 48) -> str:
+    """One line of at most ``width`` characters (newlines shown as spaces)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _interactive() -> bool:
+    """Whether a person can be asked (stdin and stdout are terminals)."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No weight-loading progress bars or library deprecation warnings on a user's terminal."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------- feedback
+
+
+@feedback_app.command("add")
+def feedback_add(
+    state: StateOpt,
+    prompt: Annotated[str, Opt("--prompt", "-p", help="The prompt.")],
+    chosen: Annotated[str, Opt("--chosen", "-c", help="The response you prefer.")],
+    rejected: Annotated[str, Opt("--rejected", "-r", help="The response you prefer less.")],
+    user: Annotated[Optional[str], Opt("--user", help=f"User id (default: the device's, else '{DEFAULT_USER}').")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Store one preference pair in this device's memory."""
+    from fedpersona.data.schema import PreferencePair
+
+    with _open(state, create=True) as st:
+        memory = st.memory
+        user_id = user if user is not None else (memory.user_id() or DEFAULT_USER)
+        pair = PreferencePair(user_id, prompt, chosen, rejected)
+        existing = memory.contains(pair)
+        pair_id = memory.add(pair, source="add") if existing is None else existing
+        row = memory.get(pair_id)
+    added = existing is None
+    if json_out:
+        _print_json({"added": added, **(row.to_json() if row else {"id": pair_id})})
+    elif added:
+        print(f"added pair #{pair_id} for user {user_id!r} ({row.split if row else '?'} split) to {state}")
+    else:
+        print(f"already stored as pair #{pair_id}; nothing added")
+
+
+@feedback_app.command("import")
+def feedback_import(
+    file: Annotated[Path, typer.Argument(help="JSONL pair file: user_id, prompt, chosen, rejected[, split].")],
+    state: StateOpt,
+    as_user: Annotated[Optional[str], Opt("--as-user", help="File every row under this user id.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Import a JSONL pair file: validated whole first, then all rows in one transaction (or none)."""
+    with _open(state, create=True) as st:
+        added, duplicates = st.memory.import_file(file, as_user=as_user)
+        total = st.memory.count()
+    if json_out:
+        _print_json({"file": str(file), "added": added, "duplicates": duplicates, "pairs": total})
+    else:
+        dup = f", {duplicates} already stored" if duplicates else ""
+        print(f"imported {added} pairs from {file}{dup}; {total} pairs in {state}")
+
+
+@feedback_app.command("list")
+def feedback_list(
+    state: StateOpt,
+    limit: Annotated[int, Opt("--limit", "-n", help="Pairs to show (0: all).")] = 20,
+    offset: Annotated[int, Opt("--offset", help="Skip this many pairs first.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """List stored pairs, oldest first, one page at a time."""
+    with _open(state, create=False) as st:
+        rows = st.memory.list(None if limit == 0 else limit, offset)
+        total = st.memory.count()
+    if json_out:
+        _print_json([r.to_json() for r in rows])
+        return
+    from rich.table import Table
+
+    table = Table(title=f"feedback in {state}", show_lines=False)
+    for column, style in (("id", "bold"), ("split", None), ("prompt", None), ("chosen", "green"),
+                          ("rejected", "red"), ("added", "dim")):
+        table.add_column(column, style=style, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.id), r.split, _short(r.prompt), _short(r.chosen), _short(r.rejected),
+                      r.created_at[:16].replace("T", " "))
+    console = _console()
+    console.print(table)
+    end = offset + len(rows)
+    more = f"; --offset {end} for more" if end < total else ""
+    console.print(f"pairs {offset + 1 if rows else 0}-{end} of {total}{more}")
+
+
+@feedback_app.command("stats")
+def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
+    """How much feedback this device holds, and what was trained on it."""
+    with _open(state, create=False) as st:
+        stats = st.memory.stats()
+        counters = st.counters()
+        meta = st.meta() or {}
+        stats.update(rounds_trained=counters.get("rounds_trained", 0), last_round=counters.get("last_round"),
+                     model_id=meta.get("model_id"), scheme=meta.get("scheme"),
+                     private_adapter=st.private_path.exists(), shared_adapter=st.shared_path.exists())
+    if json_out:
+        _print_json(stats)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"feedback in {state}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    labels = {"pairs": "pairs", "train": "  train", "test": "  test (held out)", "user_id": "user",
+              "first_added": "first added", "last_added": "last added", "rounds_trained": "rounds trained",
+              "last_round": "last server round", "model_id": "model", "scheme": "scheme",
+              "private_adapter": "private adapter", "shared_adapter": "shared adapter"}
+    for key, label in labels.items():
+        value = stats.get(key)
+        shown = "yes" if value is True else "no" if value is False else "-" if value is None else str(value)
+        table.add_row(label, shown)
+    _console().print(table)
+
+
+@feedback_app.command("forget")
+def feedback_forget(
+    state: StateOpt,
+    yes: Annotated[bool, Opt("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete all your feedback, your private adapter, privacy ledger and caches from this device."""
+    from fedpersona.client.device_state import USER_FILES
+
+    with _open(state, create=False) as st:
+        pairs = st.memory.count() if st.memory_path.exists() else 0
+        present = [f.name for f in st.files() if any(f.name.startswith(n) for n in USER_FILES)]
+        if not present:
+            print(f"nothing to forget in {state}")
+            return
+        parts = [f"{pairs} feedback pairs"]
+        parts += [label for path, label in ((st.private_path, "your private adapter"),
+                                            (st.ledger_path, "the privacy ledger")) if path.exists()]
+        what = f"{', '.join(parts)} and caches in {state}"
+        if not yes:
+            if not _interactive():
+                raise UsageError(f"feedback forget: would delete {what}; no terminal to confirm on, "
+                                 "pass --yes to delete without asking")
+            if not typer.confirm(f"Delete {what}? This cannot be undone.", default=False):
+                print("nothing deleted", file=sys.stderr)
+                raise typer.Exit(1)
+        removed = st.forget()
+    print(f"forgot {pairs} pairs; deleted {', '.join(removed) or 'nothing'} from {state}")
+
+
+# ---------------------------------------------------------------------------- adapters of a state
+
+_LORA_NAME = re.compile(r"\.lora_([AB])\.([^.]+)\.weight$")
+
+
+def adapter_ranks(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Rank of each LoRA adapter in stored tensors: rows of ``lora_A``, columns of ``lora_B``."""
+    ranks: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        match = _LORA_NAME.search(name)
+        if match and tensor.dim() == 2:
+            ranks[match.group(2)] = int(tensor.shape[0] if match.group(1) == "A" else tensor.shape[1])
+    return ranks
+
+
+def state_config(st: DeviceState, shared: Mapping[str, torch.Tensor] | None,
+                 private: Mapping[str, torch.Tensor] | None, device: str = "auto"):
+    """The RunConfig whose resident model fits this state: meta.json's model and scheme; ranks and seed
+    from meta.json when recorded, else read off the tensors (adapter 'private' -> private_rank, any
+    other adapter -> shared_rank), else RunConfig's defaults."""
+    from fedpersona.config import RunConfig
+
+    meta = st.meta()
+    if meta is None or not meta.get("model_id") or not meta.get("scheme"):
+        raise UsageError(f"--state {st.dir}: {st.meta_path.name} is missing or names no model/scheme, so the "
+                         "adapters cannot be matched to a model; run `fedpersona client` with this --state")
+    defaults = RunConfig()
+    ranks = {**adapter_ranks(shared or {}), **adapter_ranks(private or {})}
+    others = [r for name, r in ranks.items() if name != "private"]
+
+    def setting(key: str, inferred: int | None, default: int) -> int:
+        value = meta.get(key)
+        if value is None:
+            return inferred if inferred is not None else default
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UsageError(f"{st.meta_path}: '{key}' must be a non-negative integer, got {value!r}")
+        return value
+
+    return RunConfig(model=str(meta["model_id"]), scheme=str(meta["scheme"]), device=device,
+                     shared_rank=setting("shared_rank", others[0] if others else None, defaults.shared_rank),
+                     private_rank=setting("private_rank", ranks.get("private"), defaults.private_rank),
+                     seed=setting("seed", None, defaults.seed))
+
+
+def load_state_resident(st: DeviceState, device: str = "auto") -> tuple[ResidentModel, Any, bool]:
+    """This process's resident model holding the state's shared and private tensors.
+
+    Returns ``(resident, config, has_private)``; a state without private tensors generates with the
+    private part at its initial value (the global model).
+    """
+    from fedpersona.client.local import resident_for
+    from fedpersona.model.adapters import Role
+    from fedpersona.strategies.schemes import get_scheme
+
+    shared, private = st.load_shared(), st.load_private()
+    if shared is None and private is None:
+        raise UsageError(f"--state {st.dir}: no adapters yet: run `fedpersona client` first")
+    config = state_config(st, shared, private, device)
+    get_scheme(config.scheme)  # an unknown scheme in meta.json: a clear UsageError
+    with _quiet_loading():
+        resident = resident_for(config)
+    fits = (f"model {config.model!r}, scheme {config.scheme!r}, ranks {config.shared_rank}/{config.private_rank}")
+    try:
+        if resident.adapters.names(Role.SHARED):
+            if shared is None:
+                raise UsageError(f"--state {st.dir}: no shared adapter yet: run `fedpersona client` first "
+                                 "(it keeps the last shared adapter received from the server)")
+            resident.adapters.load(shared, Role.SHARED)
+        resident.adapters.reset(Role.FROZEN)
+        if private is None or not resident.adapters.names(Role.PRIVATE):
+            resident.adapters.reset(Role.PRIVATE)
+        else:
+            resident.adapters.load(private, Role.PRIVATE)
+    except (ValueError, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError(f"--state {st.dir}: stored adapters do not fit {fits} ({first}); "
+                         "check meta.json or run `fedpersona client` again") from None
+    return resident, config, private is not None and bool(resident.adapters.names(Role.PRIVATE))
+
+
+# ---------------------------------------------------------------------------- generate and export
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt to answer.")],
+    state: StateOpt,
+    strength: Annotated[float, Opt("--strength", "-s", help="Private adapter: 0 global ... 1 fully personal.")] = 1.0,
+    max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, Opt("--temperature", "-t", help="0: greedy (deterministic); > 0 samples.")] = 0.0,
+    seed: Annotated[int, Opt("--seed", help="Sampling seed (with --temperature > 0).")] = 0,
+    device: Annotated[str, Opt("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a prompt with base + shared + your private adapter."""
+    if not 0.0 <= strength <= 1.0:
+        raise UsageError(f"--strength {strength}: must be between 0 (global) and 1 (fully personal)")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if temperature < 0:
+        raise UsageError(f"--temperature {temperature}: must be 0 (greedy) or more")
+    if not prompt.strip():
+        raise UsageError("generate: the prompt is empty; pass the prompt text as the argument")
+    from fedpersona.alignment.generation import generate as run
+
+    with _open(state, create=False) as st:
+        resident, config, has_private = load_state_resident(st, device)
+    if not has_private and strength > 0:
+        print("fedpersona: note: no private adapter in this state yet; answering with the global model",
+              file=sys.stderr)
+    text = run(resident, [prompt], strength=strength, max_new_tokens=max_new_tokens, temperature=temperature,
+               seed=seed)[0]
+    if json_out:
+        _print_json({"prompt": prompt, "text": text, "strength": strength, "model_id": config.model,
+                     "scheme": config.scheme})
+    else:
+        print(text)
+
+
+def export(
+    state: StateOpt,
+    out: Annotated[Path, Opt("--out", "-o", help="Folder to write (one PEFT adapter folder per adapter).")],
+    strength: Annotated[float, Opt("--strength", "-s", help="Private adapter scaled as in `generate`.")] = 1.0,
+    force: Annotated[bool, Opt("--force", help="Overwrite an earlier export in --out.")] = False,
+) -> None:
+    """Write your adapters in PEFT's format, loadable with transformers + peft alone (see OUT/README.txt)."""
+    from fedpersona.model.export import export_adapters
+    from fedpersona.model.loading import resolve_model_path
+
+    with _open(state, create=False) as st:
+        resident, config, _ = load_state_resident(st, "cpu")
+        info = {"model_id": config.model, "scheme": config.scheme, "shared_rank": config.shared_rank,
+                "private_rank": config.private_rank, "rounds_trained": st.counters().get("rounds_trained", 0)}
+    written = export_adapters(resident, out, base_model=resolve_model_path(config.model), strength=strength,
+                              force=force, info=info)
+    print(f"exported {', '.join(p.name for p in written)} to {out} (PEFT format; see {out}/README.txt)")
