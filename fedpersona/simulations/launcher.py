@@ -17,6 +17,8 @@ from fedpersona.config import RunConfig
 from fedpersona.data.sources import count_users
 from fedpersona.errors import UsageError
 from fedpersona.model.loading import resolve_model_path
+from fedpersona.strategies.registry import build_strategy
+from fedpersona.strategies.schemes import get_scheme
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,13 @@ class Resources:
 
 
 def prepare_config(config: RunConfig) -> RunConfig:
-    """Resolve what workers must agree on before they start: absolute data path, user count, model built."""
+    """Resolve what workers must agree on before they start: absolute data path, user count, model built.
+
+    Scheme and strategy are checked here too, so a typo fails in a second, not after Ray has started.
+    """
+    get_scheme(config.scheme)
+    build_strategy(config.strategy, config.strategy_args, fraction_train=config.fraction_train,
+                   min_train_nodes=config.min_users, min_available_nodes=config.min_users)
     if not config.is_synthetic:
         config = config.replace(data=str(Path(config.data).resolve()))
     users = count_users(config.data, num_users=config.num_users, test_fraction=config.test_fraction,

@@ -1,0 +1,57 @@
+"""The real loading path: a model folder saved by transformers loads like a user's model would."""
+
+import pytest
+import torch
+
+from fedpersona.errors import UsageError
+from fedpersona.model.embedded import build_embedded, build_tokenizer
+from fedpersona.model.loading import load_base
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(["hello", "world", "user", "assistant", ":", "."])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_saved_folder_loads_frozen_in_eval_mode(tiny_model_dir):
+    model, tokenizer = load_base(str(tiny_model_dir))
+    assert model.config.hidden_size == 16
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert ids == [tokenizer.convert_tokens_to_ids("hello"), tokenizer.convert_tokens_to_ids("world")]
+    # cached per process: the same objects come back, nothing is reloaded
+    again, _ = load_base(str(tiny_model_dir))
+    assert again is model
+
+
+def test_folder_without_config_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no config.json"):
+        load_base(str(tmp_path))
+
+
+def test_embedded_build_is_deterministic(tmp_path):
+    build_embedded(tmp_path / "a", seed=3, steps=3, batch_size=4)
+    build_embedded(tmp_path / "b", seed=3, steps=3, batch_size=4)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_embedded_default_generates_readable_text(split_resident):
+    from fedpersona.alignment.generation import generate
+
+    text = generate(split_resident, ["how do i get better at chess ?"], strength=0.0)[0]
+    assert "<unk>" not in text and len(text.split()) >= 4
+    assert text.split()[0] in {"certainly", "good", "hey", "sure"}  # a simulator-style opening
