@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: UsageError -> one line on stderr and exit 2; anything else unexpected -> exit 1."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False hands typer.Exit(code) back as the return value instead of exiting
+        code = app(args=argv, standalone_mode=False)
     except UsageError as err:
         print(f"fedpersona: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

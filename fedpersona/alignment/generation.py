@@ -2,8 +2,8 @@
 
 ``strength`` moves the private tensors from their initial values (0: the global model, base + shared)
 to the user's trained values (1: fully personal), the decoding-time mixing of global and personal
-behaviour of Personalized Soups (arXiv 2310.11564) reduced to one adapter. For a private LoRA adapter
-(B starts at zero) it scales that adapter's output exactly.
+behaviour of Personalized Soups (arXiv 2310.11564) reduced to one adapter. 0 and 1 are exact; in between,
+the private A and B matrices both interpolate, so the adapter's effect grows smoothly, not linearly.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedpersona.client.device_state import DeviceState
+    from fedpersona.config import RunConfig
     from fedpersona.model.resident import ResidentModel
 
 Opt = typer.Option
@@ -155,20 +156,22 @@ def feedback_list(
     if json_out:
         _print_json([r.to_json() for r in rows])
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"feedback in {state}", show_lines=False)
+    table = Table(show_lines=False)
     for column, style in (("id", "bold"), ("split", None), ("prompt", None), ("chosen", "green"),
                           ("rejected", "red"), ("added", "dim")):
         table.add_column(column, style=style, overflow="fold")
-    for r in rows:
-        table.add_row(str(r.id), r.split, _short(r.prompt), _short(r.chosen), _short(r.rejected),
+    for r in rows:  # user text is never rich markup: "[b]" in a prompt stays "[b]"
+        table.add_row(str(r.id), r.split, *(escape(_short(t)) for t in (r.prompt, r.chosen, r.rejected)),
                       r.created_at[:16].replace("T", " "))
     console = _console()
+    console.print(f"feedback in {state}", markup=False)
     console.print(table)
     end = offset + len(rows)
     more = f"; --offset {end} for more" if end < total else ""
-    console.print(f"pairs {offset + 1 if rows else 0}-{end} of {total}{more}")
+    console.print(f"pairs {offset + 1 if rows else 0}-{end} of {total}{more}", markup=False)
 
 
 @feedback_app.command("stats")
@@ -184,9 +187,10 @@ def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
     if json_out:
         _print_json(stats)
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"feedback in {state}", show_header=False)
+    table = Table(show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     labels = {"pairs": "pairs", "train": "  train", "test": "  test (held out)", "user_id": "user",
@@ -196,8 +200,10 @@ def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
     for key, label in labels.items():
         value = stats.get(key)
         shown = "yes" if value is True else "no" if value is False else "-" if value is None else str(value)
-        table.add_row(label, shown)
-    _console().print(table)
+        table.add_row(label, escape(shown))
+    console = _console()
+    console.print(f"feedback in {state}", markup=False)
+    console.print(table)
 
 
 @feedback_app.command("forget")
@@ -223,8 +229,9 @@ def feedback_forget(
                 raise UsageError(f"feedback forget: would delete {what}; no terminal to confirm on, "
                                  "pass --yes to delete without asking")
             if not typer.confirm(f"Delete {what}? This cannot be undone.", default=False):
-                print("nothing deleted", file=sys.stderr)
-                raise typer.Exit(1)
+                print("fedpersona: nothing deleted", file=sys.stderr)
+                # SystemExit, not typer.Exit: cli.main drops the code of a typer.Exit (standalone_mode=False)
+                raise SystemExit(1)
         removed = st.forget()
     print(f"forgot {pairs} pairs; deleted {', '.join(removed) or 'nothing'} from {state}")
 
@@ -245,7 +252,7 @@ def adapter_ranks(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 
 def state_config(st: DeviceState, shared: Mapping[str, torch.Tensor] | None,
-                 private: Mapping[str, torch.Tensor] | None, device: str = "auto"):
+                 private: Mapping[str, torch.Tensor] | None, device: str = "auto") -> RunConfig:
     """The RunConfig whose resident model fits this state: meta.json's model and scheme; ranks and seed
     from meta.json when recorded, else read off the tensors (adapter 'private' -> private_rank, any
     other adapter -> shared_rank), else RunConfig's defaults."""
@@ -259,21 +266,22 @@ def state_config(st: DeviceState, shared: Mapping[str, torch.Tensor] | None,
     ranks = {**adapter_ranks(shared or {}), **adapter_ranks(private or {})}
     others = [r for name, r in ranks.items() if name != "private"]
 
-    def setting(key: str, inferred: int | None, default: int) -> int:
+    def setting(key: str, inferred: int | None, default: int, least: int = 1) -> int:
         value = meta.get(key)
         if value is None:
             return inferred if inferred is not None else default
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UsageError(f"{st.meta_path}: '{key}' must be a non-negative integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise UsageError(f"{st.meta_path}: '{key}' must be an integer >= {least}, got {value!r}; "
+                             "fix or remove it")
         return value
 
     return RunConfig(model=str(meta["model_id"]), scheme=str(meta["scheme"]), device=device,
                      shared_rank=setting("shared_rank", others[0] if others else None, defaults.shared_rank),
                      private_rank=setting("private_rank", ranks.get("private"), defaults.private_rank),
-                     seed=setting("seed", None, defaults.seed))
+                     seed=setting("seed", None, defaults.seed, least=0))
 
 
-def load_state_resident(st: DeviceState, device: str = "auto") -> tuple[ResidentModel, Any, bool]:
+def load_state_resident(st: DeviceState, device: str = "auto") -> tuple[ResidentModel, RunConfig, bool]:
     """This process's resident model holding the state's shared and private tensors.
 
     Returns ``(resident, config, has_private)``; a state without private tensors generates with the
@@ -335,7 +343,9 @@ def generate(
 
     with _open(state, create=False) as st:
         resident, config, has_private = load_state_resident(st, device)
-    if not has_private and strength > 0:
+    from fedpersona.strategies.schemes import get_scheme
+
+    if not has_private and strength > 0 and get_scheme(config.scheme).has_private:
         print("fedpersona: note: no private adapter in this state yet; answering with the global model",
               file=sys.stderr)
     text = run(resident, [prompt], strength=strength, max_new_tokens=max_new_tokens, temperature=temperature,

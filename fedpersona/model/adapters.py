@@ -117,9 +117,12 @@ class AdapterState:
     def private_strength(self, strength: float) -> Iterator[None]:
         """Temporarily set private tensors to ``initial + strength * (current - initial)``.
 
-        0 gives the global model (base + shared), 1 the fully personal one. For a private LoRA adapter
-        (B starts at zero) this scales the adapter's output by ``strength`` exactly.
+        0 gives the global model (base + shared), 1 the fully personal one, both exactly; in between, A
+        and B of a private LoRA adapter both move, so its output changes smoothly but not linearly.
         """
+        if strength == 1.0:  # exactly the trained tensors (initial + 1 * (x - initial) can differ by rounding)
+            yield
+            return
         names = self.names(Role.PRIVATE)
         saved = {n: self.params[n].detach().clone() for n in names}
         with torch.no_grad():

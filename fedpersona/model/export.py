@@ -21,13 +21,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedpersona.errors import UsageError
-from fedpersona.model.adapters import Role
 from fedpersona.model.prompting import format_prompt
 from fedpersona.model.resident import ResidentModel
 
@@ -99,18 +99,23 @@ def readme_text(adapters: list[str], base_ref: str, info: Mapping[str, Any]) -> 
     loads = "".join(f'    model.load_adapter(os.path.join(OUT, "{a}"), adapter_name="{a}")\n' for a in rest)
     names = ", ".join(f'"{a}"' for a in adapters)
     example = format_prompt("PROMPT")
+    roles = info.get("roles", {})
+    personal = [a for a in adapters if "private" in roles.get(a, [])]
     private_note = ""
-    if "private" in adapters:
+    if personal:
+        others = [a for a in adapters if a not in personal]
+        keep = f"Share only {', '.join('OUT/' + a for a in others)} to share nothing of yours." if others else \
+            "Do not share this export if you want to share nothing of yours."
         private_note = (
-            "\nPrivacy: the 'private' adapter was trained on your own feedback and never left your device\n"
-            "during federated training. Anyone you give it to can learn something about your preferences.\n"
-            "Share only OUT/shared if you want to share nothing of yours.\n")
+            f"\nPrivacy: {', '.join(personal)} holds your private tensors, trained on your own feedback; they never\n"
+            "left your device during federated training. Anyone you give them to can learn something about\n"
+            f"your preferences. {keep}\n")
     return f"""fedpersona adapter export
 =========================
 
 Model:    {info.get("model_id")} (base model folder or id: {base_ref})
 Scheme:   {info.get("scheme")}
-Adapters: {", ".join(f"{a} ({'/'.join(info.get('roles', {}).get(a, []))})" for a in adapters)}
+Adapters: {", ".join(f"{a} ({'/'.join(roles.get(a, []))})" for a in adapters)}
 Strength: {info.get("strength")} (private tensors scaled from global 0 to personal 1 at export time)
 
 Each subfolder is a regular PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
@@ -160,7 +165,9 @@ def export_adapters(resident: ResidentModel, out_dir: str | Path, *, base_model:
                "adapters": adapters, "roles": {a: _roles(resident, a) for a in adapters},
                "out_dir": str(out_dir.resolve())}
     written = []
-    with resident.adapters.private_strength(strength):
+    # strength 1: the stored tensors bit for bit (initial + 1 * (x - initial) is not always x in floats)
+    scaled = nullcontext() if strength == 1.0 else resident.adapters.private_strength(strength)
+    with scaled:
         for adapter in adapters:
             written.append(_write_adapter(resident, adapter, out_dir, base_ref))
     from fedpersona.io import atomic_write_text
@@ -170,7 +177,3 @@ def export_adapters(resident: ResidentModel, out_dir: str | Path, *, base_model:
     atomic_write_text(out_dir / README_NAME, readme_text(adapters, base_ref, details))
     return written
 
-
-def exported_roles(resident: ResidentModel) -> dict[str, int]:
-    """Parameter counts per role of what an export holds (for the command's summary line)."""
-    return {role.value: resident.adapters.count(role) for role in Role if resident.adapters.count(role)}

@@ -31,6 +31,10 @@ def load_base(model: str = EMBEDDED_NAME, device: str = "cpu"):
     """Return ``(model, tokenizer)``: frozen, in eval mode, on ``device``; one copy per process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # no loading bars or deprecation chatter in user output
+    transformers.logging.disable_progress_bar()
     path = resolve_model_path(model)
     local = Path(path)
     if (local.exists() or path.startswith((".", "/"))) and not (local / "config.json").exists():
