@@ -9,11 +9,14 @@ What it does (one run, three settings, the same data and seeds in each):
 2. Canaries (Carlini et al., 2019, "The Secret Sharer", arXiv 1802.08232): ``--canaries`` pairs spread
    over the first ``--canary-users`` users. A canary is a normal prompt whose *chosen* response is a
    string of ``--canary-length`` words drawn uniformly from the model's vocabulary (a "secret" that
-   nothing else in the data predicts) and whose *rejected* response is an ordinary evasive answer.
-   Each canary is planted once (one pair: the unit pair-level DP protects), and gets ``--candidates``
-   candidate strings from the same distribution that are never trained on.
+   nothing else in the data predicts) and whose *rejected* response is a decoy from the same
+   distribution (``--canary-rejected random``, the default; ``evasive`` uses an ordinary evasive answer,
+   which DPO can beat by raising *every* random string, so the secret itself is memorized less). Each
+   canary is planted once (one pair: the unit pair-level DP protects; k copies would get group privacy
+   k*eps), and gets ``--candidates`` candidate strings from the same distribution, never trained on.
 3. A few federated rounds simulated in-process (FedAvg over the shared adapter, every user every round,
-   equal weights; each user's private adapter stays with it across rounds), each user training with the
+   equal weights; each user's private adapter stays with it across rounds; so a pair is seen
+   rounds x local epochs times, as in a real run, rather than in one long local run), each user training with the
    real local trainer: ``train_local`` (no DP) or ``train_local_dp`` with a ledger from ``plan_ledger``
    calibrated for exactly ``--rounds`` rounds (DP, pair-level, default delta rule, reproducible seeds).
 4. Attacks on each user's final personalized model (final shared + its own private adapter), i.e. an
@@ -23,9 +26,10 @@ What it does (one run, three settings, the same data and seeds in each):
    * exposure: score = log pi(secret | prompt) - log pi_ref(secret | prompt) (the DPO implicit reward of
      the chosen side, up to beta). Candidates share the canary's prompt and rejected response, so the DPO
      implicit reward *margin* ranks them identically. rank = 1 + #candidates scoring >= the canary;
-     exposure = log2(candidates + 1) - log2(rank); chance (never trained) is about log2(e) = 1.44 bits,
-     the maximum log2(candidates + 1). An extrapolated exposure (-log2 of the Gaussian tail of the
-     candidates' scores above the canary, Carlini's sec. 4.3 approximation) goes past that maximum.
+     exposure = log2(candidates + 1) - log2(rank); chance (never trained) is about log2(e) = 1.44 bits
+     on average (the expected max over the canaries is reported too), the maximum log2(candidates + 1).
+     An extrapolated exposure (-log2 of the Gaussian tail of the candidates' scores above the canary,
+     Carlini's sec. 4.3 approximation) goes past that maximum.
    * membership inference: score = DPO implicit reward margin
      ``(log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))`` (a loss attack: the DPO loss is a
      decreasing function of it, and calibrating by the reference makes it a likelihood-ratio attack);
@@ -34,6 +38,7 @@ What it does (one run, three settings, the same data and seeds in each):
      under a label permutation (what "chance" looks like at this sample size: a finite-sample maximum
      over thresholds is never 0).
    * utility: held-out pairwise accuracy (``evaluate_user``) of the canary users and of all users.
+   * for DP settings, what (eps, delta) alone would allow: the largest MIA advantage on one pair.
 
 Run ``python benchmarks/privacy_attack.py --help``; see benchmarks/README.md ("Privacy attack").
 """
@@ -64,7 +69,6 @@ from fedpersona.data.synthetic import EVASIVE, PROMPT_TEMPLATES, TOPICS  # noqa:
 from fedpersona.model.adapters import Role  # noqa: E402
 from fedpersona.model.prompting import encode_pair_side  # noqa: E402
 
-CHANCE_EXPOSURE = math.log2(math.e)  # E[log2((M+1)/rank)] for a uniform rank, large M
 NOT_WORDS = {"user", "assistant", ":"}  # prompt-format tokens: not part of a secret
 
 
@@ -109,7 +113,9 @@ def build_population(config: RunConfig, args: argparse.Namespace, words: list[st
             c = draw()
             if c != secret:
                 candidates.append(c)
-        pair = PreferencePair(users[index].user_id, prompt, secret, str(rng.choice(EVASIVE)).format(t=topic), "train")
+        decoy = draw()  # drawn every time, so the canaries do not depend on the rejected kind
+        rejected = decoy if args.canary_rejected == "random" else str(rng.choice(EVASIVE)).format(t=topic)
+        pair = PreferencePair(users[index].user_id, prompt, secret, rejected, "train")
         canaries.append(Canary(index, pair, candidates))
     for canary in canaries:  # planted at a random position of the user's training list
         train = users[canary.user].train
@@ -210,6 +216,26 @@ def exposure(canary_score: float, candidate_scores: np.ndarray) -> tuple[float, 
     return exp_rank, rank, exp_fit
 
 
+def chance_exposure(candidates: int) -> float:
+    """Expected exposure of a canary never trained on (its rank uniform on 1..candidates+1): ~log2(e)."""
+    total = candidates + 1
+    return math.log2(total) - math.lgamma(total + 1) / math.log(2) / total
+
+
+def exposure_null(candidates: int, canaries: int, mean: float, largest: float, seed: int,
+                  draws: int = 20000) -> dict:
+    """Never-trained canaries (ranks uniform on 1..candidates+1), Monte Carlo: the expected largest
+    exposure among ``canaries`` of them, and one-sided p-values of the observed mean and largest."""
+    if canaries < 1:
+        return {"chance_max": math.nan, "p_mean": math.nan, "p_max": math.nan}
+    ranks = np.random.default_rng([seed, 0xE4]).integers(1, candidates + 2, size=(draws, canaries))
+    exp = math.log2(candidates + 1) - np.log2(ranks)
+    null_mean, null_max = exp.mean(axis=1), exp.max(axis=1)
+    return {"chance_max": float(null_max.mean()),
+            "p_mean": float((1 + np.sum(null_mean >= mean - 1e-12)) / (1 + draws)),
+            "p_max": float((1 + np.sum(null_max >= largest - 1e-12)) / (1 + draws))}
+
+
 def auc_score(members: np.ndarray, nonmembers: np.ndarray) -> float:
     """P(member score > non-member score) + 0.5 P(tie) (Mann-Whitney U / (m n))."""
     scores = np.concatenate([members, nonmembers])
@@ -241,7 +267,8 @@ def advantage(members: np.ndarray, nonmembers: np.ndarray) -> float:
 
 
 def permutation_null(members: np.ndarray, nonmembers: np.ndarray, times: int, seed: int) -> dict:
-    """95th percentiles of advantage and |AUC - 0.5| * 2 when membership labels are shuffled."""
+    """Membership labels shuffled ``times`` times: 95th percentiles of the advantage and of
+    |AUC - 0.5| * 2, and one-sided p-values of the observed advantage and AUC (members score higher)."""
     rng = np.random.default_rng(seed)
     scores = np.concatenate([members, nonmembers])
     advs, aucs = [], []
@@ -249,9 +276,15 @@ def permutation_null(members: np.ndarray, nonmembers: np.ndarray, times: int, se
         perm = rng.permutation(scores)
         m, n = perm[: len(members)], perm[len(members) :]
         advs.append(advantage(m, n))
-        aucs.append(abs(auc_score(m, n) - 0.5) * 2)
-    return {"advantage_p95": float(np.quantile(advs, 0.95)) if advs else math.nan,
-            "auc_gap_p95": float(np.quantile(aucs, 0.95)) if aucs else math.nan}
+        aucs.append(auc_score(m, n))
+    if not advs:
+        return {"advantage_p95": math.nan, "auc_gap_p95": math.nan, "p_advantage": math.nan, "p_auc": math.nan}
+    advs, aucs = np.array(advs), np.array(aucs)
+    adv, auc = advantage(members, nonmembers), auc_score(members, nonmembers)
+    return {"advantage_p95": float(np.quantile(advs, 0.95)),
+            "auc_gap_p95": float(np.quantile(np.abs(aucs - 0.5) * 2, 0.95)),
+            "p_advantage": float((1 + np.sum(advs >= adv - 1e-12)) / (1 + times)),
+            "p_auc": float((1 + np.sum(aucs >= auc - 1e-12)) / (1 + times))}
 
 
 # ---- one setting ---------------------------------------------------------------------------------------
@@ -304,9 +337,12 @@ def attack_setting(resident, config: RunConfig, pop: Population, trained: dict, 
         "exposure": {
             "mean": float(np.mean(exps)) if exps else math.nan,
             "max": float(np.max(exps)) if exps else math.nan,
-            "extrapolated_mean": float(np.mean([r["exposure_extrapolated"] for r in canary_rows])) if exps else math.nan,
+            "extrapolated_mean": (float(np.mean([r["exposure_extrapolated"] for r in canary_rows]))
+                                  if exps else math.nan),
             "max_possible": math.log2(args.candidates + 1),
-            "chance": CHANCE_EXPOSURE,
+            "chance": chance_exposure(args.candidates),
+            **(exposure_null(args.candidates, len(exps), float(np.mean(exps)), float(np.max(exps)), args.seed)
+               if exps else exposure_null(args.candidates, 0, 0.0, 0.0, args.seed)),
             "other_user_mean": float(np.mean(others)) if others else math.nan,
             "canaries": canary_rows,
         },
@@ -335,6 +371,16 @@ def attack_setting(resident, config: RunConfig, pop: Population, trained: dict, 
     return result
 
 
+def dp_bounds(eps: float, delta: float, candidates: int) -> dict:
+    """What (eps, delta)-DP alone allows an attacker on one pair (Kairouz et al., 2015; the hypothesis
+    testing view): TPR <= e^eps FPR + delta, hence TPR - FPR <= (e^eps - 1 + 2 delta) / (e^eps + 1);
+    and P(rank <= r) <= e^eps r / (candidates + 1) + delta, hence P(exposure >= x) <= e^eps 2^-x + delta."""
+    mia = (math.exp(eps) - 1 + 2 * delta) / (math.exp(eps) + 1)
+    exposure_95 = math.log2(math.exp(eps) / (0.05 - delta)) if delta < 0.05 else math.inf
+    return {"mia_advantage_max": min(1.0, mia), "exposure_bits_exceeded_with_prob_5pct": exposure_95,
+            "exposure_max_possible": math.log2(candidates + 1)}
+
+
 def _other_user(owner: int, pop: Population) -> int | None:
     """A user who never held this canary (the next index without canaries), for a leakage baseline."""
     holders = {c.user for c in pop.canaries}
@@ -346,21 +392,31 @@ def _other_user(owner: int, pop: Population) -> int | None:
 
 # ---- output --------------------------------------------------------------------------------------------
 def print_table(results: list[dict]) -> None:
-    head = (f"{'setting':<8} {'eps':>5} {'eps spent':>9} {'noise':>6} {'exp mean':>8} {'exp max':>7} "
-            f"{'exp other':>9} {'MIA adv':>7} {'(null95)':>8} {'AUC':>6} {'acc canary':>10} {'acc all':>7}")
+    head = (f"{'setting':<8} {'eps':>4} {'spent':>5} {'noise':>5} | {'exposure mean (p)':>17} {'max (p)':>13} "
+            f"{'other':>5} | {'MIA adv (p)':>13} {'null95':>6} {'bound':>5} {'AUC':>5} | "
+            f"{'acc canary':>10} {'acc all':>7}")
     print(head)
     print("-" * len(head))
     for r in results:
-        led = r.get("ledger_summary") or {}
-        print(f"{r['setting']:<8} {_fmt(r['epsilon_target'], 5, 1)} {_fmt(led.get('epsilon_max'), 9, 2)} "
-              f"{_fmt(led.get('noise_mean'), 6, 2)} {r['exposure']['mean']:8.2f} {r['exposure']['max']:7.2f} "
-              f"{r['exposure']['other_user_mean']:9.2f} {r['mia']['advantage']:7.3f} "
-              f"{r['mia']['null']['advantage_p95']:8.3f} {r['mia']['auc']:6.3f} "
+        led, e, m = r.get("ledger_summary") or {}, r["exposure"], r["mia"]
+        print(f"{r['setting']:<8} {_fmt(r['epsilon_target'], 4, 1)} {_fmt(led.get('epsilon_max'), 5, 2)} "
+              f"{_fmt(led.get('noise_mean'), 5, 1)} | {e['mean']:8.2f} {_p(e['p_mean']):>8} "
+              f"{e['max']:5.2f} {_p(e['p_max']):>7} {e['other_user_mean']:5.2f} | "
+              f"{m['advantage']:5.3f} {_p(m['null']['p_advantage']):>7} {m['null']['advantage_p95']:6.3f} "
+              f"{_fmt((r.get('dp_bound') or {}).get('mia_advantage_max'), 5, 3)} {m['auc']:5.3f} | "
               f"{r['utility']['canary_users_personalized']:10.3f} {r['utility']['all_users_personalized']:7.3f}")
     e = results[0]["exposure"]
-    print(f"exposure in bits (chance ~{e['chance']:.2f}, max possible {e['max_possible']:.2f}); 'exp other' = the same "
-          f"canaries scored on a user who never held them; null95 = 95th percentile of the MIA advantage with "
-          f"shuffled labels; acc = held-out pairwise accuracy of the personalized models")
+    print(f"exposure in bits: chance mean {e['chance']:.2f}, chance max of {len(e['canaries'])} canaries "
+          f"{e['chance_max']:.2f}, max possible {e['max_possible']:.2f}; p = one-sided p-value against never-trained "
+          f"canaries (exposure) or shuffled labels (MIA); other = mean exposure of the same canaries on a user "
+          f"who never held them; null95 = 95th percentile of the advantage with shuffled labels; bound = the "
+          f"largest advantage (eps, delta)-DP allows on one pair; acc = held-out pairwise accuracy, personalized")
+
+
+def _p(p: float) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    return f"(p={p:.3f})" if p >= 0.001 else "(p<.001)"
 
 
 def _fmt(value, width: int, digits: int) -> str:
@@ -384,7 +440,8 @@ def plot(results: list[dict], path: str) -> None:
         ax = axes[0, j]
         both = np.concatenate([p["members"], p["nonmembers"]])
         bins = np.linspace(np.quantile(both, 0.01), np.quantile(both, 0.99), 30)
-        ax.hist(np.clip(p["nonmembers"], bins[0], bins[-1]), bins=bins, alpha=0.6, density=True, label="non-members (held out)")
+        ax.hist(np.clip(p["nonmembers"], bins[0], bins[-1]), bins=bins, alpha=0.6, density=True,
+                label="non-members (held out)")
         ax.hist(np.clip(p["members"], bins[0], bins[-1]), bins=bins, alpha=0.6, density=True, label="members (trained)")
         ax.set_title(f"{r['setting']}: MIA AUC {r['mia']['auc']:.2f}, adv {r['mia']['advantage']:.2f}")
         ax.set_xlabel("DPO implicit reward margin")
@@ -392,10 +449,10 @@ def plot(results: list[dict], path: str) -> None:
         ax = axes[1, j]
         grid = np.linspace(-4, 4, 200)
         ax.plot(grid, np.exp(-grid**2 / 2) / math.sqrt(2 * math.pi), color="gray", label="candidates (std. normal)")
-        for z in p["canary_z"]:
-            ax.axvline(min(z, 12), color="crimson", alpha=0.7)
+        for k, z in enumerate(p["canary_z"]):
+            ax.axvline(min(z, 12), color="crimson", alpha=0.7, label="planted canaries" if k == 0 else None)
         ax.set_xlim(-4, max(6, min(12, max(p["canary_z"], default=0) + 1)))
-        ax.set_title(f"{r['setting']}: canary z-scores, exposure mean {r['exposure']['mean']:.2f} bits")
+        ax.set_title(f"{r['setting']}: canaries, exposure mean {r['exposure']['mean']:.2f} bits")
         ax.set_xlabel("canary log-ratio, z vs its candidates (capped at 12)")
         ax.legend(fontsize=7)
     ax = axes[0, cols]
@@ -410,7 +467,8 @@ def plot(results: list[dict], path: str) -> None:
     names = [r["setting"] for r in results]
     ax.bar(np.arange(cols) - 0.2, [r["exposure"]["mean"] for r in results], width=0.4, label="exposure mean")
     ax.bar(np.arange(cols) + 0.2, [r["exposure"]["max"] for r in results], width=0.4, label="exposure max")
-    ax.axhline(CHANCE_EXPOSURE, color="gray", ls=":", label="chance")
+    ax.axhline(results[0]["exposure"]["chance"], color="gray", ls=":", label="chance (mean)")
+    ax.axhline(results[0]["exposure"]["chance_max"], color="gray", ls="-.", label="chance (max)")
     ax.axhline(results[0]["exposure"]["max_possible"], color="black", ls="--", label="max possible")
     ax.set_xticks(np.arange(cols), names)
     ax.set_ylabel("bits")
@@ -431,13 +489,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--canary-users", type=int, default=3, help="the first this many users get canaries")
     p.add_argument("--canaries", type=int, default=6, help="canary pairs in all, spread over the canary users")
     p.add_argument("--candidates", type=int, default=1000, help="never-trained candidate secrets per canary")
-    p.add_argument("--canary-length", type=int, default=8, help="words in a canary's secret (chosen) response")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds (every user trains every round)")
-    p.add_argument("--epochs", type=int, default=4, help="local epochs per round (RunConfig default 4)")
-    p.add_argument("--min-steps", type=int, default=16, help="minimum local steps per round (RunConfig default 16)")
-    p.add_argument("--max-train-pairs", type=int, default=24, help="cap on each user's normal training pairs")
+    p.add_argument("--canary-length", type=int, default=6, help="words in a canary's secret (chosen) response")
+    p.add_argument("--canary-rejected", choices=("random", "evasive"), default="random",
+                   help="a canary's rejected response: another random string from the same distribution "
+                        "(DPO must then learn the secret's own words) or an ordinary evasive answer (DPO can "
+                        "then win the margin by raising every random string: weaker memorization)")
+    p.add_argument("--rounds", type=int, default=4, help="federated rounds (every user trains every round)")
+    p.add_argument("--epochs", type=int, default=4, help="local epochs per round (as RunConfig)")
+    p.add_argument("--min-steps", type=int, default=16, help="minimum local steps per round (as RunConfig)")
+    p.add_argument("--max-train-pairs", type=int, default=16, help="cap on each user's normal training pairs")
     p.add_argument("--epsilons", default="8,1",
                    help="comma-separated pair-level target epsilons to run after the no-DP setting ('' for none)")
+    p.add_argument("--clip", type=float, default=None,
+                   help="DP per-pair clipping norm C (default: RunConfig's dp_max_grad_norm)")
     p.add_argument("--permutations", type=int, default=200, help="label shuffles for the MIA chance level")
     p.add_argument("--seed", type=int, default=0, help="data, canary, LoRA-init and round seed")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -453,6 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("users", "rounds", "epochs", "candidates", "canary_length", "max_train_pairs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.clip is not None and not (math.isfinite(args.clip) and args.clip > 0):
+        p.error("--clip must be a finite number > 0")
     if args.canaries < 0 or args.canary_users < 0 or args.permutations < 0 or args.min_steps < 0:
         p.error("--canaries, --canary-users, --permutations and --min-steps must be >= 0")
     if args.canaries and (args.canary_users < 1 or args.canary_users > args.users):
@@ -463,8 +529,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    clip = {} if args.clip is None else {"dp_max_grad_norm": args.clip}
     config = RunConfig(seed=args.seed, num_users=args.users, rounds=args.rounds, epochs=args.epochs,
-                       min_steps=args.min_steps, device="cpu")
+                       min_steps=args.min_steps, device="cpu", **clip)
     resident = resident_for(config)
     pop = build_population(config, args, secret_words(resident.tokenizer))
     settings = [("no-dp", 0.0)] + [(f"dp-eps{e:g}", e) for e in args.epsilon_list]
@@ -476,6 +543,8 @@ def run(args: argparse.Namespace) -> dict:
         t1 = time.perf_counter()
         r = {"setting": name, "epsilon_target": eps if eps > 0 else None}
         r.update(attack_setting(resident, config, pop, trained, ref_cache, args))
+        if eps > 0:
+            r["dp_bound"] = dp_bounds(eps, max(v["delta"] for v in trained["ledger"].values()), args.candidates)
         if "ledger" in trained:
             led = trained["ledger"]
             r["ledger"] = led
