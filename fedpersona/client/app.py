@@ -1,7 +1,9 @@
 """The Flower ClientApp: one user per node; shared tensors in the reply, private tensors kept local.
 
 In simulation the user is ``node_config["partition-id"]`` and the private adapter lives in the node's
-``Context.state`` between rounds (Flower keeps a context per node). The reply carries one ArrayRecord
+``Context.state`` between rounds (Flower keeps a context per node). On a real device (``fedpersona
+client``: node config ``state-dir``) the user, their pairs, private adapter and ledger live in that
+state directory instead (``fedpersona.client.device``). The reply carries one ArrayRecord
 (shared tensors only) and one MetricRecord: ``num-examples`` and counters, never a raw loss, a pair
 or a per-example value.
 """
@@ -14,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpersona.client.device import device_for, evaluate_on_device, train_on_device
 from fedpersona.client.local import RoundResult, current_epsilon, evaluate_round, population_user, train_round
 from fedpersona.config import RunConfig
 
@@ -74,8 +77,9 @@ def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
     }
     if not dp:
         metrics["train-steps"] = result.stats.steps
-    if result.epsilon is not None:
-        metrics["epsilon"] = float(result.epsilon)
+    if dp:
+        metrics["epsilon"] = float(result.epsilon or 0.0)
+    metrics.update(result.metrics)  # only values the strategy asked for (QFedAvg's loss; see client.local)
     return RecordDict({"arrays": ArrayRecord(result.shared), "metrics": MetricRecord(metrics)})
 
 
@@ -85,25 +89,33 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, extras = RunConfig.from_message(msg.content["config"])
+    if (state := device_for(context.node_config)) is not None:  # a real device: its own state directory
+        result = train_on_device(state, config, extras, _shared_from(msg), context.node_config)
+        return Message(train_reply(config, result), reply_to=msg)
     index = user_index(context)
     store = ContextStore(context)
     result = train_round(config, population_user(config, index), index, int(extras.get("server-round", 0)),
-                         _shared_from(msg), store)
+                         _shared_from(msg), store, extras)
     return Message(train_reply(config, result), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, _ = RunConfig.from_message(msg.content["config"])
+    config, extras = RunConfig.from_message(msg.content["config"])
+    if (state := device_for(context.node_config)) is not None:  # a real device: its own state directory
+        metrics = evaluate_on_device(state, config, extras, _shared_from(msg), context.node_config)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     index = user_index(context)
     store = ContextStore(context)
     user = population_user(config, index)
-    acc = evaluate_round(config, user, _shared_from(msg), store)
+    acc = evaluate_round(config, user, _shared_from(msg), store, index=index, extras=extras)
     metrics = MetricRecord({
         "num-examples": len(user.test),
         "user-index": index,
         "rounds-trained": store.rounds_trained(),
-        **({"epsilon": eps} if (eps := current_epsilon(store)) is not None else {}),
-        **{f"acc-{name}": value for name, value in acc.items()},
+        # every reply has the same keys (Flower aggregates only consistent MetricRecords): 0.0 until trained
+        **({"epsilon": current_epsilon(store) or 0.0} if config.dp_epsilon > 0 else {}),
+        **{f"acc-{name}": value for name, value in acc.accuracies.items()},
+        **acc.metrics,  # final evaluation only: private-params, gen-win-rate (see client.local)
     })
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

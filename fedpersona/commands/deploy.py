@@ -2,8 +2,123 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the ``fedpersona`` app."""
+    app.command("server")(server)
+    app.command("client")(client)
+
+
+# ---- `fedpersona server` and `fedpersona client` (deployment: a SuperLink and SuperNodes) ------------------
+def server(
+    state: Annotated[Path, typer.Option("--state", help="Server state folder: database, checkpoints, outputs, logs.")] = Path("server-state"),
+    certificates: Annotated[Optional[Path], typer.Option("--certificates", help="Folder with ca.crt, server.pem, server.key (TLS; docker/certs.sh makes them).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (tests on a trusted network only).")] = False,
+    host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on (Fleet, Control and Runtime API).")] = "0.0.0.0",
+    port: Annotated[int, typer.Option("--port", help="Port of the SuperLink's API.")] = 9092,
+    enable_supernode_auth: Annotated[bool, typer.Option("--enable-supernode-auth", help="Only registered SuperNodes may connect.")] = False,
+    auth_key: Annotated[list[Path], typer.Option("--auth-key", help="A SuperNode public key (.pub) to register; repeatable.")] = [],
+    rounds: Annotated[Optional[int], typer.Option("--rounds", "-r", help="Federated rounds.")] = None,
+    min_users: Annotated[Optional[int], typer.Option("--min-users", help="Clients needed before a round starts (and per round).")] = None,
+    fraction: Annotated[Optional[float], typer.Option("--fraction", help="Fraction of connected clients trained per round.")] = None,
+    round_timeout: Annotated[Optional[float], typer.Option("--round-timeout", help="Seconds a round waits for replies.")] = None,
+    scheme: Annotated[Optional[str], typer.Option(help="Personalization scheme (split, global, local, fedsa, ffa, ...).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="Flower strategy name or package.module:Class.")] = None,
+    strategy_arg: Annotated[list[str], typer.Option("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
+    model: Annotated[Optional[str], typer.Option(help="'embedded', an HF model id or a local folder (same on every device).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and sampling.")] = None,
+    dp: Annotated[bool, typer.Option("--dp", help="Pair-level DP-SGD on every client.")] = False,
+    target_epsilon: Annotated[float, typer.Option(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of settings.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Any setting key=value (see fedpersona/config.py).")] = [],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Outputs (default STATE/out): metrics.jsonl, summary.json.")] = None,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option("--checkpoint-dir", help="Per-round checkpoints (default STATE/checkpoints).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its last finished round.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Discard an earlier run's checkpoint and start over.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Flower's own log on stderr (else STATE/logs/).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of the table.")] = False,
+) -> None:
+    """Run a Flower SuperLink (TLS, persistent state) and one fedpersona run on it; print its summary."""
+    import json
+    import signal
+
+    from rich.console import Console
+
+    from fedpersona.cli import _config_from
+    from fedpersona.server.display import ConsoleReporter, QuietReporter, summary_table
+    from fedpersona.server.launch import RunFailed, ServerOptions, run_server
+
+    flags = {"rounds": rounds, "min-users": min_users, "fraction-train": fraction, "round-timeout": round_timeout,
+             "scheme": scheme, "strategy": strategy, "strategy-args": ",".join(strategy_arg) if strategy_arg else None,
+             "model": model, "seed": seed, "dp-epsilon": target_epsilon if dp else None}
+    cfg = _config_from(config, set_, flags)
+    options = ServerOptions(state=state, host=host, port=port, certificates=certificates, insecure=insecure,
+                            enable_supernode_auth=enable_supernode_auth, auth_keys=tuple(auth_key), out=out,
+                            checkpoint_dir=checkpoint_dir, resume=resume, fresh=fresh, verbose=verbose)
+    signal.signal(signal.SIGTERM, _interrupt)  # e.g. `docker stop`: clean up the SuperLink like Ctrl-C
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    try:
+        summary = run_server(cfg, options, reporter=QuietReporter() if quiet else ConsoleReporter(), say=say)
+    except RunFailed as failure:
+        print(f"fedpersona: run failed: {failure}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        print("fedpersona: server stopped; continue later with --resume", file=sys.stderr)
+        raise typer.Exit(130) from None
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    else:
+        Console().print(summary_table(summary))
+        Console().print(f"results: {options.out_dir}/summary.json, metrics.jsonl, per_user.json")
+
+
+def client(
+    server_address: Annotated[str, typer.Option("--server", help="The SuperLink's HOST:PORT.")],
+    state: Annotated[Path, typer.Option("--state", help="This user's state folder (preference memory, private adapter).")],
+    root_certificates: Annotated[Optional[Path], typer.Option("--root-certificates", help="CA certificate that signed the server's (default: system CAs).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (tests on a trusted network only).")] = False,
+    auth_key: Annotated[Optional[Path], typer.Option("--auth-key", help="This device's private key (ssh-keygen -t ecdsa -b 384); the server registers its .pub.")] = None,
+    runtime_port: Annotated[Optional[int], typer.Option("--runtime-port", help="Local port of the SuperNode's Runtime API (default: a free one).")] = None,
+    user_index: Annotated[Optional[int], typer.Option("--user-index", help="The index the server reports this user under (default: from the user id).")] = None,
+    cold: Annotated[bool, typer.Option("--cold", help="Let Flower start a process per message (slower; no in-process executor).")] = False,
+    max_wait_time: Annotated[Optional[float], typer.Option("--max-wait-time", help="Give up after this many seconds without the server (default: never).")] = None,
+    heartbeat_interval: Annotated[Optional[float], typer.Option("--heartbeat-interval", help="Seconds between heartbeats; the server notices a dead device after twice this (Flower's default 30; 10 to 1800).")] = None,
+    log: Annotated[Optional[Path], typer.Option("--log", help="Write Flower's SuperNode log here (default: stderr).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Log every task.")] = False,
+) -> None:
+    """Join a federation from this device: a Flower SuperNode training on the user's own --state."""
+    import logging
+
+    from fedpersona.client.node import ClientOptions, run_client
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
+    options = ClientOptions(server=server_address, state=state, root_certificates=root_certificates, insecure=insecure,
+                            auth_key=auth_key, runtime_port=runtime_port, user_index=user_index, cold=cold,
+                            max_wait_time=max_wait_time, heartbeat_interval=heartbeat_interval)
+    handle = log.open("ab") if log else None
+    try:
+        code = run_client(options, log=handle)
+    finally:
+        if handle is not None:
+            handle.close()
+    if code != 0:
+        print(f"fedpersona: the SuperNode exited with status {code}; see {log or 'its log above'} (Flower's exit "
+              "codes: https://flower.ai/docs/framework/1.41/en/ref-exit-codes.html)"
+              + (f"; with --auth-key: is {auth_key}.pub registered on the server?" if auth_key else ""),
+              file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

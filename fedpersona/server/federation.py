@@ -1,4 +1,9 @@
-"""The server side of a run: strategy over shared tensors, per-round records, the summary contract."""
+"""The server side of a run: strategy over shared tensors, per-round records, the summary contract.
+
+With a checkpoint folder every finished round is saved (shared adapter, strategy state, round); with
+``resume`` the run continues after the last saved round: initial arrays and strategy state from the
+checkpoint, the remaining rounds only, ``metrics.jsonl`` keeping the rows of the finished rounds.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,21 @@ from flwr.serverapp import Grid
 from fedpersona.client.local import resident_for
 from fedpersona.config import RunConfig
 from fedpersona.data.sources import count_users
+from fedpersona.errors import UsageError
 from fedpersona.model.adapters import Role
 from fedpersona.server.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
+from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
+from fedpersona.server.resume import (checkpoint_hook, finished_rows, offset_rounds, restore_recorder_totals,
+                                      restore_rows)
 from fedpersona.strategies.registry import build_strategy
 
 
 def make_strategy(config: RunConfig, recorder: RoundRecorder):
     """The configured strategy, managed by the run configuration and recording into ``recorder``."""
     strategy = build_strategy(
-        config.strategy, config.strategy_args,
+        config.strategy, config.strategy_args, config=config,
         fraction_train=config.fraction_train, fraction_evaluate=1.0,
         min_train_nodes=config.min_users, min_evaluate_nodes=config.min_users,
         min_available_nodes=config.min_users,
@@ -32,48 +41,97 @@ def make_strategy(config: RunConfig, recorder: RoundRecorder):
     return attach_recorder(strategy, recorder)
 
 
+def resume_point(config: RunConfig, checkpoint_dir: str | Path | None, resume: bool) -> Checkpoint | None:
+    """The checkpoint to continue from (None for a fresh run); refuses one that cannot be continued."""
+    if not resume:
+        return None
+    if not checkpoint_dir:
+        raise UsageError("resume=true needs checkpoint-dir (the folder the interrupted run saved its rounds to)")
+    checkpoint = load_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        raise UsageError(f"checkpoint-dir {checkpoint_dir}: no checkpoint to resume from; start without --resume")
+    if checkpoint.round >= config.rounds:
+        raise UsageError(f"checkpoint-dir {checkpoint_dir}: already at round {checkpoint.round} of {config.rounds}; "
+                         "raise --rounds to continue training")
+    saved = checkpoint.config
+    for key in ("model", "scheme", "strategy", "shared-rank", "private-rank"):
+        if key in saved and saved[key] != config.to_flat()[key]:
+            raise UsageError(f"checkpoint-dir {checkpoint_dir}: was made with {key}={saved[key]!r}, not "
+                             f"{config.to_flat()[key]!r}; resume with the same {key}, or start afresh")
+    return checkpoint
+
+
 def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None = None,
-                   reporter: Any = None) -> dict[str, Any]:
-    """Run ``config.rounds`` rounds on ``grid``; write outputs to ``out_dir``; return the summary."""
+                   reporter: Any = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
+                   deployment: bool = False) -> dict[str, Any]:
+    """Run ``config.rounds`` rounds on ``grid``; write outputs to ``out_dir``; return the summary.
+
+    ``checkpoint_dir``: save every finished round there. ``resume``: continue from its last round.
+    ``deployment``: users are real devices (their count is the number that reported, not the data's).
+    """
     started = time.monotonic()
     reporter = reporter or QuietReporter()
-    random.seed(config.seed)  # Flower samples nodes with the `random` module: same seed, same users
-    np.random.seed(config.seed)
+    checkpoint = resume_point(config, checkpoint_dir, resume)
+    done = checkpoint.round if checkpoint else 0
+    # Flower samples nodes with the `random` module: same seed, same users (a resumed run reseeds
+    # per resume point, so its sampling does not replay the first rounds' choices).
+    random.seed(config.seed if not done else f"{config.seed}/resume/{done}")
+    np.random.seed(config.seed + done)
     resident = resident_for(config)  # same seed as every client: identical initial adapters
+    kept = finished_rows(Path(out_dir) / "metrics.jsonl", done) if (out_dir and checkpoint) else []
     recorder = RoundRecorder(num_rounds=config.rounds, eval_every=config.eval_every, out_dir=out_dir,
                              on_round=reporter.round_done, on_phase=reporter.phase)
     strategy = make_strategy(config, recorder)
+    initial = ArrayRecord(resident.adapters.tensors(Role.SHARED))
+    if checkpoint:
+        if out_dir:
+            restore_rows(Path(out_dir) / "metrics.jsonl", kept)
+        restore_recorder_totals(recorder, checkpoint.recorder)
+        restore_strategy_state(strategy, checkpoint.strategy_state)
+        initial = checkpoint.arrays
+    offset_rounds(strategy, done)
     message_config = config.to_flat()
+    if deployment:
+        # Every device is a training user; without num-users in the messages the recorder and the
+        # clients treat none of them as a held-out "new user" (device indices are hashes, not ranks).
+        message_config.pop("num-users", None)
+    hook = (checkpoint_hook(checkpoint_dir, strategy, recorder, done=done, num_rounds=config.rounds,
+                            config=dict(message_config)) if checkpoint_dir else None)
     reporter.start(config.rounds)
     try:
         strategy.start(
             grid=ProgressGrid(grid, on_reply=reporter.replies),
-            initial_arrays=ArrayRecord(resident.adapters.tensors(Role.SHARED)),
-            num_rounds=config.rounds,
+            initial_arrays=initial,
+            num_rounds=config.rounds - done,
             timeout=config.round_timeout,
             train_config=ConfigRecord(dict(message_config)),
             evaluate_config=ConfigRecord(dict(message_config)),
+            evaluate_fn=hook,
         )
     finally:
         reporter.stop()
+    num_users = (len(recorder.per_user()) if deployment else
+                 count_users(config.data, num_users=config.num_users, test_fraction=config.test_fraction,
+                             min_pairs=config.min_pairs))
     summary: dict[str, Any] = {
-        "num_users": count_users(config.data, num_users=config.num_users, test_fraction=config.test_fraction,
-                                 min_pairs=config.min_pairs),
+        "num_users": num_users,
         "rounds": config.rounds,
         "scheme": config.scheme,
         "strategy": config.strategy,
         **recorder.summary_stats(),
         "shared_parameters": resident.adapters.count(Role.SHARED),
-        "private_parameters_per_user": resident.adapters.count(Role.PRIVATE),
+        "private_parameters_per_user": recorder.private_parameters_per_user(resident.adapters.count(Role.PRIVATE)),
         "wall_seconds": round(time.monotonic() - started, 2),
         "model": config.model,
-        "data": config.data,
+        "data": "on-device preference memories" if deployment else config.data,
         "seed": config.seed,
         "evaluated_users": len(recorder.per_user()),
         "dp": {"pair_level_target_epsilon": config.dp_epsilon or None,
                "delta": (config.dp_delta or "min(1e-5, 1/(10 n)) per user") if config.dp_epsilon else None,
                "accountant": config.dp_accountant if config.dp_epsilon else None},
     }
+    if done:
+        summary["resumed_from_round"] = done
     if out_dir:
         write_outputs(out_dir, summary, recorder.per_user())
     return summary

@@ -1,0 +1,220 @@
+"""``fedpersona client``: this device's Flower SuperNode, bound to the user's state directory.
+
+It starts ``flower-supernode`` (CPU) as a child process that dies with this one, with node config
+``state-dir='DIR'`` so the ClientApp works on the user's own data and adapters
+(``fedpersona.client.device``), a Runtime API port of its own (several clients can share a machine),
+TLS towards the server by default, and optional SuperNode authentication (``--auth-key``).
+
+By default the ClientApp's tasks run in this process (``fedpersona.client.executor``: the model is
+loaded once); ``cold=True`` leaves them to Flower, which starts one ``flwr-clientapp`` per message.
+
+Restarts: nothing the device needs lives in this process. A client killed at any moment (power loss,
+SIGKILL) is restarted with the same ``--state`` and rejoins: every state file is written atomically,
+so it finds its last complete private adapter, ledger and memory; the SuperNode registers again (a
+new node id without authentication, the same one with ``--auth-key``) and takes the next message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from fedpersona.client.supernode_main import ENV
+from fedpersona.errors import UsageError
+from fedpersona.processes import child_env, executable, free_port, parse_address, spawn, stop, wait_for_port
+
+_log = logging.getLogger(__name__)
+GUARD_FILE = ".client.lock"  # held by the one `fedpersona client` serving a state directory
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    server: str  # HOST:PORT of the SuperLink's Fleet API
+    state: Path
+    root_certificates: Path | None = None  # CA that signed the server certificate (None: system CAs)
+    insecure: bool = False
+    auth_key: Path | None = None  # OpenSSH EC private key (ssh-keygen -t ecdsa -b 384)
+    runtime_port: int | None = None  # the SuperNode's local Runtime API port (None: a free one)
+    user_index: int | None = None
+    cold: bool = False
+    max_wait_time: float | None = None  # give up after this long without the server (None: never)
+    heartbeat_interval: float | None = None  # seconds; None: Flower's default (30 s)
+
+    def validate(self) -> None:
+        parse_address(self.server, "--server")
+        if self.insecure and self.root_certificates:
+            raise UsageError("--insecure and --root-certificates contradict each other; TLS is on unless --insecure")
+        if self.root_certificates and not self.root_certificates.is_file():
+            raise UsageError(f"--root-certificates {self.root_certificates}: file not found; pass the CA "
+                             "certificate (ca.crt) that signed the server's certificate")
+        if self.auth_key:
+            if not self.auth_key.is_file():
+                raise UsageError(f"--auth-key {self.auth_key}: file not found; create a key pair with "
+                                 f"`ssh-keygen -t ecdsa -b 384 -N '' -f {self.auth_key}` and have the operator "
+                                 "register the .pub file")
+            if self.insecure:
+                raise UsageError("--auth-key needs TLS: SuperNode authentication is refused over --insecure")
+        if self.heartbeat_interval is not None and not 10 <= self.heartbeat_interval <= 1800:
+            raise UsageError(f"--heartbeat-interval {self.heartbeat_interval}: the SuperLink accepts 10 to 1800 seconds")
+        if self.runtime_port is not None and not 0 < self.runtime_port < 65536:
+            raise UsageError(f"--runtime-port {self.runtime_port}: not a TCP port")
+
+
+def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
+    """The ``flower-supernode`` command line for these options."""
+    state = str(options.state.resolve()).replace("'", "")
+    node_config = f"state-dir='{state}'"
+    if options.user_index is not None:
+        node_config += f" user-index={int(options.user_index)}"
+    if options.heartbeat_interval is None:
+        launcher = [executable("flower-supernode")]
+    else:  # Flower has no flag for it: see fedpersona.client.supernode_main
+        launcher = [sys.executable, "-m", "fedpersona.client.supernode_main"]
+    command = [*launcher, "--superlink", options.server, "--node-config", node_config,
+               "--isolation", "subprocess" if options.cold else "process",
+               "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if options.insecure:
+        command.append("--insecure")
+    elif options.root_certificates:
+        command += ["--root-certificates", str(options.root_certificates.resolve())]
+    if options.auth_key:
+        command += ["--auth-supernode-private-key", str(options.auth_key.resolve())]
+    if options.max_wait_time is not None:
+        command += ["--max-wait-time", str(options.max_wait_time)]
+    return command
+
+
+class StateGuard:
+    """An exclusive, non-blocking flock on ``STATE/.client.lock``: one client per state directory.
+
+    Two clients on one directory would be two Flower nodes for one user (double weight, interleaved
+    private-adapter updates). The kernel drops the lock when the holder dies, so a crash never
+    leaves the directory claimed.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / GUARD_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> StateGuard:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"--state {self.path.parent}: another `fedpersona client`"
+                             f"{f' (pid {holder})' if holder.isdigit() else ''} is serving this state directory; "
+                             "stop it first, or use a different --state") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_device(options: ClientOptions) -> None:
+    """Refuse to start a device that cannot take part: no state directory, or too little feedback."""
+    from fedpersona.client.device import readiness_problem
+    from fedpersona.client.device_state import DeviceState
+
+    if not options.state.is_dir():
+        raise UsageError(f"--state {options.state}: no device state here; import feedback first with "
+                         f"`fedpersona feedback import FILE --state {options.state}`")
+    with DeviceState(options.state, create=False) as state:
+        problem = readiness_problem(state)
+    if problem:
+        raise UsageError(problem)
+
+
+AUTH_RETRY_SECONDS = 10.0  # flwr exits with status 1 for every error, so any early exit is retried
+
+
+def run_client(options: ClientOptions, *, log: IO[bytes] | None = None) -> int:
+    """Serve this device until the SuperNode ends or we are stopped (SIGINT/SIGTERM).
+
+    Returns 0 when stopped by a signal, else the SuperNode's exit status (it exits when it gives up
+    reaching the server after ``max_wait_time``, or on a fatal error such as a refused auth key).
+
+    With ``auth_key`` the node has a fixed identity, and a device restarted right after a crash is
+    refused while the SuperLink still counts its previous self as online (until that one's heartbeat
+    lapses, at most twice the heartbeat interval); so a refusal is retried for that long, plus a margin.
+    """
+    options.validate()
+    check_device(options)
+    interrupted = threading.Event()
+    stop_event = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        interrupted.set()
+        stop_event.set()
+        raise KeyboardInterrupt  # interrupts a running task too: every state write is atomic
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    code: int | None = None
+    retry_until = time.monotonic() + 2 * (options.heartbeat_interval or 30.0) + 30.0
+    try:
+        with StateGuard(options.state.resolve()):
+            while True:
+                started = time.monotonic()
+                code = _serve_once(options, log, stop_event)
+                if interrupted.is_set():
+                    return 0
+                refused = options.auth_key is not None and code not in (0, None)
+                if not refused or time.monotonic() - started > 120 or time.monotonic() > retry_until:
+                    break
+                _log.warning("the SuperLink refused this device for now (its previous session may still count as "
+                             "online); retrying in %.0f s", AUTH_RETRY_SECONDS)
+                time.sleep(AUTH_RETRY_SECONDS)
+                stop_event = threading.Event()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 1 if code is None else abs(code)
+
+
+def _serve_once(options: ClientOptions, log: IO[bytes] | None, stop_event: threading.Event) -> int | None:
+    """One SuperNode process, served until it exits or ``stop_event``; returns its exit status."""
+    port = options.runtime_port or free_port()
+    env = child_env({ENV: str(options.heartbeat_interval)} if options.heartbeat_interval else None)
+    node = spawn(supernode_command(options, port), log=log, env=env)
+    try:
+        if options.cold:  # Flower starts a flwr-clientapp per message; we just wait
+            node.wait()
+        else:
+            # import the ClientApp (torch, transformers) while the SuperNode boots in its own process
+            import fedpersona.client.app  # noqa: F401
+            from fedpersona.client import executor
+
+            wait_for_port("127.0.0.1", port, timeout=120, process=node, what="flower-supernode")
+            threading.Thread(target=_stop_when_exits, args=(node, stop_event), daemon=True).start()
+            executor.serve(f"127.0.0.1:{port}", stop=stop_event)
+    except RuntimeError as err:  # the SuperNode exited before listening: its status says why
+        if node.poll() is None:
+            raise
+        _log.debug("%s", err)
+    finally:
+        stop_event.set()
+        code = stop(node)
+    return code
+
+
+def _stop_when_exits(node: subprocess.Popen[bytes], stop_event: threading.Event) -> None:
+    node.wait()
+    stop_event.set()

@@ -1,0 +1,252 @@
+"""``fedpersona server``: a SuperLink, one fedpersona run submitted to it, followed to its summary.
+
+The server's state folder (``--state DIR``) holds everything that must survive a restart:
+
+- ``superlink.db``: Flower's database (runs, nodes, registered SuperNode keys);
+- ``checkpoints/``: one checkpoint per finished round (``fedpersona.server.checkpoint``);
+- ``out/``: ``metrics.jsonl`` (a row per round), ``summary.json`` and ``per_user.json`` at the end;
+- ``app/pyproject.toml``: the Flower App submitted (the run configuration lives in it);
+- ``flwr/``: FLWR_HOME of the SuperLink and of our ``flwr`` CLI calls; ``logs/``: Flower's logs;
+- ``run.json``: the id of the run last submitted (a resumed server stops it if still listed running).
+
+Progress comes from ``metrics.jsonl`` (the ServerApp runs on this machine and appends a row per
+round); the run is over when ``summary.json`` appears, or when the Control API reports it finished
+without one (failed or stopped), in which case the run's log says why.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from fedpersona.config import RunConfig
+from fedpersona.errors import UsageError
+from fedpersona.io import atomic_write_json
+from fedpersona.server.checkpoint import latest_info
+from fedpersona.server.control import Control, ControlError, write_app
+from fedpersona.server.display import QuietReporter
+from fedpersona.server.federation import resume_point
+from fedpersona.server.resume import finished_rows, restore_rows
+from fedpersona.server.superlink import SuperLink, SuperLinkOptions, TLSFiles
+
+
+class RunFailed(RuntimeError):
+    """The run ended without a summary; the message says how it ended and where its log is."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    state: Path
+    host: str = "0.0.0.0"
+    port: int = 9092
+    certificates: Path | None = None
+    insecure: bool = False
+    enable_supernode_auth: bool = False
+    auth_keys: tuple[Path, ...] = ()
+    out: Path | None = None
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    fresh: bool = False
+    verbose: bool = False
+    poll_interval: float = 1.0
+    status_every: float = 15.0
+
+    @property
+    def out_dir(self) -> Path:
+        return (self.out or self.state / "out").resolve()
+
+    @property
+    def checkpoints(self) -> Path:
+        return (self.checkpoint_dir or self.state / "checkpoints").resolve()
+
+    def tls(self) -> TLSFiles | None:
+        """The TLS files, or None with ``--insecure``; neither or both is a UsageError."""
+        if self.insecure and self.certificates:
+            raise UsageError("--insecure and --certificates contradict each other; TLS is on unless --insecure")
+        if self.insecure:
+            return None
+        if self.certificates is None:
+            raise UsageError("TLS is on by default: pass --certificates DIR (ca.crt, server.pem, server.key; "
+                             "docker/certs.sh makes them), or --insecure for a test on a trusted network")
+        return TLSFiles.from_dir(self.certificates)
+
+    def validate(self, config: RunConfig) -> TLSFiles | None:
+        tls = self.tls()
+        if not 0 < self.port < 65536:
+            raise UsageError(f"--port {self.port}: not a TCP port")
+        if self.auth_keys and not self.enable_supernode_auth:
+            raise UsageError("--auth-key registers SuperNode keys, which only matters with --enable-supernode-auth")
+        if self.enable_supernode_auth and tls is None:
+            raise UsageError("--enable-supernode-auth needs TLS: SuperNodes refuse to authenticate over --insecure")
+        if self.resume and self.fresh:
+            raise UsageError("--resume and --fresh contradict each other")
+        for key in self.auth_keys:
+            if not key.is_file():
+                raise UsageError(f"--auth-key {key}: file not found; give a SuperNode's public key (.pub)")
+        info = latest_info(self.checkpoints)
+        where = f"--checkpoint-dir {self.checkpoints}"
+        if self.resume:
+            if info is None:
+                raise UsageError(f"--resume: {where} holds no checkpoint; start without --resume")
+            if int(info["round"]) >= config.rounds:
+                raise UsageError(f"--resume: {where} is at round {info['round']} of {config.rounds} already; raise "
+                                 "--rounds to train further")
+            resume_point(config, self.checkpoints, True)  # same model, scheme, strategy, ranks (the ServerApp checks too)
+        elif info is not None and not self.fresh and not _finished(info):
+            raise UsageError(f"{where} holds round {info['round']} of {info.get('num_rounds')} of an unfinished run; "
+                             "add --resume to continue it, or --fresh to discard it and start over")
+        return tls
+
+
+def _finished(info: dict[str, Any]) -> bool:
+    """Whether a checkpoint pointer names the last round of its run."""
+    total = info.get("num_rounds")
+    return isinstance(total, int) and int(info["round"]) >= total
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # being written
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows.append(row)
+    return rows
+
+
+def prepare_out(options: ServerOptions, done: int) -> Path | None:
+    """Clear what marks a finished run; keep (resume) or drop (fresh) the finished rounds' rows.
+
+    A new run in the default ``STATE/out`` first moves an earlier run's outputs to
+    ``STATE/out-<time>`` (returned), so a second run never erases the first one's results.
+    """
+    out = options.out_dir
+    archived = None
+    if not done and options.out is None and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
+        stamp = datetime.fromtimestamp((out / "metrics.jsonl").stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+        archived = out.with_name(f"out-{stamp}")
+        out.rename(archived)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    metrics = out / "metrics.jsonl"
+    restore_rows(metrics, finished_rows(metrics, done) if done else [])
+    return archived
+
+
+def follow(control: Control, link: SuperLink, run_id: int, options: ServerOptions, reporter: Any,
+           *, done: int) -> dict[str, Any]:
+    """Report rounds as ``metrics.jsonl`` grows; return ``summary.json`` when it appears."""
+    out = options.out_dir
+    last = done
+    next_status = time.monotonic() + options.status_every
+    while True:
+        for row in _read_rows(out / "metrics.jsonl"):
+            if row["round"] > last:
+                last = row["round"]
+                reporter.round_done(row)
+        summary_path = out / "summary.json"
+        if summary_path.exists():
+            return json.loads(summary_path.read_text(encoding="utf-8"))
+        if not link.alive():
+            raise RunFailed(f"the SuperLink exited during run {run_id}; see {link.options.log_path}")
+        if time.monotonic() >= next_status:
+            next_status = time.monotonic() + options.status_every
+            try:
+                status = control.run_status(run_id)
+            except (ControlError, OSError):
+                status = "unknown"
+            if status.startswith("finished"):
+                time.sleep(2 * options.poll_interval)  # the summary may be landing right now
+                if summary_path.exists():
+                    continue
+                raise RunFailed(f"run {run_id} ended {status} without a summary; its log: "
+                                f"{options.state / 'logs' / f'run-{run_id}.log'}")
+        time.sleep(options.poll_interval)
+
+
+def _stop_stale_run(control: Control, state: Path) -> None:
+    """A server killed mid-run leaves its run listed as running in the database: stop it."""
+    try:
+        previous = json.loads((state / "run.json").read_text(encoding="utf-8"))
+        run_id = int(previous["run_id"])
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return
+    try:
+        if not control.run_status(run_id).startswith("finished"):
+            control.stop_run(run_id)
+    except (ControlError, OSError):
+        pass
+
+
+def run_server(config: RunConfig, options: ServerOptions, *, reporter: Any = None,
+               say: Any = print) -> dict[str, Any]:
+    """Start the SuperLink, submit the run, follow it; returns the run's summary."""
+    reporter = reporter or QuietReporter()
+    tls = options.validate(config)
+    state = options.state.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    info = latest_info(options.checkpoints)
+    done = int(info["round"]) if (options.resume and info) else 0
+    if info is not None and not options.resume:  # --fresh, or an earlier run that finished
+        shutil.rmtree(options.checkpoints)
+    archived = prepare_out(options, done)
+    if archived:
+        say(f"the earlier run's outputs moved to {archived}")
+    run_config = {**config.to_flat(), "out-dir": str(options.out_dir), "checkpoint-dir": str(options.checkpoints),
+                  "resume": bool(options.resume), "deployment": True}
+    app_dir = write_app(state / "app", run_config)
+    link_options = SuperLinkOptions(state=state, host=options.host, port=options.port, tls=tls,
+                                    enable_supernode_auth=options.enable_supernode_auth)
+    control = Control(home=link_options.flwr_home, address=link_options.local_address,
+                      root_certificates=tls.ca if tls else None, insecure=tls is None)
+    control.write_config()
+    log_stream = None
+    log_file: IO[bytes] | None = None
+    with SuperLink(link_options, echo=options.verbose) as link:
+        say(f"SuperLink listening on {options.host}:{options.port} ({'TLS' if tls else 'INSECURE, no TLS'}"
+            f"{', SuperNode authentication on' if options.enable_supernode_auth else ''}); state in {state}")
+        for key in options.auth_keys:
+            say(f"SuperNode key {key}: {control.register_node(key)}")
+        if options.resume:
+            _stop_stale_run(control, state)
+        try:
+            run_id = control.submit(app_dir)
+        except ControlError as err:
+            hint = ("; this machine reaches the SuperLink at 127.0.0.1, so the server certificate must name "
+                    "127.0.0.1 (docker/certs.sh certificates do)"
+                    if any(w in str(err).lower() for w in ("certificate", "ssl", "tls")) else "")
+            raise RunFailed(f"{err}{hint}") from None
+        atomic_write_json(state / "run.json", {"run_id": run_id, "resume_from_round": done,
+                                               "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        say(f"run {run_id} submitted: {config.rounds} rounds"
+            f"{f' (resuming after round {done})' if done else ''}, waiting for {config.min_users} clients; "
+            f"outputs in {options.out_dir}")
+        log_path = state / "logs" / f"run-{run_id}.log"
+        try:
+            log_file = log_path.open("ab")
+            log_stream = control.stream_logs(run_id, log_file)
+            reporter.start(config.rounds)
+            try:
+                return follow(control, link, run_id, options, reporter, done=done)
+            finally:
+                reporter.stop()
+        finally:
+            if log_stream is not None:
+                log_stream.terminate()
+                try:
+                    log_stream.wait(timeout=5)
+                except Exception:  # noqa: BLE001
+                    log_stream.kill()
+            if log_file is not None:
+                log_file.close()
