@@ -45,6 +45,16 @@ class RunConfig:
     # adapters
     shared_rank: int = 8
     private_rank: int = 2  # a small private head generalises from few pairs (rank 8 overfits them)
+    pal_prototypes: int = 2  # scheme pal (PAL, arXiv 2406.08469): shared prototype adapters of rank shared-rank
+    # new users (cold start): extra users held out of federated training; at the final evaluation each
+    # fits only its private part on its first new-user-shots training pairs (fedpersona.client.local)
+    new_users: int = 0
+    new_user_shots: int = 8
+    new_user_steps: int = 32  # optimizer steps of that fit (it cycles the k pairs)
+    # generation check at the final evaluation (synthetic data only): held-out prompts per user, 0: off
+    gen_prompts: int = 8
+    gen_max_tokens: int = 72
+    run_tag: str = ""  # label of one run inside a multi-run simulation session (keeps node state apart)
     # local training
     loss: str = "dpo"
     beta: float = 0.1
@@ -58,10 +68,14 @@ class RunConfig:
     # pair-level differential privacy (DP-SGD per preference pair, on the device)
     dp_epsilon: float = 0.0  # 0: off; else each user's pair-level target epsilon over the whole run
     dp_delta: float = 0.0  # 0: min(1e-5, 1/(10 n)) per user with n training pairs
-    dp_max_grad_norm: float = 1.0
+    dp_max_grad_norm: float = 0.3  # per-pair DPO gradients are ~0.2-0.7 at the start: a tighter clip keeps signal, cuts noise
     dp_accountant: str = "rdp"
     dp_max_physical_batch: int = 32
     dp_reproducible: bool = False  # simulation only: sampling and noise seeded from the round seed
+    # user-level differential privacy (DP-FedAvg over the shared adapter; fedpersona/privacy/user_level.py)
+    user_dp_noise: float = 0.0  # 0: off; else the noise multiplier z (std z*C/m on the averaged update)
+    user_dp_clip: float = 1.0  # clipping norm C of each user's shared-adapter update
+    user_dp_delta: float = 0.0  # 0: 1/N^1.1 for N users
     # resources
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
@@ -152,6 +166,16 @@ class RunConfig:
         need(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
         need(self.min_pairs >= 2, "min_pairs", "must be >= 2 (a user needs a train and a test pair)")
         need(self.shared_rank >= 1 and self.private_rank >= 1, "shared_rank", "LoRA ranks must be >= 1")
+        need(self.pal_prototypes >= 1, "pal_prototypes", "need at least 1 prototype adapter")
+        need(self.new_users >= 0, "new_users", "must be >= 0")
+        need(self.new_user_shots >= 1, "new_user_shots", "a new user needs at least 1 training pair")
+        need(self.new_user_steps >= 1, "new_user_steps", "must be >= 1")
+        need(self.gen_prompts >= 0 and self.gen_max_tokens >= 1, "gen_prompts", "must be >= 0 (0: off)")
+        from fedpersona.strategies.schemes import SCHEMES
+
+        need(self.scheme in SCHEMES, "scheme", f"unknown scheme; choose one of {', '.join(SCHEMES)}")
+        need(not (self.dp_epsilon > 0 and not SCHEMES[self.scheme].supports_dp), "scheme",
+             "this scheme does not support DP-SGD (Opacus has no per-pair gradients for its private part)")
         need(self.loss in LOSSES, "loss", f"choose one of {', '.join(LOSSES)}")
         need(self.beta > 0, "beta", "must be > 0")
         need(self.lr > 0 and self.shared_lr >= 0, "lr", "learning rates must be positive")
@@ -160,6 +184,9 @@ class RunConfig:
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.max_length >= 8, "max_length", "must be >= 8 tokens")
         need(self.dp_epsilon >= 0, "dp_epsilon", "must be >= 0 (0: no DP)")
+        need(self.user_dp_noise >= 0, "user_dp_noise", "must be >= 0 (0: no user-level DP)")
+        need(self.user_dp_clip > 0, "user_dp_clip", "must be > 0")
+        need(0.0 <= self.user_dp_delta < 1.0, "user_dp_delta", "must be in [0, 1) (0: 1/N^1.1)")
         need(0.0 <= self.dp_delta < 1.0, "dp_delta", "must be in [0, 1) (0: default)")
         need(self.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0")
         need(self.dp_accountant in ("rdp", "prv"), "dp_accountant", "choose rdp or prv")

@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fedpersona.client.device import device_for, evaluate_on_device, train_on_device
 from fedpersona.client.local import RoundResult, current_epsilon, evaluate_round, population_user, train_round
 from fedpersona.config import RunConfig
+from fedpersona.privacy.user_level import clipping_mod_when_asked
 
 PRIVATE_KEY = "fedpersona.private"
 COUNTERS_KEY = "fedpersona.counters"
@@ -70,14 +71,14 @@ def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
     public; we do not send it) and weighting by it would break user-level DP analysis. A user whose
     budget is spent replies with no tensors and ``declined=1``, which aggregation weights by 0.
     """
-    dp = config.dp_epsilon > 0
+    dp = config.dp_epsilon > 0 or config.user_dp_noise > 0  # either kind: constant example weighting
     metrics: dict[str, float | int] = {
         "num-examples": 0 if result.declined else (1 if dp else result.num_examples),
         "declined": int(result.declined),
     }
     if not dp:
         metrics["train-steps"] = result.stats.steps
-    if dp:
+    if config.dp_epsilon > 0:
         metrics["epsilon"] = float(result.epsilon or 0.0)
     metrics.update(result.metrics)  # only values the strategy asked for (QFedAvg's loss; see client.local)
     return RecordDict({"arrays": ArrayRecord(result.shared), "metrics": MetricRecord(metrics)})
@@ -86,7 +87,7 @@ def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[clipping_mod_when_asked])  # user-level DP: clip the shared update when the server asks
 def train(msg: Message, context: Context) -> Message:
     config, extras = RunConfig.from_message(msg.content["config"])
     if (state := device_for(context.node_config)) is not None:  # a real device: its own state directory
