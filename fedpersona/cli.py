@@ -47,7 +47,7 @@ def simulate(
     seed: Annotated[Optional[int], Opt(help="Seed of users, sampling and initialisation.")] = None,
     model: Annotated[Optional[str], Opt(help="'embedded' (default), an HF model id or a local folder.")] = None,
     data: Annotated[Optional[str], Opt(help="'synthetic:<scenario>' or a JSONL pair file.")] = None,
-    scheme: Annotated[Optional[str], Opt(help="Personalization scheme: split, global, local, fedsa, ffa.")] = None,
+    scheme: Annotated[Optional[str], Opt(help="Personalization scheme: split, global, local, fedsa, ffa, finetune, pal.")] = None,
     strategy: Annotated[Optional[str], Opt(help="Flower strategy name or package.module:Class.")] = None,
     strategy_arg: Annotated[list[str], Opt("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
     dp: Annotated[bool, Opt("--dp", help="Pair-level DP-SGD on every client.")] = False,

@@ -54,10 +54,11 @@ class RunConfig:
     # generation check at the final evaluation (synthetic data only): held-out prompts per user, 0: off
     gen_prompts: int = 8
     gen_max_tokens: int = 72
+    gen_temperature: float = 0.7  # sampling temperature of that check (0: greedy); same seed for both models
     run_tag: str = ""  # label of one run inside a multi-run simulation session (keeps node state apart)
     # local training
     loss: str = "dpo"
-    beta: float = 0.1
+    beta: float = 0.5  # DPO KL strength; 0.1 drifts far enough from the reference that generations degenerate
     lr: float = 3e-3
     shared_lr: float = 1e-3
     epochs: int = 4
@@ -171,6 +172,7 @@ class RunConfig:
         need(self.new_user_shots >= 1, "new_user_shots", "a new user needs at least 1 training pair")
         need(self.new_user_steps >= 1, "new_user_steps", "must be >= 1")
         need(self.gen_prompts >= 0 and self.gen_max_tokens >= 1, "gen_prompts", "must be >= 0 (0: off)")
+        need(self.gen_temperature >= 0, "gen_temperature", "must be >= 0 (0: greedy)")
         from fedpersona.strategies.schemes import SCHEMES
 
         need(self.scheme in SCHEMES, "scheme", f"unknown scheme; choose one of {', '.join(SCHEMES)}")

@@ -61,7 +61,7 @@ def reference_logps(resident: ResidentModel, encoded: Sequence[EncodedPair], bat
                 for i, e in enumerate(chunk):
                     cache.put(e.key, (float(logps[i]), float(logps[len(chunk) + i])))
         resident.model.train(was_training)
-    return torch.tensor([cache.get(e.key) for e in encoded], dtype=torch.float32)
+    return torch.tensor([cache.get(e.key) for e in encoded], dtype=torch.float32, device=resident.device)
 
 
 def pair_policy_logps(resident: ResidentModel, chunk: Sequence[EncodedPair], *, separate_sides: bool = False):

@@ -3,25 +3,48 @@
 The Flower ClientApp (``fedpersona.client.app``) and the on-device runner both call these functions;
 the private tensors live in a ``PrivateStore`` (the node's Context.state in simulation, the device's
 state directory in deployment) and are never part of what ``train_round`` returns for sending.
+
+Strategy requests (message config keys the server's strategy adds, see ``RoundOptions``):
+
+* ``proximal-mu`` (FedProx): the proximal term ``mu/2 ||w - w_t||^2`` on the shared tensors;
+* ``train-loss-key`` (set by ``fedpersona.strategies.registry`` for strategies that weight users by their
+  loss, e.g. QFedAvg): the reply then carries, under that key, the user's mean DPO loss on its training
+  pairs *before* local training (q-FFL's F_k(w_t), with the user's own private part). It is a raw,
+  data-dependent number, so it is sent only when asked for, and never with DP on.
+
+Users with index >= ``num_users`` are *new users* (cold start): they decline every training round and at
+the final evaluation fit only their personal part (the scheme's ``personal_fit``) on their first
+``new_user_shots`` training pairs. The final evaluation also reports the private parameter count and,
+for synthetic data, a generation check: the personalized model's win rate over the global one on the
+user's held-out prompts, scored with the user's hidden utility.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
+from fedpersona.alignment.batching import encode_pairs
 from fedpersona.alignment.evaluation import evaluate_user
-from fedpersona.alignment.trainer import TrainStats, train_local
+from fedpersona.alignment.trainer import TrainSettings, TrainStats, pair_losses, reference_logps, train_local
 from fedpersona.config import RunConfig
-from fedpersona.data.schema import UserData
+from fedpersona.data.schema import PreferencePair, UserData
 from fedpersona.data.sources import user_data
-from fedpersona.model.adapters import Role
+from fedpersona.model.adapters import AdapterState, Role
 from fedpersona.model.resident import ResidentModel, get_resident
-from fedpersona.strategies.schemes import get_scheme
+from fedpersona.strategies.proximal import proximal_term
+from fedpersona.strategies.registry import TRAIN_LOSS_KEY
+from fedpersona.strategies.schemes import Scheme, get_scheme
+
+PROXIMAL_MU_KEY = "proximal-mu"  # message config: FedProx's mu
 
 
 class PrivateStore(Protocol):
@@ -38,16 +61,52 @@ class PrivateStore(Protocol):
     def save_ledger(self, ledger_json: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class RoundOptions:
+    """What the strategy asked of this round, from the message config's non-RunConfig keys."""
+
+    server_round: int = 0
+    proximal_mu: float = 0.0
+    train_loss_key: str | None = None
+
+    @classmethod
+    def from_extras(cls, extras: Mapping[str, Any] | None, server_round: int | None = None) -> RoundOptions:
+        extras = extras or {}
+        key = extras.get(TRAIN_LOSS_KEY)
+        return cls(server_round=int(extras.get("server-round", 0) if server_round is None else server_round),
+                   proximal_mu=float(extras.get(PROXIMAL_MU_KEY, 0.0) or 0.0),
+                   train_loss_key=str(key) if key else None)
+
+
+_SETUP_LOCK = threading.Lock()
+_SET_UP: set[int] = set()  # ids of resident models whose scheme setup ran
+
+
 def resident_for(config: RunConfig) -> ResidentModel:
     """This process's resident model for the run's (model, scheme, ranks, seed); built once."""
     scheme = get_scheme(config.scheme)
-    key = (config.model, config.scheme, config.shared_rank, config.private_rank, config.seed, config.resolved_device())
-    return get_resident(key, config.model, lambda: scheme.layout(config.shared_rank, config.private_rank),
-                        seed=config.seed, device=config.resolved_device())
+    prototypes = config.pal_prototypes if scheme.setup is not None else 0
+    key = (config.model, config.scheme, config.shared_rank, config.private_rank, prototypes, config.seed,
+           config.resolved_device())
+    resident = get_resident(key, config.model, lambda: scheme.layout(config), seed=config.seed,
+                            device=config.resolved_device())
+    if scheme.setup is not None and id(resident) not in _SET_UP:
+        with _SETUP_LOCK:
+            if id(resident) not in _SET_UP:
+                scheme.setup(resident.model, resident.layout)  # e.g. PAL's private mixture weights
+                resident.adapters = AdapterState(resident.model, resident.layout.policy)
+                _SET_UP.add(id(resident))
+    return resident
+
+
+def is_new_user(config: RunConfig, index: int) -> bool:
+    """New (cold-start) users come after the ``num_users`` users who take part in training."""
+    return index >= config.num_users
 
 
 def population_user(config: RunConfig, index: int) -> UserData:
-    return user_data(config.data, index, num_users=config.num_users, seed=config.seed,
+    """User ``index`` of the run's population: ``num_users`` training users, then ``new_users`` new ones."""
+    return user_data(config.data, index, num_users=config.num_users + config.new_users, seed=config.seed,
                      dirichlet_alpha=config.dirichlet_alpha, test_fraction=config.test_fraction,
                      min_pairs=config.min_pairs)
 
@@ -58,8 +117,10 @@ def round_seed(config: RunConfig, user_index: int, server_round: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def prepare(resident: ResidentModel, shared: Mapping[str, torch.Tensor] | None, store: PrivateStore) -> None:
-    """Put this user's view into the resident model: the server's shared tensors, the user's private ones."""
+def prepare(resident: ResidentModel, shared: Mapping[str, torch.Tensor] | None, store: PrivateStore,
+            init: Callable[[], None] | None = None) -> None:
+    """Put this user's view into the resident model: the server's shared tensors, the user's private ones
+    (initial values if it has none yet, then ``init``: a scheme's own starting point for training)."""
     if resident.adapters.names(Role.SHARED):
         if shared is None:
             raise ValueError("the server sent no shared tensors for a scheme that has them")
@@ -67,6 +128,8 @@ def prepare(resident: ResidentModel, shared: Mapping[str, torch.Tensor] | None, 
     private = store.load_private()
     if private is None:
         resident.adapters.reset(Role.PRIVATE)
+        if init is not None:
+            init()
     else:
         resident.adapters.load(private, Role.PRIVATE)
 
@@ -76,8 +139,9 @@ class RoundResult:
     shared: dict[str, torch.Tensor]  # what may be sent: shared tensors only
     num_examples: int
     stats: object  # TrainStats or DPTrainStats
-    declined: bool = False  # the user's privacy budget could not afford this round
+    declined: bool = False  # the user's privacy budget could not afford this round, or a new user
     epsilon: float | None = None  # pair-level epsilon spent so far (DP only)
+    metrics: dict[str, float] = field(default_factory=dict)  # values a strategy asked for (see module doc)
 
 
 def _train_private(config: RunConfig, resident: ResidentModel, user: UserData, seed: int,
@@ -97,20 +161,51 @@ def _train_private(config: RunConfig, resident: ResidentModel, user: UserData, s
         store.save_ledger(ledger.dumps())
 
 
+@torch.no_grad()
+def pretraining_loss(resident: ResidentModel, pairs: Sequence[PreferencePair], settings: TrainSettings,
+                     batch_size: int = 64) -> float:
+    """Mean loss of the current model (global shared + the user's private part) on ``pairs``."""
+    encoded = encode_pairs(resident.tokenizer, pairs, settings.max_length)
+    ref = reference_logps(resident, encoded)
+    resident.model.eval()
+    total = 0.0
+    for start in range(0, len(encoded), batch_size):
+        losses = pair_losses(resident, encoded[start : start + batch_size], ref[start : start + batch_size], settings)
+        total += float(losses.sum())
+    return total / max(len(encoded), 1)
+
+
 def train_round(config: RunConfig, user: UserData, user_index: int, server_round: int,
-                shared: Mapping[str, torch.Tensor] | None, store: PrivateStore) -> RoundResult:
+                shared: Mapping[str, torch.Tensor] | None, store: PrivateStore,
+                extras: Mapping[str, Any] | None = None) -> RoundResult:
+    options = RoundOptions.from_extras(extras, server_round)
+    if is_new_user(config, user_index):  # held out of training until the final evaluation
+        return RoundResult({}, 0, TrainStats(0, 0, math.nan), declined=True)
     resident = resident_for(config)
-    prepare(resident, shared, store)
+    scheme = get_scheme(config.scheme)
+    init = (None if scheme.init_private is None else
+            lambda: scheme.init_private(resident.adapters, round_seed(config, user_index, 0)))
+    prepare(resident, shared, store, init)
     seed = round_seed(config, user_index, server_round)
-    if config.dp_epsilon > 0:
-        stats = _train_private(config, resident, user, seed, store)
-        if stats.declined:
-            return RoundResult({}, 0, stats, declined=True, epsilon=stats.epsilon)
-        epsilon = stats.epsilon
-    else:
-        stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed), None
+    metrics: dict[str, float] = {}
+    if options.train_loss_key:
+        if config.dp_epsilon > 0:
+            raise ValueError("the strategy asks for each user's training loss, which DP-SGD does not protect")
+        metrics[options.train_loss_key] = pretraining_loss(resident, user.train, config.train_settings)
+    shared_params = [resident.adapters.params[n] for n in resident.adapters.names(Role.SHARED)]
+    with proximal_term(shared_params, options.proximal_mu):
+        if config.dp_epsilon > 0:
+            stats = _train_private(config, resident, user, seed, store)
+            if stats.declined:
+                return RoundResult({}, 0, stats, declined=True, epsilon=stats.epsilon)
+            epsilon = stats.epsilon
+        else:
+            stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed), None
     store.save_private(resident.adapters.tensors(Role.PRIVATE), store.rounds_trained() + 1)
-    return RoundResult(resident.adapters.tensors(Role.SHARED), len(user.train), stats, epsilon=epsilon)
+    sent = resident.adapters.tensors(Role.SHARED)
+    if scheme.shape_update is not None and shared is not None:
+        sent = scheme.shape_update(resident.adapters, shared, sent)  # e.g. PAL's responsibility weighting
+    return RoundResult(sent, len(user.train), stats, epsilon=epsilon, metrics=metrics)
 
 
 def current_epsilon(store: PrivateStore) -> float | None:
@@ -122,8 +217,136 @@ def current_epsilon(store: PrivateStore) -> float | None:
     return PrivacyLedger.from_json(saved).spent_epsilon()
 
 
+# ---- evaluation ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluation:
+    accuracies: dict[str, float]  # personalized, global, base
+    metrics: dict[str, float | int] = field(default_factory=dict)  # final evaluation: private-params, gen-win-rate
+
+
+def private_parameter_count(resident: ResidentModel, scheme: Scheme) -> int:
+    """Parameters the device keeps for itself: its PRIVATE tensors, or the fine-tuned copy (finetune)."""
+    role = Role.SHARED if scheme.personal_fit == "copy" else Role.PRIVATE
+    return resident.adapters.count(role)
+
+
+def fit_personal(resident: ResidentModel, scheme: Scheme, pairs: Sequence[PreferencePair],
+                 settings: TrainSettings, seed: int) -> None:
+    """Fit only the user's personal part on ``pairs``: the PRIVATE tensors (shared ones held still), or,
+    for a ``copy`` scheme, the user's copy of the shared tensors (trained at the private learning rate)."""
+    if scheme.personal_fit == "private":
+        train_local(resident, pairs, dataclasses.replace(settings, shared_lr=0.0), seed=seed)
+    elif scheme.personal_fit == "copy":
+        train_local(resident, pairs, dataclasses.replace(settings, shared_lr=settings.lr), seed=seed)
+
+
+class PersonalViews:
+    """The personalized and the global model on one resident model.
+
+    Usually both live in the resident at once (global = private tensors at their initial values, which
+    ``private_strength(0)`` gives). A ``copy`` scheme keeps the global shared tensors aside instead and
+    swaps them in for the global view.
+    """
+
+    def __init__(self, resident: ResidentModel, global_shared: dict[str, torch.Tensor] | None = None) -> None:
+        self.resident = resident
+        self.global_shared = global_shared
+        self.personal_shared = resident.adapters.tensors(Role.SHARED) if global_shared is not None else None
+
+    @contextmanager
+    def global_view(self) -> Iterator[None]:
+        if self.global_shared is None:
+            with self.resident.adapters.private_strength(0.0):
+                yield
+            return
+        self.resident.adapters.load(self.global_shared, Role.SHARED)
+        try:
+            yield
+        finally:
+            self.resident.adapters.load(self.personal_shared, Role.SHARED)
+
+    def evaluate(self, pairs: Sequence[PreferencePair], max_length: int) -> dict[str, float]:
+        acc = evaluate_user(self.resident, pairs, max_length)
+        if self.global_shared is not None:
+            with self.global_view():
+                acc["global"] = evaluate_user(self.resident, pairs, max_length)["global"]
+        return acc
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> tuple[list[str], list[str]]:
+        """(personalized, global) generations: strength 1 vs 0 (for a copy scheme, swapped tensors), each
+        prompt sampled with the same seed for both models (greedy when ``temperature`` is 0)."""
+        from fedpersona.alignment.generation import generate
+
+        def run(strength: float) -> list[str]:
+            return [generate(self.resident, [prompt], strength=strength, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed + i)[0] for i, prompt in enumerate(prompts)]
+
+        personal = run(1.0)
+        with self.global_view() if self.global_shared is not None else nullcontext():
+            global_ = run(0.0)
+        return personal, global_
+
+
+def win_rate(personal_scores: Sequence[float], global_scores: Sequence[float]) -> float:
+    """Share of prompts where the personalized response scores higher; ties count half."""
+    if not personal_scores:
+        return math.nan
+    wins = sum(1.0 if p > g else 0.5 if p == g else 0.0 for p, g in zip(personal_scores, global_scores, strict=True))
+    return wins / len(personal_scores)
+
+
+def generation_check(config: RunConfig, views: PersonalViews, user: UserData, index: int) -> float:
+    """Win rate of the personalized over the global model's generations on the user's held-out prompts,
+    scored with the synthetic user's hidden utility (``PreferenceSimulator.utility_of``).
+
+    Responses are sampled at ``gen_temperature`` (default 0.7) with the same seed per prompt for both
+    models: greedy decoding of a small DPO-tuned LM tends to fall into repetition loops that say little
+    about the style the policy has learned; sampling scores the policy itself."""
+    from fedpersona.data.sources import SYNTHETIC_PREFIX, simulator
+
+    prompts = list(dict.fromkeys(p.prompt for p in user.test))[: config.gen_prompts]
+    sim = simulator(config.data[len(SYNTHETIC_PREFIX):], config.num_users + config.new_users, config.seed,
+                    config.dirichlet_alpha)
+    personal, global_ = views.generate(prompts, config.gen_max_tokens, config.gen_temperature,
+                                       seed=round_seed(config, index, -2))
+    return win_rate([sim.utility_of(index, t) for t in personal], [sim.utility_of(index, t) for t in global_])
+
+
 def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch.Tensor] | None,
-                   store: PrivateStore) -> dict[str, float]:
+                   store: PrivateStore, *, index: int | None = None,
+                   extras: Mapping[str, Any] | None = None) -> Evaluation:
+    """Held-out accuracies of the personalized, global and base models for this user.
+
+    At the final evaluation (``server-round`` == ``rounds``): a new user first fits its personal part on
+    ``new_user_shots`` pairs, a finetune user fine-tunes its private copy on all its training pairs; the
+    reply also carries ``private-params`` and, for synthetic data, ``gen-win-rate``. Nothing fitted here is
+    stored or sent.
+    """
+    options = RoundOptions.from_extras(extras)
+    final = options.server_round >= config.rounds
+    scheme = get_scheme(config.scheme)
     resident = resident_for(config)
     prepare(resident, shared, store)
-    return evaluate_user(resident, user.test, config.max_length)
+    new = index is not None and is_new_user(config, index)
+    fit_pairs: Sequence[PreferencePair] = ()
+    settings = config.train_settings
+    if final and new:
+        fit_pairs = user.train[: config.new_user_shots]
+        settings = dataclasses.replace(settings, min_steps=config.new_user_steps, max_steps=config.new_user_steps)
+    elif final and scheme.finetune_at_eval:
+        fit_pairs = user.train
+    global_shared = resident.adapters.tensors(Role.SHARED) if scheme.personal_fit == "copy" and fit_pairs else None
+    try:
+        if fit_pairs and scheme.personal_fit != "none":
+            fit_personal(resident, scheme, fit_pairs, settings, round_seed(config, index or 0, -1))
+        views = PersonalViews(resident, global_shared)
+        evaluation = Evaluation(views.evaluate(user.test, config.max_length))
+        if final:
+            evaluation.metrics["private-params"] = private_parameter_count(resident, scheme)
+            if config.is_synthetic and config.gen_prompts > 0 and index is not None:
+                evaluation.metrics["gen-win-rate"] = generation_check(config, views, user, index)
+        return evaluation
+    finally:
+        if global_shared is not None:
+            resident.adapters.load(global_shared, Role.SHARED)

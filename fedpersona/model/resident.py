@@ -68,10 +68,9 @@ def get_resident(
         if resident is None:
             base, tokenizer = load_base(model, device)
             if _RESIDENT:
-                # The base is wrapped in place by PEFT; a second layout in one process needs its own copy.
-                import copy
-
-                base = copy.deepcopy(base)
+                # The cached base is wrapped in place by PEFT (LoRA layers injected into it): a second layout
+                # in one process loads a pristine base of its own (a deepcopy would carry the first's adapters).
+                base, tokenizer = load_base.__wrapped__(model, device)
             layout = layout_factory()
             peft_model = attach_adapters(base, layout, seed)
             resident = ResidentModel(peft_model, tokenizer, AdapterState(peft_model, layout.policy), layout,

@@ -31,7 +31,10 @@ class QuietReporter:
 
 
 class ConsoleReporter(QuietReporter):
-    def __init__(self, console: Console | None = None) -> None:
+    """Live progress of one run; ``label`` (e.g. "run 2/7 split FedAvg") prefixes every line of it."""
+
+    def __init__(self, console: Console | None = None, label: str = "") -> None:
+        self.label = label
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
@@ -46,7 +49,7 @@ class ConsoleReporter(QuietReporter):
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("{task.fields[acc]}"), console=self.console)
             self.progress.start()
-            self.round_task = self.progress.add_task("rounds", total=num_rounds, acc="")
+            self.round_task = self.progress.add_task(f"{self.label} rounds".strip(), total=num_rounds, acc="")
             self.phase_task = self.progress.add_task("  users", total=1, acc="")
 
     def phase(self, server_round: int, phase: str) -> None:
@@ -65,7 +68,8 @@ class ConsoleReporter(QuietReporter):
         if self.progress is not None:
             self.progress.update(self.round_task, completed=row["round"], acc=self.accuracy)
         else:
-            print(f"round {row['round']}/{self.num_rounds}  users trained {row.get('train_replies', 0)}"
+            prefix = f"{self.label}  " if self.label else ""
+            print(f"{prefix}round {row['round']}/{self.num_rounds}  users trained {row.get('train_replies', 0)}"
                   f"  {self.accuracy}  [{row['wall_seconds']:.0f}s]", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
@@ -83,6 +87,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for model, label in (("personalized", "personalized (base+shared+private)"),
                          ("global", "global (base+shared)"), ("base", "base (no adapters)")):
         table.add_row(label, *(_pct(summary.get(f"{model}_accuracy_{s}")) for s in ("mean", "p10", "min")))
+    if summary.get("new_users"):
+        table.add_row(f"new users ({summary['new_users']}, personalized after a few-shot fit)",
+                      *(_pct(summary.get(f"new_user_accuracy_{s}")) for s in ("mean", "p10", "min")))
     costs = Table(show_header=False, box=None)
     eps = summary.get("epsilon_max")
     for key, value in (
@@ -90,6 +97,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("private parameters per user", f"{summary['private_parameters_per_user']:,}"),
         ("bytes up per client-round", f"{summary['bytes_up_per_client_round']:,.0f}"),
         ("privacy (epsilon max)", "no DP" if eps is None else f"{eps:.2f}"),
+        *((("generation win rate (personalized vs global)", _pct(summary["generation_win_rate"])),)
+          if summary.get("generation_win_rate") is not None else ()),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
     ):
         costs.add_row(key, value)

@@ -4,6 +4,12 @@
 it works for Flower's built-ins and users' own strategies alike: training replies are measured for
 bytes sent up, and evaluation goes to *every* user on evaluation rounds so the per-user distribution
 (mean, 10th percentile, worst user) is over the whole population, not a sample.
+
+New users (cold start, user index >= ``num-users`` of the run configuration) are kept apart: they take
+no part in training, and their accuracies (``new_user_*``) sit beside the training users' in the rows
+and the summary. The final evaluation's extra per-user values are collected too: ``gen-win-rate`` (the
+generation check, summary key ``generation_win_rate``) and ``private-params`` (what each device really
+keeps, summary key ``private_parameters_per_user``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ class RoundRecorder:
         self._train: dict[int, dict[str, Any]] = {}
         self.epsilons: list[float] = []  # pair-level epsilon reported with training replies
         self.last_epsilon: dict[int, float] = {}  # user index -> pair-level epsilon spent
+        self.num_users: int | None = None  # users who train; higher indices are new users (from the config)
+        self.last_new: dict[int, dict[str, float]] = {}  # new user index -> accuracies (+ gen_win_rate)
+        self.private_params: dict[int, int] = {}  # user index -> private parameters its device keeps
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
@@ -71,6 +80,9 @@ class RoundRecorder:
         if not self.should_evaluate(server_round):
             self._finish_round(server_round, {})
 
+    def is_new_user(self, index: int) -> bool:
+        return self.num_users is not None and index >= self.num_users
+
     def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
         for msg in replies:
             if msg.has_error():
@@ -78,9 +90,15 @@ class RoundRecorder:
             metrics = msg.content.metric_records.get("metrics")
             if metrics is None or "user-index" not in metrics:
                 continue
-            self.last_eval[int(metrics["user-index"])] = {m: float(metrics[f"acc-{m}"]) for m in MODELS}
+            index = int(metrics["user-index"])
+            entry = {m: float(metrics[f"acc-{m}"]) for m in MODELS}
+            if "gen-win-rate" in metrics:
+                entry["gen_win_rate"] = float(metrics["gen-win-rate"])
+            (self.last_new if self.is_new_user(index) else self.last_eval)[index] = entry
+            if "private-params" in metrics:
+                self.private_params[index] = int(metrics["private-params"])
             if "epsilon" in metrics:
-                self.last_epsilon[int(metrics["user-index"])] = float(metrics["epsilon"])
+                self.last_epsilon[index] = float(metrics["epsilon"])
         users = sorted(self.last_eval)
         row: dict[str, Any] = {"eval_users": len(users)}
         for model in MODELS:
@@ -89,6 +107,12 @@ class RoundRecorder:
                 row[f"{model}_accuracy_{stat}"] = value
         row["per_user_personalized"] = [self.last_eval[u]["personalized"] for u in users]
         row["per_user_global"] = [self.last_eval[u]["global"] for u in users]
+        row.update(self._extra_stats())
+        if self.last_new:
+            row["per_user_new_personalized"] = [self.last_new[u]["personalized"] for u in sorted(self.last_new)]
+            if self.out_dir:
+                atomic_write_json(self.out_dir / "new_users.json",
+                                  [{"user_index": u, **acc} for u, acc in sorted(self.last_new.items())])
         if self.last_epsilon:
             row["per_user_epsilon"] = {str(u): e for u, e in sorted(self.last_epsilon.items())}
             row["epsilon_max"] = max(self.last_epsilon.values())
@@ -104,7 +128,27 @@ class RoundRecorder:
             self.on_round(row)
 
     def per_user(self) -> dict[int, dict[str, float]]:
+        """The training users' latest accuracies (new users are in ``last_new``)."""
         return dict(sorted(self.last_eval.items()))
+
+    def _extra_stats(self) -> dict[str, Any]:
+        """New users' accuracies and the generation check, where the replies carried them."""
+        out: dict[str, Any] = {}
+        if self.last_new:
+            new = sorted(self.last_new)
+            for stat, value in _stats([self.last_new[u]["personalized"] for u in new]).items():
+                out[f"new_user_accuracy_{stat}"] = value
+            out["new_user_global_accuracy_mean"] = _stats([self.last_new[u]["global"] for u in new])["mean"]
+        for key, table in (("generation_win_rate", self.last_eval), ("new_user_generation_win_rate", self.last_new)):
+            rates = [e["gen_win_rate"] for e in table.values() if "gen_win_rate" in e]
+            if rates:
+                out[key] = float(np.mean(rates))
+        return out
+
+    def private_parameters_per_user(self, default: int) -> int:
+        """What the training users' devices reported keeping (the largest), else ``default`` (the layout's)."""
+        seen = [v for u, v in self.private_params.items() if not self.is_new_user(u)]
+        return max(seen) if seen else default
 
     def summary_stats(self) -> dict[str, Any]:
         users = sorted(self.last_eval)
@@ -113,6 +157,11 @@ class RoundRecorder:
             for stat, value in _stats([self.last_eval[u][model] for u in users]).items():
                 out[f"{model}_accuracy_{stat}"] = value
         out["bytes_up_per_client_round"] = float(np.mean(self.bytes_up)) if self.bytes_up else 0.0
+        out["new_users"] = len(self.last_new)
+        out.update({"new_user_accuracy_mean": None, "new_user_accuracy_p10": None, "new_user_accuracy_min": None,
+                    "new_user_global_accuracy_mean": None, "generation_win_rate": None,
+                    "new_user_generation_win_rate": None})
+        out.update(self._extra_stats())
         spent = list(self.last_epsilon.values()) + self.epsilons
         out["epsilon_max"] = max(spent) if spent else None
         return out
@@ -143,6 +192,8 @@ def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
             return super().aggregate_train(server_round, [m for m in replies if not is_declined(m)])
 
         def configure_evaluate(self, server_round: int, arrays, config, grid) -> Iterable[Message]:
+            if "num-users" in config:
+                recorder.num_users = int(config["num-users"])
             if not recorder.should_evaluate(server_round):
                 return []
             recorder.on_phase(server_round, "evaluate")
@@ -152,9 +203,18 @@ def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
                     for node in grid.get_node_ids()]
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+            from flwr.serverapp.exception import InconsistentMessageReplies
+
             replies = list(replies)
+            if not recorder.should_evaluate(server_round):
+                return None  # no evaluation this round (eval-every): the training row is already written
             recorder.record_evaluate(server_round, replies)
-            return super().aggregate_evaluate(server_round, replies)
+            try:
+                return super().aggregate_evaluate(server_round, replies)
+            except InconsistentMessageReplies:
+                # e.g. with DP, users never sampled yet have no epsilon to report: Flower's metric average
+                # needs identical keys. The recorder has everything; the strategy's average is skipped.
+                return None
 
     Recording.__name__ = Recording.__qualname__ = base.__name__
     strategy.__class__ = Recording

@@ -17,7 +17,7 @@ from fedpersona.config import RunConfig
 from fedpersona.data.sources import count_users
 from fedpersona.errors import UsageError
 from fedpersona.model.loading import resolve_model_path
-from fedpersona.strategies.registry import build_strategy
+from fedpersona.strategies.registry import strategy_for
 from fedpersona.strategies.schemes import get_scheme
 
 
@@ -46,13 +46,16 @@ def prepare_config(config: RunConfig) -> RunConfig:
     Scheme and strategy are checked here too, so a typo fails in a second, not after Ray has started.
     """
     get_scheme(config.scheme)
-    build_strategy(config.strategy, config.strategy_args, fraction_train=config.fraction_train,
-                   min_train_nodes=config.min_users, min_available_nodes=config.min_users)
     if not config.is_synthetic:
         config = config.replace(data=str(Path(config.data).resolve()))
     users = count_users(config.data, num_users=config.num_users, test_fraction=config.test_fraction,
                         min_pairs=config.min_pairs)
+    if not config.is_synthetic and config.new_users:  # a pair file's last new-users users are held out
+        if users - config.new_users < 1:
+            raise UsageError(f"new-users {config.new_users}: the pair file has only {users} users")
+        users -= config.new_users
     config = config.replace(num_users=users, min_users=min(config.min_users, users))
+    strategy_for(config)  # name, arguments and their fit to this run: checked before Ray starts
     resolve_model_path(config.model)  # builds the embedded model once, before many workers want it
     return config
 
@@ -91,7 +94,7 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
     run_simulation(
         server_app=make_server_app(config, out_dir, reporter),
         client_app=client_app,
-        num_supernodes=config.num_users,
+        num_supernodes=config.num_users + config.new_users,  # new users come last (client.local)
         backend_name="ray",
         backend_config=backend_config,
         verbose_logging=verbose,
