@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any
 
 
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename inside ``directory`` durable (the directory entry itself is fsynced)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,6 +29,7 @@ def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # without this a power cut can lose the rename
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

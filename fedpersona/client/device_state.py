@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from fedpersona.client.memory import MEMORY_FILE, PreferenceMemory
 from fedpersona.data.schema import PreferencePair
 from fedpersona.errors import UsageError
+from fedpersona.io import fsync_dir
 
 if TYPE_CHECKING:
     import torch
@@ -77,14 +78,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` via ``write(temp_path)``, fsync, rename into place, fsync the folder.
 
@@ -101,7 +94,7 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -513,5 +506,5 @@ class DeviceState:
                 for tmp in self.dir.glob(f".{name}.*.tmp"):
                     tmp.unlink(missing_ok=True)
                     removed.append(tmp.name)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return removed

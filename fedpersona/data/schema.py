@@ -69,21 +69,26 @@ def validate_row(obj: object, where: str) -> PreferencePair:
     return PreferencePair(obj["user_id"], obj["prompt"], obj["chosen"], obj["rejected"], split)
 
 
-def iter_pairs_jsonl(path: str | Path) -> Iterator[PreferencePair]:
-    """Yield the pairs of a JSONL pair file, validating each row (blank lines are skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: pair file not found; pass a JSONL file with one pair per line")
+def iter_jsonl_objects(path: Path, hint: str = "") -> Iterator[tuple[str, object]]:
+    """Yield ``("FILE:LINE", decoded value)`` for each non-blank line; bad JSON is one UsageError line."""
     with path.open("r", encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as err:
-                raise UsageError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            yield validate_row(obj, where)
+                raise UsageError(f"{where}: not valid JSON ({err.msg} at column {err.colno}){hint}") from None
+
+
+def iter_pairs_jsonl(path: str | Path) -> Iterator[PreferencePair]:
+    """Yield the pairs of a JSONL pair file, validating each row (blank lines are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: pair file not found; pass a JSONL file with one pair per line")
+    for where, obj in iter_jsonl_objects(path):
+        yield validate_row(obj, where)
 
 
 def assign_split(pair: PreferencePair, test_fraction: float) -> str:

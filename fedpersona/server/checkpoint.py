@@ -30,6 +30,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedpersona.errors import UsageError
+from fedpersona.io import fsync_dir
 from fedpersona.io import atomic_write_json
 
 FORMAT = "fedpersona.checkpoint/1"
@@ -162,14 +163,6 @@ def _load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _round_dir(directory: Path, server_round: int) -> Path:
     return directory / f"round-{server_round:05d}"
 
@@ -192,18 +185,18 @@ def save_checkpoint(directory: str | Path, server_round: int, arrays: ArrayRecor
                  "strategy_class": type(strategy).__name__, "config": config, "recorder": recorder or {},
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         atomic_write_json(tmp / STATE_FILE, state)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a round re-run after a crash between rename and pointer update
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_json(directory / LATEST, {"format": FORMAT, "round": int(server_round), "dir": final.name,
                                            "num_rounds": num_rounds, "strategy": config.get("strategy"),
                                            "created": state["created"]})
-    _fsync_dir(directory)
+    fsync_dir(directory)
     _prune(directory, keep_from=server_round)
     return final
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpersona.data.schema import iter_jsonl_objects
 from fedpersona.errors import UsageError
 
 log = logging.getLogger("fedpersona.data.formats")
@@ -47,18 +48,8 @@ def _first_char(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path) -> Iterator[Row]:
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(
-                    f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line must be one JSON object"
-                ) from None
-            yield Row(where, obj)
+    for where, obj in iter_jsonl_objects(path, "; each line must be one JSON object"):
+        yield Row(where, obj)
 
 
 def _iter_json_array(path: Path) -> Iterator[Row]:
