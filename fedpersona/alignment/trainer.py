@@ -61,6 +61,10 @@ def reference_logps(resident: ResidentModel, encoded: Sequence[EncodedPair], bat
                 for i, e in enumerate(chunk):
                     cache.put(e.key, (float(logps[i]), float(logps[len(chunk) + i])))
         resident.model.train(was_training)
+    # PEFT's disable_adapter() (here and in evaluation) ends by marking every active adapter tensor
+    # trainable again, FROZEN ones too (ffa's A): put the split policy's trainability back before training.
+    for name, param in resident.adapters.params.items():
+        param.requires_grad_(resident.adapters.roles[name] is not Role.FROZEN)
     return torch.tensor([cache.get(e.key) for e in encoded], dtype=torch.float32, device=resident.device)
 
 

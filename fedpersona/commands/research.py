@@ -62,7 +62,7 @@ def benchmark(
         base, specs, out, resources=Resources(num_cpus, num_gpus, ray_address), verbose=verbose,
         reporter_for=(lambda label: QuietReporter()) if quiet else (lambda label: ConsoleReporter(label=label)),
         command=f"fedpersona benchmark --schemes {schemes} --strategies '{strategies}' --out {out} "
-                "(full configuration under 'config')",
+                "(full configuration in benchmark.json)",
         log=log, plots=not no_plots,
     )
     print((out / "benchmark.md").read_text(encoding="utf-8"))

@@ -7,7 +7,8 @@ bytes sent up, and evaluation goes to *every* user on evaluation rounds so the p
 
 New users (cold start, user index >= ``num-users`` of the run configuration) are kept apart: they take
 no part in training, and their accuracies (``new_user_*``) sit beside the training users' in the rows
-and the summary. The final evaluation's extra per-user values are collected too: ``gen-win-rate`` (the
+and the summary (before the final evaluation a new user has fitted nothing yet: its personalized
+entry is then the global model's accuracy). The final evaluation's extra per-user values are collected too: ``gen-win-rate`` (the
 generation check, summary key ``generation_win_rate``) and ``private-params`` (what each device really
 keeps, summary key ``private_parameters_per_user``).
 """

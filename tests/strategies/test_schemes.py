@@ -212,3 +212,16 @@ def test_pal_sends_each_prototype_update_scaled_by_the_users_gain():
     state.reset(Role.PRIVATE)
     uniform = pal.weight_update(state, received, trained)  # uniform mixture: plain updates
     assert all(torch.allclose(uniform[k], trained[k]) for k in trained)
+
+
+def test_ffa_trains_under_dp_with_its_a_matrices_frozen():
+    """PEFT's disable_adapter() re-marks every adapter tensor trainable; the frozen A must stay frozen."""
+    config = RunConfig(scheme="ffa", dp_epsilon=8.0, dp_reproducible=True, **FAST)
+    resident = resident_for(config)
+    user = population_user(config, 1)
+    frozen = [n for n, r in resident.adapters.roles.items() if r is Role.FROZEN]
+    before = {n: resident.adapters.params[n].detach().clone() for n in frozen}
+    result = train_round(config, user, 1, 1, shared_of(config), MemoryStore())
+    assert not result.declined and result.shared
+    assert all(not resident.adapters.params[n].requires_grad for n in frozen)
+    assert all(torch.equal(resident.adapters.params[n].detach(), before[n]) for n in frozen)
