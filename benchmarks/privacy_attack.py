@@ -16,10 +16,11 @@ What it does (one run, three settings, the same data and seeds in each):
    k*eps), and gets ``--candidates`` candidate strings from the same distribution, never trained on.
 3. A few federated rounds simulated in-process (FedAvg over the shared adapter, every user every round,
    equal weights; each user's private adapter stays with it across rounds; so a pair is seen
-   rounds x local epochs times, as in a real run, rather than in one long local run), each user training with the
-   real local trainer: ``train_local`` (no DP) or ``train_local_dp`` with a ledger from ``plan_ledger``
-   calibrated for exactly ``--rounds`` rounds (DP, pair-level, default delta rule, reproducible seeds).
-4. Attacks on each user's final personalized model (final shared + its own private adapter), i.e. an
+   rounds x local epochs times, as in a real run, rather than in one long local run), each user's round
+   run by the real client code (``fedpersona.client.local.train_round``: the ``--scheme``'s private part,
+   ``train_local`` without DP or ``train_local_dp`` with the user's persistent ledger calibrated for
+   exactly ``--rounds`` rounds: pair-level, default delta rule, reproducible seeds).
+4. Attacks on each user's final personalized model (final shared + its own private part), i.e. an
    attacker with white-box access to what the user ends up with (the strongest position; the server
    sees less):
 
@@ -61,8 +62,8 @@ if __package__ in (None, ""):  # run as a script from anywhere: make the reposit
 
 from fedpersona.alignment.batching import collate, encode_pairs, sequence_logprobs  # noqa: E402
 from fedpersona.alignment.evaluation import evaluate_user  # noqa: E402
-from fedpersona.alignment.trainer import pair_policy_logps, reference_logps, train_local  # noqa: E402
-from fedpersona.client.local import population_user, resident_for, round_seed  # noqa: E402
+from fedpersona.alignment.trainer import pair_policy_logps, reference_logps  # noqa: E402
+from fedpersona.client.local import population_user, resident_for, train_round  # noqa: E402
 from fedpersona.config import RunConfig  # noqa: E402
 from fedpersona.data.schema import PreferencePair, UserData  # noqa: E402
 from fedpersona.data.synthetic import EVASIVE, PROMPT_TEMPLATES, TOPICS  # noqa: E402
@@ -128,41 +129,54 @@ def mean_tensors(updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return {name: torch.stack([u[name] for u in updates]).mean(0) for name in updates[0]}
 
 
+class MemoryStore:
+    """A user's private state between rounds (what a node's Context.state holds in simulation)."""
+
+    def __init__(self) -> None:
+        self.private: dict[str, torch.Tensor] | None = None
+        self.ledger: str | None = None
+        self.rounds = 0
+
+    def load_private(self) -> dict[str, torch.Tensor] | None:
+        return self.private
+
+    def save_private(self, tensors, rounds_trained: int) -> None:
+        self.private, self.rounds = dict(tensors), rounds_trained
+
+    def rounds_trained(self) -> int:
+        return self.rounds
+
+    def load_ledger(self) -> str | None:
+        return self.ledger
+
+    def save_ledger(self, ledger_json: str) -> None:
+        self.ledger = ledger_json
+
+
 def train_setting(resident, config: RunConfig, pop: Population, epsilon: float, rounds: int) -> dict:
-    """FedAvg over the shared adapter for ``rounds`` rounds; returns final shared, private per user, stats."""
-    from fedpersona.privacy.dp_training import plan_ledger, train_local_dp
+    """FedAvg over the shared adapter for ``rounds`` rounds, each user's round by the real client code
+    (``train_round``: the scheme's private part, DP-SGD and the persistent ledger); returns final shared,
+    private per user, stats."""
+    from fedpersona.privacy.ledger import PrivacyLedger
 
     resident.adapters.reset(Role.SHARED)
     resident.adapters.reset(Role.PRIVATE)
-    settings = config.train_settings
-    dp = config.replace(dp_epsilon=epsilon, dp_reproducible=True).dp_settings if epsilon > 0 else None
+    config = config.replace(dp_epsilon=epsilon, dp_reproducible=True, rounds=rounds)
     shared = resident.adapters.tensors(Role.SHARED)
-    private: dict[int, dict[str, torch.Tensor]] = {}
-    ledgers: dict = {}
+    stores = {index: MemoryStore() for index in pop.users}
     steps: dict[int, int] = {i: 0 for i in pop.users}
     for rnd in range(1, rounds + 1):
         updates = []
         for index, user in pop.users.items():
-            resident.adapters.load(shared, Role.SHARED)
-            if index in private:
-                resident.adapters.load(private[index], Role.PRIVATE)
-            else:
-                resident.adapters.reset(Role.PRIVATE)
-            seed = round_seed(config, index, rnd)
-            if dp is None:
-                stats = train_local(resident, user.train, settings, seed=seed)
-            else:
-                if index not in ledgers:  # calibrated once, for all planned rounds
-                    ledgers[index] = plan_ledger(len(user.train), settings, dp, planned_rounds=rounds)
-                stats = train_local_dp(resident, user.train, settings, seed, dp, ledgers[index])
-                if stats.declined:
-                    raise RuntimeError(f"user {index} declined round {rnd}: the ledger is over budget")
-            steps[index] += stats.steps
-            private[index] = resident.adapters.tensors(Role.PRIVATE)
-            updates.append(resident.adapters.tensors(Role.SHARED))
+            result = train_round(config, user, index, rnd, shared, stores[index], {"server-round": rnd})
+            if result.declined:
+                raise RuntimeError(f"user {index} declined round {rnd}: the ledger is over budget")
+            steps[index] += result.stats.steps
+            updates.append(result.shared)
         shared = mean_tensors(updates)
-    out = {"shared": shared, "private": private, "steps": steps}
-    if ledgers:
+    out = {"shared": shared, "private": {i: s.private for i, s in stores.items()}, "steps": steps}
+    if epsilon > 0:
+        ledgers = {i: PrivacyLedger.from_json(s.ledger) for i, s in stores.items()}
         out["ledger"] = {i: {"epsilon": led.spent_epsilon(), "delta": led.delta, "noise": led.noise_multiplier,
                              "sample_rate": led.sample_rate, "steps": led.steps_taken} for i, led in ledgers.items()}
     return out
@@ -494,6 +508,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a canary's rejected response: another random string from the same distribution "
                         "(DPO must then learn the secret's own words) or an ordinary evasive answer (DPO can "
                         "then win the margin by raising every random string: weaker memorization)")
+    p.add_argument("--scheme", default="split", help="personalization scheme (split, pal, ...; see fedpersona schemes)")
     p.add_argument("--rounds", type=int, default=4, help="federated rounds (every user trains every round)")
     p.add_argument("--epochs", type=int, default=4, help="local epochs per round (as RunConfig)")
     p.add_argument("--min-steps", type=int, default=16, help="minimum local steps per round (as RunConfig)")
@@ -531,7 +546,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     clip = {} if args.clip is None else {"dp_max_grad_norm": args.clip}
     config = RunConfig(seed=args.seed, num_users=args.users, rounds=args.rounds, epochs=args.epochs,
-                       min_steps=args.min_steps, device="cpu", **clip)
+                       min_steps=args.min_steps, device="cpu", scheme=args.scheme, gen_prompts=0, **clip)
     resident = resident_for(config)
     pop = build_population(config, args, secret_words(resident.tokenizer))
     settings = [("no-dp", 0.0)] + [(f"dp-eps{e:g}", e) for e in args.epsilon_list]
@@ -567,6 +582,7 @@ def run(args: argparse.Namespace) -> dict:
             "train_pairs_per_user": {i: len(u.train) for i, u in pop.users.items()},
             "canaries_per_user": {i: sum(c.user == i for c in pop.canaries) for i in pop.users},
             "aggregation": "unweighted mean of shared adapters, all users every round",
+            "private_parameters_per_user": resident.adapters.count(Role.PRIVATE),
         },
         "results": results,
         "seconds": time.perf_counter() - started,

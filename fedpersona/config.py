@@ -70,7 +70,11 @@ class RunConfig:
     dp_epsilon: float = 0.0  # 0: off; else each user's pair-level target epsilon over the whole run
     dp_delta: float = 0.0  # 0: min(1e-5, 1/(10 n)) per user with n training pairs
     dp_max_grad_norm: float = 0.3  # per-pair DPO gradients are ~0.2-0.7 at the start: a tighter clip keeps signal, cuts noise
+    dp_private_clip_share: float = 0.0  # 0: one joint clip; f: private tensors clipped to C*sqrt(f), shared to C*sqrt(1-f)
     dp_accountant: str = "rdp"
+    # rounds each user's noise is calibrated for; 0: the 90th percentile of its participations when each
+    # round samples fraction-train of the users (all rounds at 1.0); the ledger declines what it cannot afford
+    dp_planned_rounds: int = 0
     dp_max_physical_batch: int = 32
     dp_reproducible: bool = False  # simulation only: sampling and noise seeded from the round seed
     # user-level differential privacy (DP-FedAvg over the shared adapter; fedpersona/privacy/user_level.py)
@@ -139,7 +143,15 @@ class RunConfig:
 
         return DPSettings(target_epsilon=self.dp_epsilon, delta=self.dp_delta or None,
                           max_grad_norm=self.dp_max_grad_norm, accountant=self.dp_accountant,
+                          private_clip_share=self.dp_private_clip_share,
                           max_physical_batch=self.dp_max_physical_batch, reproducible=self.dp_reproducible)
+
+    @property
+    def dp_rounds_planned(self) -> int:
+        """Rounds each user's pair-level noise is calibrated for (see ``dp_planned_rounds``)."""
+        from fedpersona.privacy.dp_training import planned_participations
+
+        return self.dp_planned_rounds or planned_participations(self.rounds, self.fraction_train)
 
     @property
     def is_synthetic(self) -> bool:
@@ -177,7 +189,8 @@ class RunConfig:
 
         need(self.scheme in SCHEMES, "scheme", f"unknown scheme; choose one of {', '.join(SCHEMES)}")
         need(not (self.dp_epsilon > 0 and not SCHEMES[self.scheme].supports_dp), "scheme",
-             "this scheme does not support DP-SGD (Opacus has no per-pair gradients for its private part)")
+             "this scheme does not support DP-SGD (its final fine-tune on all pairs would need a budget "
+             "of its own; use split, pal or fedsa)")
         need(self.loss in LOSSES, "loss", f"choose one of {', '.join(LOSSES)}")
         need(self.beta > 0, "beta", "must be > 0")
         need(self.lr > 0 and self.shared_lr >= 0, "lr", "learning rates must be positive")
@@ -186,6 +199,8 @@ class RunConfig:
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.max_length >= 8, "max_length", "must be >= 8 tokens")
         need(self.dp_epsilon >= 0, "dp_epsilon", "must be >= 0 (0: no DP)")
+        need(0 <= self.dp_planned_rounds <= self.rounds, "dp_planned_rounds", "must be in 0..rounds (0: automatic)")
+        need(0.0 <= self.dp_private_clip_share < 1.0, "dp_private_clip_share", "must be in [0, 1) (0: one joint clip)")
         need(self.user_dp_noise >= 0, "user_dp_noise", "must be >= 0 (0: no user-level DP)")
         need(self.user_dp_clip > 0, "user_dp_clip", "must be > 0")
         need(0.0 <= self.user_dp_delta < 1.0, "user_dp_delta", "must be in [0, 1) (0: 1/N^1.1)")

@@ -56,3 +56,26 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         handle.write(json.dumps(obj) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def acquire_pid_lock(path: str | Path) -> tuple[int | None, str | None]:
+    """An exclusive, non-blocking ``flock`` on ``path`` holding our pid: ``(fd, None)`` when acquired,
+    ``(None, holder pid or None)`` when another process holds it. The kernel drops the lock when the
+    holder dies, so a crash never leaves it taken. Release with ``release_pid_lock``."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        return None, holder if holder.isdigit() else None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, None
+
+
+def release_pid_lock(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.close(fd)

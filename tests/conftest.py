@@ -23,3 +23,18 @@ def split_resident():
     yield resident
     resident.adapters.reset(Role.SHARED)
     resident.adapters.reset(Role.PRIVATE)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli("feedback", "add", ...)`` runs ``fedpersona ARGV`` in-process: (exit code, stdout, stderr)."""
+    from fedpersona.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main(list(argv))
+        out, err = capsys.readouterr()
+        return int(done.value.code or 0), out, err
+
+    return run

@@ -25,7 +25,6 @@ torch and safetensors are imported only by the tensor methods, so ``feedback`` c
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from fedpersona.client.memory import MEMORY_FILE, PreferenceMemory
 from fedpersona.data.schema import PreferencePair
 from fedpersona.errors import UsageError
-from fedpersona.io import fsync_dir
+from fedpersona.io import acquire_pid_lock, fsync_dir, release_pid_lock
 
 if TYPE_CHECKING:
     import torch
@@ -370,17 +369,11 @@ class DeviceState:
         the lock when the holder dies, so a crash never leaves the directory locked.
         """
         if self._lock_fd is None:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-                who = f" (pid {holder})" if holder.isdigit() else ""
+            fd, holder = acquire_pid_lock(self.lock_path)
+            if fd is None:
+                who = f" (pid {holder})" if holder else ""
                 raise UsageError(f"--state {self.dir}: another fedpersona process{who} is training on this "
-                                 "state directory; wait for it to finish, or use a different --state") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                                 "state directory; wait for it to finish, or use a different --state")
             self._lock_fd = fd
         self._lock_depth += 1
         try:
@@ -388,8 +381,7 @@ class DeviceState:
         finally:
             self._lock_depth -= 1
             if self._lock_depth == 0 and self._lock_fd is not None:
-                os.ftruncate(self._lock_fd, 0)
-                os.close(self._lock_fd)
+                release_pid_lock(self._lock_fd)
                 self._lock_fd = None
 
     @property

@@ -152,11 +152,27 @@ def _train_private(config: RunConfig, resident: ResidentModel, user: UserData, s
 
     dp, settings = config.dp_settings, config.train_settings
     saved = store.load_ledger()
-    # planned_rounds = all rounds: the worst case (sampled every round), so the budget holds regardless
+    # calibrated for the rounds the user is likely to be sampled for; past its budget it declines
     ledger = (PrivacyLedger.from_json(saved) if saved is not None
-              else plan_ledger(len(user.train), settings, dp, planned_rounds=config.rounds))
+              else plan_ledger(len(user.train), settings, dp, planned_rounds=config.dp_rounds_planned))
     try:
         return train_local_dp(resident, user.train, settings, seed, dp, ledger)
+    finally:
+        store.save_ledger(ledger.dumps())
+
+
+def _fit_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[PreferencePair],
+                 settings: TrainSettings, seed: int, store: PrivateStore):
+    """A new user's few-shot fit under DP: DP-SGD on its ledger (planned for this one fit if it has none
+    yet; its pairs were never trained on), so its personal part is as private as a training user's."""
+    from fedpersona.privacy.dp_training import plan_ledger, train_local_dp
+    from fedpersona.privacy.ledger import PrivacyLedger
+
+    saved = store.load_ledger()
+    ledger = (PrivacyLedger.from_json(saved) if saved is not None
+              else plan_ledger(len(pairs), settings, config.dp_settings, planned_rounds=1))
+    try:
+        return train_local_dp(resident, pairs, settings, seed, config.dp_settings, ledger)
     finally:
         store.save_ledger(ledger.dumps())
 
@@ -231,11 +247,17 @@ def private_parameter_count(resident: ResidentModel, scheme: Scheme) -> int:
 
 
 def fit_personal(resident: ResidentModel, scheme: Scheme, pairs: Sequence[PreferencePair],
-                 settings: TrainSettings, seed: int) -> None:
+                 settings: TrainSettings, seed: int, private: Callable[[TrainSettings], object] | None = None
+                 ) -> None:
     """Fit only the user's personal part on ``pairs``: the PRIVATE tensors (shared ones held still), or,
-    for a ``copy`` scheme, the user's copy of the shared tensors (trained at the private learning rate)."""
+    for a ``copy`` scheme, the user's copy of the shared tensors (trained at the private learning rate).
+    ``private`` (DP runs): the training call to use instead of plain ``train_local``."""
     if scheme.personal_fit == "private":
-        train_local(resident, pairs, dataclasses.replace(settings, shared_lr=0.0), seed=seed)
+        fit_settings = dataclasses.replace(settings, shared_lr=0.0)
+        if private is not None:
+            private(fit_settings)
+        else:
+            train_local(resident, pairs, fit_settings, seed=seed)
     elif scheme.personal_fit == "copy":
         train_local(resident, pairs, dataclasses.replace(settings, shared_lr=settings.lr), seed=seed)
 
@@ -321,7 +343,7 @@ def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch
     At the final evaluation (``server-round`` == ``rounds``): a new user first fits its personal part on
     ``new_user_shots`` pairs, a finetune user fine-tunes its private copy on all its training pairs; the
     reply also carries ``private-params`` and, for synthetic data, ``gen-win-rate``. Nothing fitted here is
-    stored or sent.
+    stored or sent; under DP a new user's fit is DP-SGD and its spend is kept in the user's ledger.
     """
     options = RoundOptions.from_extras(extras)
     final = options.server_round >= config.rounds
@@ -339,7 +361,10 @@ def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch
     global_shared = resident.adapters.tensors(Role.SHARED) if scheme.personal_fit == "copy" and fit_pairs else None
     try:
         if fit_pairs and scheme.personal_fit != "none":
-            fit_personal(resident, scheme, fit_pairs, settings, round_seed(config, index or 0, -1))
+            fit_seed = round_seed(config, index or 0, -1)
+            dp_fit = (None if config.dp_epsilon <= 0 else
+                      lambda fit_settings: _fit_private(config, resident, fit_pairs, fit_settings, fit_seed, store))
+            fit_personal(resident, scheme, fit_pairs, settings, fit_seed, dp_fit)
         views = PersonalViews(resident, global_shared)
         evaluation = Evaluation(views.evaluate(user.test, config.max_length))
         if final:

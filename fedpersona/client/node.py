@@ -16,7 +16,6 @@ new node id without authentication, the same one with ``--auth-key``) and takes 
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ from typing import IO
 
 from fedpersona.client.supernode_main import ENV
 from fedpersona.errors import UsageError
+from fedpersona.io import acquire_pid_lock, release_pid_lock
 from fedpersona.processes import child_env, executable, free_port, parse_address, spawn, stop, wait_for_port
 
 _log = logging.getLogger(__name__)
@@ -106,24 +106,17 @@ class StateGuard:
         self.fd: int | None = None
 
     def __enter__(self) -> StateGuard:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
+        fd, holder = acquire_pid_lock(self.path)
+        if fd is None:
             raise UsageError(f"--state {self.path.parent}: another `fedpersona client`"
-                             f"{f' (pid {holder})' if holder.isdigit() else ''} is serving this state directory; "
-                             "stop it first, or use a different --state") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                             f"{f' (pid {holder})' if holder else ''} is serving this state directory; "
+                             "stop it first, or use a different --state")
         self.fd = fd
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)
+            release_pid_lock(self.fd)
             self.fd = None
 
 

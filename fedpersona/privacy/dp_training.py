@@ -56,6 +56,7 @@ from fedpersona.alignment.trainer import (
 )
 from fedpersona.data.schema import PreferencePair
 from fedpersona.errors import UsageError
+from fedpersona.model.adapters import Role
 from fedpersona.model.resident import ResidentModel
 from fedpersona.privacy.accountant import check_accountant, sample_rate_for
 from fedpersona.privacy.ledger import PrivacyLedger, default_delta
@@ -74,6 +75,7 @@ class DPSettings:
     max_grad_norm: float = 1.0  # C: per-pair clipping norm over all trainable tensors jointly
     accountant: str = "rdp"  # "rdp" or "prv"
     max_physical_batch: int = 32  # pairs per forward/backward; larger logical batches are accumulated
+    private_clip_share: float = 0.0  # 0: one joint clip; f in (0, 1): private group C*sqrt(f), shared C*sqrt(1-f)
     reproducible: bool = False  # True: sampling and noise seeded from the round seed (simulation only)
 
     def validate(self) -> None:
@@ -82,6 +84,9 @@ class DPSettings:
             raise UsageError(f"dp target epsilon {self.target_epsilon!r} is invalid: it must be > 0 (inf: clip only)")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise UsageError(f"dp max grad norm {self.max_grad_norm!r} is invalid: it must be a finite number > 0")
+        if not 0.0 <= self.private_clip_share < 1.0:
+            raise UsageError(f"dp private clip share {self.private_clip_share!r} is invalid: it must be in [0, 1) "
+                             "(0: one joint clip)")
         if self.max_physical_batch < 1:
             raise UsageError(f"dp max physical batch {self.max_physical_batch!r} is invalid: it must be >= 1")
         if self.delta is not None and not (0.0 < self.delta < 1.0):
@@ -120,6 +125,22 @@ def plan_ledger(num_pairs: int, settings: TrainSettings, dp: DPSettings, planned
     return PrivacyLedger.calibrate(dp.target_epsilon, dp.delta_for(num_pairs), q, steps, dp.accountant)
 
 
+def planned_participations(rounds: int, fraction: float, quantile: float = 0.9) -> int:
+    """Rounds to calibrate a user's noise for when each round samples users independently with probability
+    ``fraction``: the ``quantile`` of Binomial(rounds, fraction), i.e. enough for 90% of users to train in
+    every round they are sampled for. Calibrating for all ``rounds`` (the worst case) would spend the
+    budget on rounds a user is unlikely to see; a user sampled more often than planned declines the rounds
+    its ledger cannot afford, so the guarantee holds either way."""
+    if fraction >= 1.0:
+        return rounds
+    total = 0.0
+    for k in range(rounds + 1):
+        total += math.comb(rounds, k) * fraction**k * (1.0 - fraction) ** (rounds - k)
+        if total >= quantile:
+            return max(k, 1)
+    return rounds
+
+
 # ---- per-pair gradients ------------------------------------------------------------------------------
 def _trainable(resident: ResidentModel) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in resident.adapters.params.items() if p.requires_grad}
@@ -134,6 +155,19 @@ def _clear_dp_state(params: Mapping[str, torch.nn.Parameter]) -> None:
                 delattr(p, attr)
 
 
+def _register_custom_grad_samplers(model: torch.nn.Module) -> None:
+    """Modules with their own trainable tensors outside LoRA (e.g. PAL's mixture logits) state their
+    per-sample gradient rule as ``per_sample_gradients(activations, backprops)``: register it with Opacus
+    (its grad-sampler registry is keyed by module class), so those tensors are clipped and noised too."""
+    from opacus.grad_sample import GradSampleHooks
+
+    for module in model.modules():
+        cls = type(module)
+        if hasattr(cls, "per_sample_gradients") and cls not in GradSampleHooks.GRAD_SAMPLERS:
+            GradSampleHooks.GRAD_SAMPLERS[cls] = lambda layer, activations, backprops: (
+                layer.per_sample_gradients(activations, backprops))
+
+
 @contextmanager
 def per_pair_hooks(resident: ResidentModel) -> Iterator[object]:
     """Opacus grad-sample hooks on the PEFT model (``hooks`` mode, ``wrap_model=False``, sum reduction)
@@ -146,6 +180,7 @@ def per_pair_hooks(resident: ResidentModel) -> Iterator[object]:
     trainable_base = [n for n, p in resident.model.named_parameters() if p.requires_grad and "lora_" not in n]
     if trainable_base:
         raise RuntimeError(f"non-adapter tensors are trainable ({trainable_base[:3]}); DP-SGD covers adapters only")
+    _register_custom_grad_samplers(resident.model)
     resident.model.train()  # Opacus records activations only in train mode
     hooks = prepare_module(resident.model, "hooks", wrap_model=False, batch_first=True, loss_reduction="sum",
                            strict=True)
@@ -201,8 +236,6 @@ def train_local_dp(resident: ResidentModel, pairs: Sequence[PreferencePair], set
     multiplier. If that would push the ledger past its target epsilon, nothing is trained and the stats
     say ``declined=True``. ``on_step`` (optional) sees each step's privatized gradient (post-processing).
     """
-    from opacus.optimizers import DPOptimizer
-
     dp.validate()
     n = len(pairs)
     if n < 1:
@@ -224,17 +257,17 @@ def train_local_dp(resident: ResidentModel, pairs: Sequence[PreferencePair], set
     sampling, noise_gen = _generators(seed, dp.reproducible, resident.device)
     expected_batch = min(settings.batch_size, n)
 
-    optimizer = DPOptimizer(
+    optimizer = _dp_optimizer(
         torch.optim.AdamW(parameter_groups(resident, settings), weight_decay=settings.weight_decay),
-        noise_multiplier=ledger.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen,
+        resident, dp, noise_multiplier=ledger.noise_multiplier, expected_batch_size=expected_batch,
+        loss_reduction="mean", generator=noise_gen,
     )
     if {id(p) for p in optimizer.params} != set(names):
         raise RuntimeError("the DP optimizer does not hold exactly the trainable adapter tensors")
     taken: list[int] = []  # one entry per step the optimizer took (its step hook, where Opacus accounts)
     current: dict[str, list[int]] = {"batch": []}
 
-    def step_hook(opt: DPOptimizer) -> None:
+    def step_hook(opt) -> None:
         taken.append(len(current["batch"]))
         if on_step is not None:
             grads = {names[id(p)]: p.grad.detach().clone() for p in opt.params}
@@ -256,6 +289,22 @@ def train_local_dp(resident: ResidentModel, pairs: Sequence[PreferencePair], set
     if len(taken) != total_steps:
         raise RuntimeError(f"DP optimizer took {len(taken)} steps for {total_steps} logical batches")
     return stats(len(taken), seen, loss_sum / max(seen, 1), physical, empty)
+
+
+def _dp_optimizer(optimizer: torch.optim.Optimizer, resident: ResidentModel, dp: DPSettings, **kwargs):
+    """Opacus's ``DPOptimizer`` (one joint clip), or group-wise clipping of the private and shared tensors
+    when ``dp.private_clip_share`` asks for it and both groups train (same sensitivity and noise)."""
+    from opacus.optimizers import DPOptimizer
+
+    roles = {id(p): resident.adapters.roles[name] for name, p in _trainable(resident).items()}
+    labels = [0 if roles[id(p)] is Role.PRIVATE else 1 for group in optimizer.param_groups for p in group["params"]]
+    if dp.private_clip_share > 0 and len(set(labels)) == 2:
+        from fedpersona.privacy.group_clipping import GroupClippingDPOptimizer, group_norms
+
+        return GroupClippingDPOptimizer(optimizer, groups=labels, max_grad_norm=dp.max_grad_norm,
+                                        group_max_norms=group_norms(dp.max_grad_norm, dp.private_clip_share),
+                                        **kwargs)
+    return DPOptimizer(optimizer, max_grad_norm=dp.max_grad_norm, **kwargs)
 
 
 def _logical_step(optimizer, resident: ResidentModel, encoded: Sequence[EncodedPair], ref: torch.Tensor,

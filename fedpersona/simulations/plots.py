@@ -46,6 +46,13 @@ def _read_json(path: Path, default: Any) -> Any:
         return default
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def accuracy_per_round(out: Path, runs: list[dict[str, Any]]) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -64,11 +71,7 @@ def accuracy_per_round(out: Path, runs: list[dict[str, Any]]) -> Path:
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    path = out / "accuracy_per_round.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "accuracy_per_round.png")
 
 
 def per_user_accuracy(out: Path, runs: list[dict[str, Any]]) -> Path:
@@ -107,11 +110,7 @@ def per_user_accuracy(out: Path, runs: list[dict[str, Any]]) -> Path:
     ax.set_title("per-user accuracy distribution")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.grid(alpha=0.3, axis="y")
-    path = out / "per_user_accuracy.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "per_user_accuracy.png")
 
 
 def accuracy_by_pairs(out: Path, runs: list[dict[str, Any]], train_pairs: dict[str, int]) -> Path:
@@ -139,11 +138,7 @@ def accuracy_by_pairs(out: Path, runs: list[dict[str, Any]], train_pairs: dict[s
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    path = out / "accuracy_by_pairs.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "accuracy_by_pairs.png")
 
 
 def write_plots(out_dir: str | Path, result: dict[str, Any]) -> list[str]:

@@ -2,8 +2,8 @@
 
 PAL models a user's preference as a mixture of K shared prototypes with user-specific weights on the
 simplex. Here the prototypes are K LoRA adapters on the same base (all SHARED: aggregated by the server)
-and the mixture is a private K-vector of logits per user: the output of prototype k's ``lora_B`` in every
-layer is scaled by ``g_k = K * softmax(s * logits)_k`` (a forward hook), so
+and the mixture is a private K-vector of logits per user: the input of prototype k's ``lora_B`` in every
+layer is scaled by ``g_k = K * softmax(s * logits)_k`` (a forward pre-hook), so
 
     personalized = base + sum_k g_k(user) * B_k A_k x,      global = the uniform mixture (g_k = 1).
 
@@ -49,7 +49,14 @@ def prototype_names(k: int) -> list[str]:
 
 
 class PalMixture(torch.nn.Module):
-    """A user's private mixture logits over K prototypes; ``gains()`` are the per-prototype scales."""
+    """A user's private mixture logits over K prototypes; ``gains()`` are the per-prototype scales.
+
+    Called as ``mixture(k, x)`` on the input of each of prototype k's ``lora_B`` layers (a forward
+    pre-hook), so ``lora_B(g_k x) = g_k B_k A_k x``. Being a called module lets DP-SGD take per-pair
+    gradients of the logits (``per_sample_gradients``, Opacus's grad-sampler signature) while Opacus's
+    own hooks on ``lora_B`` still see the true input and output of that layer (scaling the *output*
+    with a forward hook would hide the scale from its backward hook and give wrong per-pair grads).
+    """
 
     def __init__(self, k: int, scale: float = LOGIT_SCALE) -> None:
         super().__init__()
@@ -59,6 +66,20 @@ class PalMixture(torch.nn.Module):
     def gains(self) -> torch.Tensor:
         k = self.logits.numel()
         return k * torch.softmax(self.scale * self.logits, dim=0)
+
+    def forward(self, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # x last: Opacus reads the batch off it
+        return x * self.gains()[k].to(x.dtype)
+
+    def per_sample_gradients(self, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+                             ) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Per-sample gradient of the logits from one call ``y = g_k x`` (dim 0 of ``x`` is the batch):
+        ``dL_i/dlogits = <x_i, dL_i/dy_i> * dg_k/dlogits`` with ``dg_k/dl_j = K s p_k (1[j=k] - p_j)``."""
+        k, x = int(activations[0]), activations[1]
+        contribution = (x * backprops).flatten(1).sum(1).to(self.logits.dtype)  # dL_i/dg_k
+        p = torch.softmax(self.scale * self.logits.detach(), dim=0)
+        jacobian_row = self.logits.numel() * self.scale * p[k] * (torch.nn.functional.one_hot(
+            torch.tensor(k, device=p.device), p.numel()).to(p.dtype) - p)
+        return {self.logits: contribution[:, None] * jacobian_row[None, :]}
 
 
 def pal_policy(prototypes: Sequence[str]) -> SplitPolicy:
@@ -102,18 +123,20 @@ def install_mixture(model: torch.nn.Module, layout: AdapterLayout) -> PalMixture
             continue
         for name, linear in lora_b.items():
             if name in index:
-                linear.register_forward_hook(_scale_hook(mixture, index[name]))
+                linear.register_forward_pre_hook(_scale_input(mixture, index[name], device))
                 hooked += 1
     if hooked == 0:
         raise RuntimeError("PAL found no LoRA prototype layers to mix; was the model built from pal_layout?")
     return mixture
 
 
-def _scale_hook(mixture: PalMixture, k: int):
-    def hook(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
-        return output * mixture.gains()[k].to(output.dtype)
+def _scale_input(mixture: PalMixture, k: int, device: torch.device):
+    index = torch.tensor(k, device=device)  # a tensor, so Opacus can record it with the activations
 
-    return hook
+    def pre_hook(_module: torch.nn.Module, args: tuple) -> tuple:
+        return (mixture(index, args[0]), *args[1:])
+
+    return pre_hook
 
 
 @torch.no_grad()

@@ -144,9 +144,9 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("finetune", "one shared LoRA adapter trained federatedly; at the final evaluation each user "
                            "fine-tunes a private copy on its own pairs (FedAvg + local fine-tuning, "
                            "Cheng et al. 2102.04925)", _global,
-               personal_fit="copy", finetune_at_eval=True),
+               personal_fit="copy", finetune_at_eval=True, supports_dp=False),
         Scheme("pal", "K shared prototype LoRA adapters mixed by private per-user weights "
-                      "(PAL 2406.08469)", _pal, supports_dp=False, setup=pal.install_mixture,
+                      "(PAL 2406.08469)", _pal, setup=pal.install_mixture,
                init_private=pal.init_mixture, shape_update=pal.weight_update),
     )
 }

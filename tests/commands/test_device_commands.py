@@ -8,19 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpersona.cli import main
 from fedpersona.client.device_state import DeviceState
 
 PROMPT = "how do I learn python?"
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``fedpersona ARGV`` in-process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return int(done.value.code or 0), out, err
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:
@@ -41,72 +31,72 @@ def one_line(err: str) -> str:
 # ---------------------------------------------------------------------------- feedback
 
 
-def test_add_list_stats(tmp_path: Path, capsys) -> None:
+def test_add_list_stats(tmp_path: Path, cli) -> None:
     state = str(tmp_path / "state")
-    code, out, _ = cli(capsys, "feedback", "add", "--state", state, "--prompt", "p1", "--chosen", "yes",
+    code, out, _ = cli("feedback", "add", "--state", state, "--prompt", "p1", "--chosen", "yes",
                        "--rejected", "no", "--user", "alice")
     assert code == 0 and "added pair #1" in out and "'alice'" in out
-    code, out, _ = cli(capsys, "feedback", "add", "--state", state, "--prompt", "p1", "--chosen", "yes",
+    code, out, _ = cli("feedback", "add", "--state", state, "--prompt", "p1", "--chosen", "yes",
                        "--rejected", "no")
     assert code == 0 and "already stored as pair #1" in out
-    code, out, _ = cli(capsys, "feedback", "add", "--state", state, "-p", "p2", "-c", "short", "-r", "long",
+    code, out, _ = cli("feedback", "add", "--state", state, "-p", "p2", "-c", "short", "-r", "long",
                        "--json")
     assert code == 0 and json.loads(out)["added"] is True and json.loads(out)["user_id"] == "alice"
 
-    code, out, _ = cli(capsys, "feedback", "list", "--state", state, "--json")
+    code, out, _ = cli("feedback", "list", "--state", state, "--json")
     rows = json.loads(out)
     assert [(r["id"], r["prompt"], r["user_id"]) for r in rows] == [(1, "p1", "alice"), (2, "p2", "alice")]
-    code, out, _ = cli(capsys, "feedback", "list", "--state", state, "--limit", "1", "--offset", "1", "--json")
+    code, out, _ = cli("feedback", "list", "--state", state, "--limit", "1", "--offset", "1", "--json")
     assert [r["id"] for r in json.loads(out)] == [2]
-    code, out, _ = cli(capsys, "feedback", "list", "--state", state, "--limit", "1")
+    code, out, _ = cli("feedback", "list", "--state", state, "--limit", "1")
     assert code == 0 and "prompt" in out and "p1" in out and "p2" not in out and "--offset 1 for more" in out
 
-    code, out, _ = cli(capsys, "feedback", "stats", "--state", state, "--json")
+    code, out, _ = cli("feedback", "stats", "--state", state, "--json")
     stats = json.loads(out)
     assert code == 0 and (stats["pairs"], stats["user_id"], stats["private_adapter"]) == (2, "alice", False)
     assert stats["train"] + stats["test"] == 2
     # user text is shown as typed, never read as rich markup
-    cli(capsys, "feedback", "add", "--state", state, "-p", "[bold]x[/bold] [1]", "-c", "a", "-r", "b")
-    code, out, _ = cli(capsys, "feedback", "list", "--state", state, "--offset", "2")
+    cli("feedback", "add", "--state", state, "-p", "[bold]x[/bold] [1]", "-c", "a", "-r", "b")
+    code, out, _ = cli("feedback", "list", "--state", state, "--offset", "2")
     assert code == 0 and "[bold]x[/bold] [1]" in out
-    code, _, err = cli(capsys, "feedback", "list", "--state", state, "--limit", "-1")
+    code, _, err = cli("feedback", "list", "--state", state, "--limit", "-1")
     assert code == 2 and "--limit" in one_line(err)
-    code, out, _ = cli(capsys, "feedback", "stats", "--state", state)
+    code, out, _ = cli("feedback", "stats", "--state", state)
     assert code == 0 and "alice" in out and "rounds trained" in out
 
 
-def test_add_refuses_another_user_and_missing_state(tmp_path: Path, capsys) -> None:
+def test_add_refuses_another_user_and_missing_state(tmp_path: Path, cli) -> None:
     state = str(tmp_path / "state")
-    assert cli(capsys, "feedback", "add", "--state", state, "-p", "p", "-c", "a", "-r", "b", "--user", "alice")[0] == 0
-    code, _, err = cli(capsys, "feedback", "add", "--state", state, "-p", "q", "-c", "a", "-r", "b", "--user", "bob")
+    assert cli("feedback", "add", "--state", state, "-p", "p", "-c", "a", "-r", "b", "--user", "alice")[0] == 0
+    code, _, err = cli("feedback", "add", "--state", state, "-p", "q", "-c", "a", "-r", "b", "--user", "bob")
     assert code == 2 and "alice" in one_line(err)
-    code, _, err = cli(capsys, "feedback", "add", "--state", state, "-p", "q", "-c", "same", "-r", "same")
+    code, _, err = cli("feedback", "add", "--state", state, "-p", "q", "-c", "same", "-r", "same")
     assert code == 2 and "identical" in one_line(err)
-    code, _, err = cli(capsys, "feedback", "list", "--state", str(tmp_path / "nowhere"))
+    code, _, err = cli("feedback", "list", "--state", str(tmp_path / "nowhere"))
     assert code == 2 and "no device state here" in one_line(err)
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_import_then_duplicates_and_as_user(tmp_path: Path, capsys) -> None:
+def test_import_then_duplicates_and_as_user(tmp_path: Path, cli) -> None:
     state = str(tmp_path / "state")
     first = write_jsonl(tmp_path / "a.jsonl", [row(1), row(2), "", row(3)])
-    code, out, _ = cli(capsys, "feedback", "import", str(first), "--state", state, "--json")
+    code, out, _ = cli("feedback", "import", str(first), "--state", state, "--json")
     assert code == 0 and json.loads(out) == {"file": str(first), "added": 3, "duplicates": 0, "pairs": 3}
-    code, out, _ = cli(capsys, "feedback", "import", str(first), "--state", state)
+    code, out, _ = cli("feedback", "import", str(first), "--state", state)
     assert code == 0 and "imported 0 pairs" in out and "3 already stored" in out
     other = write_jsonl(tmp_path / "b.jsonl", [row(4, "u2"), row(5, "u3")])
-    code, _, err = cli(capsys, "feedback", "import", str(other), "--state", state)
+    code, _, err = cli("feedback", "import", str(other), "--state", state)
     assert code == 2 and "--as-user" in one_line(err)
-    code, out, _ = cli(capsys, "feedback", "import", str(other), "--state", state, "--as-user", "u1")
+    code, out, _ = cli("feedback", "import", str(other), "--state", state, "--as-user", "u1")
     assert code == 0 and "imported 2 pairs" in out and "5 pairs" in out
 
 
 @pytest.mark.parametrize("bad, what", [({"user_id": "u1", "prompt": "p", "chosen": "c"}, "missing field 'rejected'"),
                                        ("{not json", "not valid JSON")])
-def test_malformed_import_names_file_and_line_and_imports_nothing(tmp_path: Path, capsys, bad, what) -> None:
+def test_malformed_import_names_file_and_line_and_imports_nothing(tmp_path: Path, cli, bad, what) -> None:
     state = tmp_path / "state"
     path = write_jsonl(tmp_path / "bad.jsonl", [row(1), row(2), bad, row(4)])
-    code, out, err = cli(capsys, "feedback", "import", str(path), "--state", str(state))
+    code, out, err = cli("feedback", "import", str(path), "--state", str(state))
     line = one_line(err)
     assert code == 2 and out == ""
     assert f"{path}:3" in line and what in line and "Traceback" not in err
@@ -114,39 +104,39 @@ def test_malformed_import_names_file_and_line_and_imports_nothing(tmp_path: Path
         assert st.memory.count() == 0
 
 
-def test_forget_needs_confirmation(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_forget_needs_confirmation(tmp_path: Path, cli, monkeypatch) -> None:
     import torch
 
     from fedpersona.commands import device
 
     state = tmp_path / "state"
-    cli(capsys, "feedback", "import", str(write_jsonl(tmp_path / "a.jsonl", [row(1), row(2)])), "--state", str(state))
+    cli("feedback", "import", str(write_jsonl(tmp_path / "a.jsonl", [row(1), row(2)])), "--state", str(state))
     with DeviceState(state) as st:
         st.save_private({"x": torch.zeros(2)}, 1)
     # no terminal and no --yes: refused, nothing deleted
-    code, _, err = cli(capsys, "feedback", "forget", "--state", str(state))
+    code, _, err = cli("feedback", "forget", "--state", str(state))
     assert code == 2 and "--yes" in one_line(err) and "2 feedback pairs" in err
     assert (state / "private_adapter.safetensors").exists()
     # a terminal, and the person says no
     monkeypatch.setattr(device, "_interactive", lambda: True)
     monkeypatch.setattr(device.typer, "confirm", lambda *a, **k: False)
-    code, _, err = cli(capsys, "feedback", "forget", "--state", str(state))
+    code, _, err = cli("feedback", "forget", "--state", str(state))
     assert code == 1 and "nothing deleted" in err
     with DeviceState(state) as st:
         assert st.memory.count() == 2
     # ... and yes
     monkeypatch.setattr(device.typer, "confirm", lambda *a, **k: True)
-    code, out, _ = cli(capsys, "feedback", "forget", "--state", str(state))
+    code, out, _ = cli("feedback", "forget", "--state", str(state))
     assert code == 0 and "forgot 2 pairs" in out and "private_adapter.safetensors" in out
     assert not (state / "private_adapter.safetensors").exists()
-    code, out, _ = cli(capsys, "feedback", "stats", "--state", str(state), "--json")
+    code, out, _ = cli("feedback", "stats", "--state", str(state), "--json")
     assert json.loads(out)["pairs"] == 0 and json.loads(out)["user_id"] is None
     # --yes needs no terminal; nothing left to forget is fine
     monkeypatch.setattr(device, "_interactive", lambda: False)
-    cli(capsys, "feedback", "add", "--state", str(state), "-p", "p", "-c", "a", "-r", "b", "--user", "new")
-    code, out, _ = cli(capsys, "feedback", "forget", "--state", str(state), "--yes")
+    cli("feedback", "add", "--state", str(state), "-p", "p", "-c", "a", "-r", "b", "--user", "new")
+    code, out, _ = cli("feedback", "forget", "--state", str(state), "--yes")
     assert code == 0 and "forgot 1 pairs" in out
-    code, out, _ = cli(capsys, "feedback", "forget", "--state", str(state), "--yes")
+    code, out, _ = cli("feedback", "forget", "--state", str(state), "--yes")
     assert code == 0 and "nothing to forget" in out
 
 
@@ -190,16 +180,16 @@ def trained(tmp_path_factory) -> Iterator[Path]:
     resident.adapters.reset(Role.PRIVATE)
 
 
-def test_generate_text_and_strength_zero_is_global(trained: Path, capsys) -> None:
+def test_generate_text_and_strength_zero_is_global(trained: Path, cli) -> None:
     from fedpersona.alignment.generation import generate
     from fedpersona.client.local import resident_for
     from fedpersona.config import RunConfig
     from fedpersona.model.adapters import Role
 
-    code, personal, err = cli(capsys, "generate", PROMPT, "--state", str(trained), "--device", "cpu",
+    code, personal, err = cli("generate", PROMPT, "--state", str(trained), "--device", "cpu",
                               "--max-new-tokens", "24")
     assert code == 0 and personal.strip(), err
-    code, out, _ = cli(capsys, "generate", PROMPT, "--state", str(trained), "--device", "cpu",
+    code, out, _ = cli("generate", PROMPT, "--state", str(trained), "--device", "cpu",
                        "--max-new-tokens", "24", "--strength", "0", "--json")
     shown = json.loads(out)
     assert code == 0 and (shown["strength"], shown["model_id"], shown["scheme"]) == (0.0, "embedded", "split")
@@ -215,19 +205,19 @@ def test_generate_text_and_strength_zero_is_global(trained: Path, capsys) -> Non
     assert generate(resident, [PROMPT], max_new_tokens=24)[0] == shown["text"]
 
     # sampling is reproducible with a seed
-    runs = [cli(capsys, "generate", PROMPT, "--state", str(trained), "--device", "cpu", "--max-new-tokens", "12",
+    runs = [cli("generate", PROMPT, "--state", str(trained), "--device", "cpu", "--max-new-tokens", "12",
                 "--temperature", "1.0", "--seed", "3")[1] for _ in range(2)]
     assert runs[0] == runs[1] and runs[0].strip()
 
 
-def test_generate_bad_input(trained: Path, tmp_path: Path, capsys) -> None:
-    code, _, err = cli(capsys, "generate", PROMPT, "--state", str(trained), "--strength", "1.5")
+def test_generate_bad_input(trained: Path, tmp_path: Path, cli) -> None:
+    code, _, err = cli("generate", PROMPT, "--state", str(trained), "--strength", "1.5")
     assert code == 2 and "--strength" in one_line(err)
     empty = tmp_path / "empty"
-    cli(capsys, "feedback", "add", "--state", str(empty), "-p", "p", "-c", "a", "-r", "b")
-    code, _, err = cli(capsys, "generate", PROMPT, "--state", str(empty))
+    cli("feedback", "add", "--state", str(empty), "-p", "p", "-c", "a", "-r", "b")
+    code, _, err = cli("generate", PROMPT, "--state", str(empty))
     assert code == 2 and "no adapters yet: run `fedpersona client` first" in one_line(err)
-    code, _, err = cli(capsys, "generate", PROMPT, "--state", str(tmp_path / "missing"))
+    code, _, err = cli("generate", PROMPT, "--state", str(tmp_path / "missing"))
     assert code == 2 and "no device state here" in one_line(err)
 
 

@@ -9,19 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpersona.cli import main
 from fedpersona.client.device_state import DeviceState
 
 PROMPT = "what should I cook tonight?"
 MAX_NEW = 24
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return int(done.value.code or 0), out, err
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +67,14 @@ def greedy(model, tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
     return out[0, input_ids.shape[1]:]
 
 
-def test_export_loads_with_plain_peft_and_matches(trained: Path, tmp_path: Path, capsys) -> None:
+def test_export_loads_with_plain_peft_and_matches(trained: Path, tmp_path: Path, cli) -> None:
     from safetensors import safe_open
 
     from fedpersona.commands.device import load_state_resident
     from fedpersona.model.loading import resolve_model_path
 
     out = tmp_path / "export"
-    code, stdout, err = cli(capsys, "export", "--state", str(trained), "--out", str(out))
+    code, stdout, err = cli("export", "--state", str(trained), "--out", str(out))
     assert code == 0, err
     assert "shared, private" in stdout
     for adapter in ("shared", "private"):
@@ -119,18 +110,18 @@ def test_export_loads_with_plain_peft_and_matches(trained: Path, tmp_path: Path,
 
     tokens = greedy(model, tokenizer, ids)
     assert torch.equal(tokens, greedy(resident.model, resident.tokenizer, ids))
-    code, text, _ = cli(capsys, "generate", PROMPT, "--state", str(trained), "--device", "cpu",
+    code, text, _ = cli("generate", PROMPT, "--state", str(trained), "--device", "cpu",
                         "--max-new-tokens", str(MAX_NEW))
     assert code == 0
     assert text.strip() == tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def test_export_strength_zero_is_the_global_model(trained: Path, tmp_path: Path, capsys) -> None:
+def test_export_strength_zero_is_the_global_model(trained: Path, tmp_path: Path, cli) -> None:
     from fedpersona.commands.device import load_state_resident
     from fedpersona.model.adapters import Role
 
     out = tmp_path / "global"
-    assert cli(capsys, "export", "--state", str(trained), "--out", str(out), "--strength", "0")[0] == 0
+    assert cli("export", "--state", str(trained), "--out", str(out), "--strength", "0")[0] == 0
     model, tokenizer = plain_peft(out)
     ids = prompt_ids(tokenizer, PROMPT)
     with DeviceState(trained) as st:
@@ -141,25 +132,25 @@ def test_export_strength_zero_is_the_global_model(trained: Path, tmp_path: Path,
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_export_refusals(trained: Path, tmp_path: Path, capsys) -> None:
+def test_export_refusals(trained: Path, tmp_path: Path, cli) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, _, err = cli(capsys, "export", "--state", str(trained), "--out", str(out))
+    code, _, err = cli("export", "--state", str(trained), "--out", str(out))
     assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1
-    assert cli(capsys, "export", "--state", str(trained), "--out", str(out), "--force")[0] == 0
+    assert cli("export", "--state", str(trained), "--out", str(out), "--force")[0] == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "shared" / "adapter_model.safetensors").exists()
-    assert cli(capsys, "export", "--state", str(trained), "--out", str(out), "--force")[0] == 0  # again: replaced
+    assert cli("export", "--state", str(trained), "--out", str(out), "--force")[0] == 0  # again: replaced
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
     (out / "private").rename(out / "moved")
     (out / "private").write_text("not an adapter folder")
-    code, _, err = cli(capsys, "export", "--state", str(trained), "--out", str(out), "--force")
+    code, _, err = cli("export", "--state", str(trained), "--out", str(out), "--force")
     assert code == 2 and "not an adapter folder" in err
 
     empty = tmp_path / "empty"
     DeviceState(empty).close()
-    code, _, err = cli(capsys, "export", "--state", str(empty), "--out", str(tmp_path / "x"))
+    code, _, err = cli("export", "--state", str(empty), "--out", str(tmp_path / "x"))
     assert code == 2 and "no adapters yet" in err and not (tmp_path / "x").exists()
-    code, _, err = cli(capsys, "export", "--state", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
+    code, _, err = cli("export", "--state", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert code == 2 and "no device state here" in err

@@ -19,11 +19,12 @@ from fedpersona.privacy.ledger import PrivacyLedger
 CLIP_ONLY = math.inf
 
 
-@pytest.fixture(scope="module")
-def resident():
+@pytest.fixture(scope="module", params=["split", "pal"])
+def resident(request):
+    """split: LoRA private head; pal: private mixture logits with their own per-pair gradient rule."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and 2 cores may be shared
-    r = resident_for(RunConfig())
+    r = resident_for(RunConfig(scheme=request.param))
     yield r
     r.adapters.reset(Role.SHARED)
     r.adapters.reset(Role.PRIVATE)
@@ -138,6 +139,29 @@ def test_noise_free_update_is_the_sum_of_jointly_clipped_per_pair_gradients(mode
     # the adapters moved because of the gradient alone (no noise): Opacus #820 would leave them still
     moved = {model.adapters.roles[n] for n, p in model.adapters.params.items() if not torch.equal(p, before[n])}
     assert moved == {Role.SHARED, Role.PRIVATE}
+
+
+def test_group_clipping_gives_private_and_shared_tensors_their_share_of_the_clip(model, pairs):
+    """private_clip_share f: private tensors clipped to C sqrt(f), shared to C sqrt(1-f), so a pair's whole
+    clipped gradient still has norm <= C (the sensitivity the noise and the accountant assume)."""
+    settings = TrainSettings(batch_size=6, max_steps=1)
+    per_pair = oracle_per_pair(model, pairs, settings)
+    roles = model.adapters.roles
+    groups = {role: {n: g for n, g in per_pair.items() if roles[n] is role} for role in (Role.PRIVATE, Role.SHARED)}
+    clip = float(torch.stack([g.reshape(len(pairs), -1).norm(dim=1) for g in per_pair.values()], 1).norm(dim=1).median())
+    dp = DPSettings(target_epsilon=CLIP_ONLY, max_grad_norm=clip, private_clip_share=0.25, reproducible=True)
+    seen = []
+    train_local_dp(model, pairs, settings, 3, dp, plan_ledger(len(pairs), settings, dp, planned_rounds=1),
+                   on_step=lambda *a: seen.append(a))
+    _, batch, grads = seen[0]
+    want = {**clipped_sum(groups[Role.PRIVATE], batch, clip * 0.5),
+            **clipped_sum(groups[Role.SHARED], batch, clip * math.sqrt(0.75))}
+    assert set(grads) == set(want)
+    for name in want:
+        close(grads[name] * settings.batch_size, want[name])
+    joint = clipped_sum(per_pair, batch, clip)  # what one joint clip gives: different on the private part
+    private = next(n for n in want if roles[n] is Role.PRIVATE)
+    assert not torch.allclose(want[private], joint[private], rtol=1e-3)
 
 
 def test_adapters_move_under_dp_and_ledger_counts_steps(model, pairs):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedpersona.alignment.trainer import train_local
-from fedpersona.client.local import (evaluate_round, fit_personal, population_user, resident_for, train_round,
-                                     win_rate)
+from fedpersona.client.local import (evaluate_round, fit_personal, population_user, resident_for, round_seed,
+                                     train_round, win_rate)
 from fedpersona.config import RunConfig
 from fedpersona.model.adapters import Role
 from fedpersona.strategies import pal
@@ -225,3 +225,39 @@ def test_ffa_trains_under_dp_with_its_a_matrices_frozen():
     assert not result.declined and result.shared
     assert all(not resident.adapters.params[n].requires_grad for n in frozen)
     assert all(torch.equal(resident.adapters.params[n].detach(), before[n]) for n in frozen)
+
+
+def test_pal_trains_under_dp_and_its_mixture_moves():
+    config = RunConfig(scheme="pal", dp_epsilon=8.0, dp_reproducible=True, **FAST)
+    resident = resident_for(config)
+    user = population_user(config, 0)
+    store = MemoryStore()
+    received = shared_of(config)
+    result = train_round(config, user, 0, 1, received, store)
+    assert not result.declined and result.epsilon is not None and 0 < result.epsilon <= 8.0
+    (mixture,) = resident.adapters.names(Role.PRIVATE)
+    pal.init_mixture(resident.adapters, round_seed(config, 0, 0))  # where user 0's logits started
+    start = resident.adapters.tensors(Role.PRIVATE)[mixture]
+    resident.adapters.reset(Role.PRIVATE)
+    assert set(store.private) == {mixture} and not torch.allclose(store.private[mixture], start)
+    assert any(not torch.equal(result.shared[k], received[k]) for k in received)
+
+
+def test_new_user_fit_under_dp_spends_its_own_ledger():
+    from fedpersona.privacy.ledger import PrivacyLedger
+
+    config = RunConfig(scheme="pal", new_users=1, dp_epsilon=8.0, dp_reproducible=True, **FAST)
+    new = config.num_users
+    store = MemoryStore()
+    evaluate_round(config, population_user(config, new), shared_of(config), store, index=new,
+                   extras={"server-round": config.rounds})
+    ledger = PrivacyLedger.from_json(store.ledger)
+    assert ledger.steps_taken == config.new_user_steps and 0 < ledger.spent_epsilon() <= 8.0
+    assert store.private is None  # the fit itself is still not stored
+
+
+def test_finetune_refuses_dp():
+    from fedpersona.errors import UsageError
+
+    with pytest.raises(UsageError, match="scheme"):
+        RunConfig().replace(scheme="finetune", dp_epsilon=8.0)
