@@ -508,7 +508,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a canary's rejected response: another random string from the same distribution "
                         "(DPO must then learn the secret's own words) or an ordinary evasive answer (DPO can "
                         "then win the margin by raising every random string: weaker memorization)")
-    p.add_argument("--scheme", default="split", help="personalization scheme (split, pal, ...; see fedpersona schemes)")
+    p.add_argument("--config", help="a settings TOML (e.g. configs/dp-pal.toml): scheme, learning rates, DP options")
+    p.add_argument("--scheme", default=None, help="personalization scheme (default: the config's, else split)")
     p.add_argument("--rounds", type=int, default=4, help="federated rounds (every user trains every round)")
     p.add_argument("--epochs", type=int, default=4, help="local epochs per round (as RunConfig)")
     p.add_argument("--min-steps", type=int, default=16, help="minimum local steps per round (as RunConfig)")
@@ -545,8 +546,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     clip = {} if args.clip is None else {"dp_max_grad_norm": args.clip}
-    config = RunConfig(seed=args.seed, num_users=args.users, rounds=args.rounds, epochs=args.epochs,
-                       min_steps=args.min_steps, device="cpu", scheme=args.scheme, gen_prompts=0, **clip)
+    base = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    config = base.replace(seed=args.seed, num_users=args.users, rounds=args.rounds, epochs=args.epochs,
+                          min_steps=args.min_steps, device="cpu", gen_prompts=0, new_users=0,
+                          fraction_train=1.0, dp_planned_rounds=0,  # every user trains every round
+                          **({"scheme": args.scheme} if args.scheme else {}), **clip)
     resident = resident_for(config)
     pop = build_population(config, args, secret_words(resident.tokenizer))
     settings = [("no-dp", 0.0)] + [(f"dp-eps{e:g}", e) for e in args.epsilon_list]
@@ -579,6 +583,7 @@ def run(args: argparse.Namespace) -> dict:
             "data": config.data, "model": config.model, "scheme": config.scheme, "loss": config.loss,
             "beta": config.beta, "lr": config.lr, "shared_lr": config.shared_lr, "batch_size": config.batch_size,
             "dp_max_grad_norm": config.dp_max_grad_norm, "dp_accountant": config.dp_accountant,
+            "dp_private_clip_share": config.dp_private_clip_share, "pal_init_std": config.pal_init_std,
             "train_pairs_per_user": {i: len(u.train) for i, u in pop.users.items()},
             "canaries_per_user": {i: sum(c.user == i for c in pop.canaries) for i in pop.users},
             "aggregation": "unweighted mean of shared adapters, all users every round",

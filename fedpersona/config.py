@@ -46,6 +46,9 @@ class RunConfig:
     shared_rank: int = 8
     private_rank: int = 2  # a small private head generalises from few pairs (rank 8 overfits them)
     pal_prototypes: int = 2  # scheme pal (PAL, arXiv 2406.08469): shared prototype adapters of rank shared-rank
+    # std of a pal user's first mixture logits (x10 effective): breaks the prototypes' symmetry; under DP
+    # use a small one (0.08): a decisive random start saturates the softmax and noisy gradients cannot undo it
+    pal_init_std: float = 0.25
     # new users (cold start): extra users held out of federated training; at the final evaluation each
     # fits only its private part on its first new-user-shots training pairs (fedpersona.client.local)
     new_users: int = 0
@@ -180,6 +183,7 @@ class RunConfig:
         need(self.min_pairs >= 2, "min_pairs", "must be >= 2 (a user needs a train and a test pair)")
         need(self.shared_rank >= 1 and self.private_rank >= 1, "shared_rank", "LoRA ranks must be >= 1")
         need(self.pal_prototypes >= 1, "pal_prototypes", "need at least 1 prototype adapter")
+        need(self.pal_init_std >= 0, "pal_init_std", "must be >= 0")
         need(self.new_users >= 0, "new_users", "must be >= 0")
         need(self.new_user_shots >= 1, "new_user_shots", "a new user needs at least 1 training pair")
         need(self.new_user_steps >= 1, "new_user_steps", "must be >= 1")

@@ -200,7 +200,7 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
     resident = resident_for(config)
     scheme = get_scheme(config.scheme)
     init = (None if scheme.init_private is None else
-            lambda: scheme.init_private(resident.adapters, round_seed(config, user_index, 0)))
+            lambda: scheme.init_private(resident.adapters, round_seed(config, user_index, 0), config))
     prepare(resident, shared, store, init)
     seed = round_seed(config, user_index, server_round)
     metrics: dict[str, float] = {}

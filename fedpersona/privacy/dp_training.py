@@ -11,7 +11,9 @@ RDP (Mironov, 2017) or PRV (Gopi et al., 2021) by ``fedpersona.privacy.ledger``:
    the same pair order, one backward on the summed pairwise loss, and Opacus sums both calls into ONE
    ``grad_sample`` row per pair (both sides of a pair are one record, clipped together);
 3. all trainable tensors, shared and private, are clipped jointly to ``max_grad_norm`` (one flat clip;
-   a private adapter trained without DP would let the shared update depend on data through it);
+   a private adapter trained without DP would let the shared update depend on data through it), or,
+   with ``private_clip_share`` f > 0, group-wise: private tensors to ``C sqrt(f)`` and shared ones to
+   ``C sqrt(1 - f)``, the same sensitivity ``C`` (``fedpersona.privacy.group_clipping``);
 4. Gaussian noise ``N(0, (noise * C)^2)`` is added to the clipped sum (``DPOptimizer``), divided by the
    expected batch size, and AdamW steps (private tensors at ``lr``, shared at ``shared_lr``).
 

@@ -140,12 +140,14 @@ def _scale_input(mixture: PalMixture, k: int, device: torch.device):
 
 
 @torch.no_grad()
-def init_mixture(state: AdapterState, seed: int) -> None:
-    """A training user's first mixture logits: random, its own (see the module docstring)."""
+def init_mixture(state: AdapterState, seed: int, settings: object = None) -> None:
+    """A training user's first mixture logits: random, its own (see the module docstring), with std
+    ``settings.pal_init_std`` (``INIT_STD`` if not given)."""
+    std = float(getattr(settings, "pal_init_std", INIT_STD))
     generator = torch.Generator().manual_seed(int(seed) % (2**63))
     for name in state.names(Role.PRIVATE):
         param = state.params[name]
-        param.copy_((torch.randn(param.shape, generator=generator) * INIT_STD).to(param.dtype))
+        param.copy_((torch.randn(param.shape, generator=generator) * std).to(param.dtype))
 
 
 _PROTOTYPE = re.compile(r"\.proto(\d+)\.")

@@ -50,6 +50,7 @@ class LayoutSettings(Protocol):
     shared_rank: int
     private_rank: int
     pal_prototypes: int
+    pal_init_std: float
 
 
 PERSONAL_FITS = ("private", "copy", "none")
@@ -64,7 +65,8 @@ class Scheme:
     finetune_at_eval: bool = False  # the final evaluation fine-tunes the personal copy first (finetune)
     supports_dp: bool = True
     setup: Callable[[torch.nn.Module, AdapterLayout], object] | None = None  # extra modules (pal's mixture)
-    init_private: Callable[[AdapterState, int], None] | None = None  # a training user's first private values
+    # a training user's first private values: (state, seed, settings)
+    init_private: Callable[[AdapterState, int, LayoutSettings], None] | None = None
     # (state, shared tensors received, shared tensors after training) -> what to send (pal's weighting)
     shape_update: Callable[[AdapterState, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
                            dict[str, torch.Tensor]] | None = None
@@ -93,6 +95,7 @@ class _Probe:
     shared_rank: int = 1
     private_rank: int = 1
     pal_prototypes: int = 2
+    pal_init_std: float = 0.25
 
 
 _PROBE = _Probe()

@@ -135,3 +135,17 @@ def test_calculator_reports_have_stable_keys_and_a_line():
     assert "7.3291" in format_report(eps)
     assert noise["mode"] == "noise" and noise["target_epsilon"] == 8.0
     assert "1.3562" in format_report(noise)
+
+
+def test_planned_participations_is_the_binomial_quantile():
+    from fedpersona.privacy.dp_training import planned_participations
+
+    def cdf(k, n, p):
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+    assert planned_participations(15, 1.0) == 15  # every user every round: plan for all of them
+    for rounds, fraction in ((15, 0.5), (40, 0.1), (6, 0.3), (100, 0.05)):
+        k = planned_participations(rounds, fraction)
+        assert cdf(k, rounds, fraction) >= 0.9 > cdf(k - 1, rounds, fraction), (rounds, fraction, k)
+    assert planned_participations(15, 0.5) == 10
+    assert planned_participations(1, 0.01) == 1  # never 0: a user sampled once can train

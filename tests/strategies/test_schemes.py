@@ -236,7 +236,7 @@ def test_pal_trains_under_dp_and_its_mixture_moves():
     result = train_round(config, user, 0, 1, received, store)
     assert not result.declined and result.epsilon is not None and 0 < result.epsilon <= 8.0
     (mixture,) = resident.adapters.names(Role.PRIVATE)
-    pal.init_mixture(resident.adapters, round_seed(config, 0, 0))  # where user 0's logits started
+    pal.init_mixture(resident.adapters, round_seed(config, 0, 0), config)  # where user 0's logits started
     start = resident.adapters.tensors(Role.PRIVATE)[mixture]
     resident.adapters.reset(Role.PRIVATE)
     assert set(store.private) == {mixture} and not torch.allclose(store.private[mixture], start)
