@@ -63,7 +63,7 @@ if __package__ in (None, ""):  # run as a script from anywhere: make the reposit
 from fedpersona.alignment.batching import collate, encode_pairs, sequence_logprobs  # noqa: E402
 from fedpersona.alignment.evaluation import evaluate_user  # noqa: E402
 from fedpersona.alignment.trainer import pair_policy_logps, reference_logps  # noqa: E402
-from fedpersona.client.local import population_user, resident_for, train_round  # noqa: E402
+from fedpersona.client.local import MemoryStore, population_user, resident_for, train_round  # noqa: E402
 from fedpersona.config import RunConfig  # noqa: E402
 from fedpersona.data.schema import PreferencePair, UserData  # noqa: E402
 from fedpersona.data.synthetic import EVASIVE, PROMPT_TEMPLATES, TOPICS  # noqa: E402
@@ -127,30 +127,6 @@ def build_population(config: RunConfig, args: argparse.Namespace, words: list[st
 # ---- training: a few federated rounds, in-process ------------------------------------------------------
 def mean_tensors(updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.stack([u[name] for u in updates]).mean(0) for name in updates[0]}
-
-
-class MemoryStore:
-    """A user's private state between rounds (what a node's Context.state holds in simulation)."""
-
-    def __init__(self) -> None:
-        self.private: dict[str, torch.Tensor] | None = None
-        self.ledger: str | None = None
-        self.rounds = 0
-
-    def load_private(self) -> dict[str, torch.Tensor] | None:
-        return self.private
-
-    def save_private(self, tensors, rounds_trained: int) -> None:
-        self.private, self.rounds = dict(tensors), rounds_trained
-
-    def rounds_trained(self) -> int:
-        return self.rounds
-
-    def load_ledger(self) -> str | None:
-        return self.ledger
-
-    def save_ledger(self, ledger_json: str) -> None:
-        self.ledger = ledger_json
 
 
 def train_setting(resident, config: RunConfig, pop: Population, epsilon: float, rounds: int) -> dict:

@@ -61,6 +61,30 @@ class PrivateStore(Protocol):
     def save_ledger(self, ledger_json: str) -> None: ...
 
 
+class MemoryStore:
+    """A ``PrivateStore`` in this process's memory (benchmarks and tests: one per simulated user)."""
+
+    def __init__(self) -> None:
+        self.private: dict[str, torch.Tensor] | None = None
+        self.ledger: str | None = None
+        self.rounds = 0
+
+    def load_private(self) -> dict[str, torch.Tensor] | None:
+        return None if self.private is None else {k: v.clone() for k, v in self.private.items()}
+
+    def save_private(self, tensors: Mapping[str, torch.Tensor], rounds_trained: int) -> None:
+        self.private, self.rounds = {k: v.clone() for k, v in tensors.items()}, rounds_trained
+
+    def rounds_trained(self) -> int:
+        return self.rounds
+
+    def load_ledger(self) -> str | None:
+        return self.ledger
+
+    def save_ledger(self, ledger_json: str) -> None:
+        self.ledger = ledger_json
+
+
 @dataclass(frozen=True)
 class RoundOptions:
     """What the strategy asked of this round, from the message config's non-RunConfig keys."""
@@ -144,33 +168,16 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)  # values a strategy asked for (see module doc)
 
 
-def _train_private(config: RunConfig, resident: ResidentModel, user: UserData, seed: int,
-                   store: PrivateStore):
-    """Pair-level DP-SGD with the user's persistent ledger (saved before anything leaves the device)."""
-    from fedpersona.privacy.dp_training import plan_ledger, train_local_dp
-    from fedpersona.privacy.ledger import PrivacyLedger
-
-    dp, settings = config.dp_settings, config.train_settings
-    saved = store.load_ledger()
-    # calibrated for the rounds the user is likely to be sampled for; past its budget it declines
-    ledger = (PrivacyLedger.from_json(saved) if saved is not None
-              else plan_ledger(len(user.train), settings, dp, planned_rounds=config.dp_rounds_planned))
-    try:
-        return train_local_dp(resident, user.train, settings, seed, dp, ledger)
-    finally:
-        store.save_ledger(ledger.dumps())
-
-
-def _fit_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[PreferencePair],
-                 settings: TrainSettings, seed: int, store: PrivateStore):
-    """A new user's few-shot fit under DP: DP-SGD on its ledger (planned for this one fit if it has none
-    yet; its pairs were never trained on), so its personal part is as private as a training user's."""
+def _train_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[PreferencePair],
+                   settings: TrainSettings, seed: int, store: PrivateStore, planned_rounds: int):
+    """Pair-level DP-SGD on the user's persistent ledger (calibrated for ``planned_rounds`` rounds if it
+    has none yet), saved before anything leaves the device."""
     from fedpersona.privacy.dp_training import plan_ledger, train_local_dp
     from fedpersona.privacy.ledger import PrivacyLedger
 
     saved = store.load_ledger()
     ledger = (PrivacyLedger.from_json(saved) if saved is not None
-              else plan_ledger(len(pairs), settings, config.dp_settings, planned_rounds=1))
+              else plan_ledger(len(pairs), settings, config.dp_settings, planned_rounds=planned_rounds))
     try:
         return train_local_dp(resident, pairs, settings, seed, config.dp_settings, ledger)
     finally:
@@ -211,7 +218,9 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
     shared_params = [resident.adapters.params[n] for n in resident.adapters.names(Role.SHARED)]
     with proximal_term(shared_params, options.proximal_mu):
         if config.dp_epsilon > 0:
-            stats = _train_private(config, resident, user, seed, store)
+            # calibrated for the rounds the user is likely to be sampled for; past its budget it declines
+            stats = _train_private(config, resident, user.train, config.train_settings, seed, store,
+                                   config.dp_rounds_planned)
             if stats.declined:
                 return RoundResult({}, 0, stats, declined=True, epsilon=stats.epsilon)
             epsilon = stats.epsilon
@@ -247,19 +256,14 @@ def private_parameter_count(resident: ResidentModel, scheme: Scheme) -> int:
 
 
 def fit_personal(resident: ResidentModel, scheme: Scheme, pairs: Sequence[PreferencePair],
-                 settings: TrainSettings, seed: int, private: Callable[[TrainSettings], object] | None = None
-                 ) -> None:
+                 settings: TrainSettings, seed: int, train: Callable[..., object] = train_local) -> None:
     """Fit only the user's personal part on ``pairs``: the PRIVATE tensors (shared ones held still), or,
     for a ``copy`` scheme, the user's copy of the shared tensors (trained at the private learning rate).
-    ``private`` (DP runs): the training call to use instead of plain ``train_local``."""
+    ``train(resident, pairs, settings, seed)`` does the training (DP runs pass DP-SGD on the ledger)."""
     if scheme.personal_fit == "private":
-        fit_settings = dataclasses.replace(settings, shared_lr=0.0)
-        if private is not None:
-            private(fit_settings)
-        else:
-            train_local(resident, pairs, fit_settings, seed=seed)
+        train(resident, pairs, dataclasses.replace(settings, shared_lr=0.0), seed)
     elif scheme.personal_fit == "copy":
-        train_local(resident, pairs, dataclasses.replace(settings, shared_lr=settings.lr), seed=seed)
+        train(resident, pairs, dataclasses.replace(settings, shared_lr=settings.lr), seed)
 
 
 class PersonalViews:
@@ -361,10 +365,10 @@ def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch
     global_shared = resident.adapters.tensors(Role.SHARED) if scheme.personal_fit == "copy" and fit_pairs else None
     try:
         if fit_pairs and scheme.personal_fit != "none":
-            fit_seed = round_seed(config, index or 0, -1)
-            dp_fit = (None if config.dp_epsilon <= 0 else
-                      lambda fit_settings: _fit_private(config, resident, fit_pairs, fit_settings, fit_seed, store))
-            fit_personal(resident, scheme, fit_pairs, settings, fit_seed, dp_fit)
+            # under DP a new user's fit is DP-SGD too, planned for this one fit (its pairs were never trained on)
+            train = train_local if config.dp_epsilon <= 0 else (
+                lambda r, pairs, s, seed: _train_private(config, r, pairs, s, seed, store, planned_rounds=1))
+            fit_personal(resident, scheme, fit_pairs, settings, round_seed(config, index or 0, -1), train)
         views = PersonalViews(resident, global_shared)
         evaluation = Evaluation(views.evaluate(user.test, config.max_length))
         if final:

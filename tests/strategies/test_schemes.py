@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedpersona.alignment.trainer import train_local
-from fedpersona.client.local import (evaluate_round, fit_personal, population_user, resident_for, round_seed,
-                                     train_round, win_rate)
+from fedpersona.client.local import (MemoryStore, evaluate_round, fit_personal, population_user, resident_for,
+                                     round_seed, train_round, win_rate)
 from fedpersona.config import RunConfig
 from fedpersona.model.adapters import Role
 from fedpersona.strategies import pal
@@ -18,26 +18,6 @@ from fedpersona.strategies.schemes import SCHEMES, get_scheme
 
 FAST = dict(num_users=3, rounds=2, epochs=1, min_steps=3, max_steps=3, gen_prompts=2, gen_max_tokens=24,
             new_user_steps=6)
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.private, self.rounds, self.ledger = None, 0, None
-
-    def load_private(self):
-        return None if self.private is None else {k: v.clone() for k, v in self.private.items()}
-
-    def save_private(self, tensors, rounds_trained):
-        self.private, self.rounds = {k: v.clone() for k, v in tensors.items()}, rounds_trained
-
-    def rounds_trained(self):
-        return self.rounds
-
-    def load_ledger(self):
-        return self.ledger
-
-    def save_ledger(self, ledger_json):
-        self.ledger = ledger_json
 
 
 def shared_of(config):
