@@ -50,7 +50,7 @@ def simulate(
     scheme: Annotated[Optional[str], Opt(help="Personalization scheme: split, global, local, fedsa, ffa, finetune, pal.")] = None,
     strategy: Annotated[Optional[str], Opt(help="Flower strategy name or package.module:Class.")] = None,
     strategy_arg: Annotated[list[str], Opt("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
-    dp: Annotated[bool, Opt("--dp", help="Pair-level DP-SGD on every client.")] = False,
+    dp: Annotated[bool, Opt("--dp", help="Pair-level DP-SGD on every client (recipe for personalization under DP: --config configs/dp-pal.toml).")] = False,
     target_epsilon: Annotated[float, Opt(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
     delta: Annotated[Optional[float], Opt(help="Per-user delta (default min(1e-5, 1/(10 n))).")] = None,
     max_grad_norm: Annotated[Optional[float], Opt(help="Per-pair clipping norm (with --dp).")] = None,

@@ -9,6 +9,7 @@ ConfigRecord, so a client needs nothing but the message to do its part.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -20,6 +21,7 @@ from fedpersona.alignment.trainer import TrainSettings
 from fedpersona.errors import UsageError
 
 Scalar = str | int | float | bool
+AUTO_COUNT_NOISE = 40.0  # dp_count_noise -1: std = this / epsilon (5 pairs at epsilon 8; ~1% more DP-SGD noise)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class RunConfig:
     dp_max_grad_norm: float = 0.3  # per-pair DPO gradients are ~0.2-0.7 at the start: a tighter clip keeps signal, cuts noise
     dp_private_clip_share: float = 0.0  # 0: one joint clip; f: private tensors clipped to C*sqrt(f), shared to C*sqrt(1-f)
     dp_accountant: str = "rdp"
+    # std (in pairs) of the noise on each user's pair count, released once as its FedAvg weight and counted in its
+    # budget (sensitivity 1). -1: auto, 40 / epsilon (5 at epsilon 8): about 1% more DP-SGD noise at any epsilon
+    # (a fixed std would cost a growing share of a small budget). 0: no release, every user weighs the same
+    dp_count_noise: float = -1.0
     # rounds each user's noise is calibrated for; 0: the 90th percentile of its participations when each
     # round samples fraction-train of the users (all rounds at 1.0); the ledger declines what it cannot afford
     dp_planned_rounds: int = 0
@@ -147,7 +153,16 @@ class RunConfig:
         return DPSettings(target_epsilon=self.dp_epsilon, delta=self.dp_delta or None,
                           max_grad_norm=self.dp_max_grad_norm, accountant=self.dp_accountant,
                           private_clip_share=self.dp_private_clip_share,
+                          # user-level DP needs constant weights: then no count is released
+                          count_noise=0.0 if self.user_dp_noise > 0 else self.count_noise,
                           max_physical_batch=self.dp_max_physical_batch, reproducible=self.dp_reproducible)
+
+    @property
+    def count_noise(self) -> float:
+        """The std of each user's released pair count under pair-level DP (``dp_count_noise`` resolved)."""
+        if self.dp_count_noise >= 0 or not (0 < self.dp_epsilon < math.inf):
+            return max(self.dp_count_noise, 0.0)
+        return AUTO_COUNT_NOISE / self.dp_epsilon
 
     @property
     def dp_rounds_planned(self) -> int:
@@ -210,6 +225,8 @@ class RunConfig:
         need(0.0 <= self.user_dp_delta < 1.0, "user_dp_delta", "must be in [0, 1) (0: 1/N^1.1)")
         need(0.0 <= self.dp_delta < 1.0, "dp_delta", "must be in [0, 1) (0: default)")
         need(self.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0")
+        need(self.dp_count_noise == -1 or 0.0 <= self.dp_count_noise < math.inf, "dp_count_noise",
+             "must be -1 (auto: 40 / epsilon) or a finite number >= 0 (0: no count released)")
         need(self.dp_accountant in ("rdp", "prv"), "dp_accountant", "choose rdp or prv")
         need(self.dp_max_physical_batch >= 1, "dp_max_physical_batch", "must be >= 1")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",

@@ -67,13 +67,15 @@ def _shared_from(msg: Message) -> dict[str, torch.Tensor] | None:
 def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
     """The only content a training reply carries: shared tensors and non-private counters.
 
-    With DP on, ``num-examples`` is a constant 1: a pair count depends on the data (Opacus treats n as
-    public; we do not send it) and weighting by it would break user-level DP analysis. A user whose
-    budget is spent replies with no tensors and ``declined=1``, which aggregation weights by 0.
+    ``num-examples`` is the user's pair count without DP; under pair-level DP the count released with
+    Gaussian noise inside the user's budget (``PrivacyLedger``; 1 with ``dp-count-noise 0``); under
+    user-level DP a constant 1 (weighting by data size would break its analysis). A user whose budget is
+    spent replies with no tensors and ``declined=1``, which aggregation weights by 0.
     """
-    dp = config.dp_epsilon > 0 or config.user_dp_noise > 0  # either kind: constant example weighting
+    dp = config.dp_epsilon > 0 or config.user_dp_noise > 0
+    weight = 1 if config.user_dp_noise > 0 else result.num_examples
     metrics: dict[str, float | int] = {
-        "num-examples": 0 if result.declined else (1 if dp else result.num_examples),
+        "num-examples": 0 if result.declined else weight,
         "declined": int(result.declined),
     }
     if not dp:

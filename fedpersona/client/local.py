@@ -161,7 +161,7 @@ def prepare(resident: ResidentModel, shared: Mapping[str, torch.Tensor] | None, 
 @dataclass(frozen=True)
 class RoundResult:
     shared: dict[str, torch.Tensor]  # what may be sent: shared tensors only
-    num_examples: int
+    num_examples: int  # the aggregation weight: pair count, under pair-level DP its released noised value
     stats: object  # TrainStats or DPTrainStats
     declined: bool = False  # the user's privacy budget could not afford this round, or a new user
     epsilon: float | None = None  # pair-level epsilon spent so far (DP only)
@@ -169,15 +169,18 @@ class RoundResult:
 
 
 def _train_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[PreferencePair],
-                   settings: TrainSettings, seed: int, store: PrivateStore, planned_rounds: int):
-    """Pair-level DP-SGD on the user's persistent ledger (calibrated for ``planned_rounds`` rounds if it
-    has none yet), saved before anything leaves the device."""
+                   settings: TrainSettings, seed: int, store: PrivateStore, planned_rounds: int,
+                   release_count: bool = True):
+    """Pair-level DP-SGD on the user's persistent ledger (calibrated for ``planned_rounds`` rounds, with
+    the released pair count when ``release_count``, if it has none yet), saved before anything leaves
+    the device."""
     from fedpersona.privacy.dp_training import plan_ledger, train_local_dp
     from fedpersona.privacy.ledger import PrivacyLedger
 
     saved = store.load_ledger()
     ledger = (PrivacyLedger.from_json(saved) if saved is not None
-              else plan_ledger(len(pairs), settings, config.dp_settings, planned_rounds=planned_rounds))
+              else plan_ledger(len(pairs), settings, config.dp_settings, planned_rounds=planned_rounds,
+                               release_count=release_count, seed=seed))
     try:
         return train_local_dp(resident, pairs, settings, seed, config.dp_settings, ledger)
     finally:
@@ -223,14 +226,15 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
                                    config.dp_rounds_planned)
             if stats.declined:
                 return RoundResult({}, 0, stats, declined=True, epsilon=stats.epsilon)
-            epsilon = stats.epsilon
+            epsilon, weight = stats.epsilon, stats.aggregation_weight  # the released (noised) pair count, or 1
         else:
             stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed), None
+            weight = len(user.train)
     store.save_private(resident.adapters.tensors(Role.PRIVATE), store.rounds_trained() + 1)
     sent = resident.adapters.tensors(Role.SHARED)
     if scheme.shape_update is not None and shared is not None:
         sent = scheme.shape_update(resident.adapters, shared, sent)  # e.g. PAL's responsibility weighting
-    return RoundResult(sent, len(user.train), stats, epsilon=epsilon, metrics=metrics)
+    return RoundResult(sent, weight, stats, epsilon=epsilon, metrics=metrics)
 
 
 def current_epsilon(store: PrivateStore) -> float | None:
@@ -367,7 +371,8 @@ def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch
         if fit_pairs and scheme.personal_fit != "none":
             # under DP a new user's fit is DP-SGD too, planned for this one fit (its pairs were never trained on)
             train = train_local if config.dp_epsilon <= 0 else (
-                lambda r, pairs, s, seed: _train_private(config, r, pairs, s, seed, store, planned_rounds=1))
+                lambda r, pairs, s, seed: _train_private(config, r, pairs, s, seed, store, planned_rounds=1,
+                                                         release_count=False))  # it sends nothing
             fit_personal(resident, scheme, fit_pairs, settings, round_seed(config, index or 0, -1), train)
         views = PersonalViews(resident, global_shared)
         evaluation = Evaluation(views.evaluate(user.test, config.max_length))

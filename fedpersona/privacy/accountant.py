@@ -18,6 +18,7 @@ is commutative, and merging makes a history split over rounds give exactly the v
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -112,23 +113,56 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                      accountant: str = "rdp", tolerance: float = 0.01) -> float:
+                      accountant: str = "rdp", tolerance: float = 0.01, prior: Sequence[Phase] = ()) -> float:
     """The smallest noise multiplier (binary search, Opacus ``get_noise_multiplier``) whose epsilon after
-    ``steps`` steps at ``sample_rate`` is at most ``target_epsilon`` (and within ``tolerance`` of it)."""
-    from opacus.accountants.utils import get_noise_multiplier
+    ``steps`` steps at ``sample_rate`` is at most ``target_epsilon`` (and within ``tolerance`` of it).
 
+    ``prior``: phases already spent or committed (e.g. a released pair count); the returned noise makes
+    ``prior`` followed by the ``steps`` steps reach at most ``target_epsilon`` together."""
     check_accountant(accountant)
     target_epsilon, delta = check_epsilon(target_epsilon), check_delta(delta)
     sample_rate, steps = check_rate(sample_rate), check_steps(steps, minimum=1)
+    return _calibrated(target_epsilon, delta, sample_rate, steps, accountant, tolerance, tuple(merge_history(prior)))
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, and each search costs seconds
+def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                tolerance: float, prior: tuple[Phase, ...]) -> float:
     try:
-        with warnings.catch_warnings(), np.errstate(divide="ignore", over="ignore"):
-            warnings.simplefilter("ignore")
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                              epsilon_tolerance=tolerance))
+        if not prior:  # Opacus's own search: the reference values in the notes come from it
+            from opacus.accountants.utils import get_noise_multiplier
+
+            with warnings.catch_warnings(), np.errstate(divide="ignore", over="ignore"):
+                warnings.simplefilter("ignore")
+                return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                                  sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                                  epsilon_tolerance=tolerance))
+        return _search_noise(target_epsilon, delta, sample_rate, steps, accountant, tolerance, list(prior))
     except ValueError as err:  # "The privacy budget is too low."
         raise UsageError(f"target epsilon {target_epsilon} at delta {delta:g} cannot be reached with {steps} steps "
                          f"at sample rate {sample_rate:g} ({err}); raise epsilon or take fewer steps") from None
+
+
+def _search_noise(target: float, delta: float, rate: float, steps: int, accountant: str, tolerance: float,
+                  prior: list[Phase]) -> float:
+    """Opacus's bisection (double the upper end until it fits, then halve the bracket) over ``prior + steps``."""
+    def eps(noise: float) -> float:
+        return epsilon_of_history([*prior, (noise, rate, steps)], delta, accountant)
+
+    if epsilon_of_history(prior, delta, accountant) >= target:
+        raise ValueError("the prior phases alone spend the target")
+    low, high = 0.0, 10.0
+    while (spent := eps(high)) > target:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError("The privacy budget is too low.")
+    while target - spent > tolerance and high - low > 1e-9:
+        mid = (low + high) / 2
+        if (at_mid := eps(mid)) > target:
+            low = mid
+        else:
+            high, spent = mid, at_mid
+    return high
 
 
 def _make(accountant: str):

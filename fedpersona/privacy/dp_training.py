@@ -15,7 +15,10 @@ RDP (Mironov, 2017) or PRV (Gopi et al., 2021) by ``fedpersona.privacy.ledger``:
    with ``private_clip_share`` f > 0, group-wise: private tensors to ``C sqrt(f)`` and shared ones to
    ``C sqrt(1 - f)``, the same sensitivity ``C`` (``fedpersona.privacy.group_clipping``);
 4. Gaussian noise ``N(0, (noise * C)^2)`` is added to the clipped sum (``DPOptimizer``), divided by the
-   expected batch size, and AdamW steps (private tensors at ``lr``, shared at ``shared_lr``).
+   expected batch size, and AdamW steps (private tensors at ``lr``, shared at ``shared_lr``);
+5. optionally (``count_noise`` > 0) the user's pair count is released once, with Gaussian noise, as its
+   FedAvg weight, inside the same budget (``PrivacyLedger``): otherwise an 8-pair user, whose update is
+   mostly noise, weighs as much as a 150-pair one.
 
 A logical batch larger than ``max_physical_batch`` is split into chunks whose clipped per-pair gradients
 are accumulated (``DPOptimizer.signal_skip_step``, as Opacus's BatchMemoryManager does) before one noisy
@@ -41,6 +44,7 @@ Opacus's ``secure_mode`` floating-point hardening is not used.
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -66,6 +70,7 @@ from fedpersona.privacy.ledger import PrivacyLedger, default_delta
 # on_step(step, batch indices, gradient the optimizer uses: (sum of clipped per-pair grads + noise) / E)
 StepProbe = Callable[[int, Sequence[int], Mapping[str, torch.Tensor]], None]
 _NOISE_SEED_SALT = 0x5EED_D1FF
+_COUNT_SEED_SALT = 0xC0_0174
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class DPSettings:
     accountant: str = "rdp"  # "rdp" or "prv"
     max_physical_batch: int = 32  # pairs per forward/backward; larger logical batches are accumulated
     private_clip_share: float = 0.0  # 0: one joint clip; f in (0, 1): private group C*sqrt(f), shared C*sqrt(1-f)
+    count_noise: float = 0.0  # > 0: release n + N(0, count_noise^2) once as the aggregation weight (in the budget)
     reproducible: bool = False  # True: sampling and noise seeded from the round seed (simulation only)
 
     def validate(self) -> None:
@@ -89,6 +95,9 @@ class DPSettings:
         if not 0.0 <= self.private_clip_share < 1.0:
             raise UsageError(f"dp private clip share {self.private_clip_share!r} is invalid: it must be in [0, 1) "
                              "(0: one joint clip)")
+        if not (math.isfinite(self.count_noise) and self.count_noise >= 0):
+            raise UsageError(f"dp count noise {self.count_noise!r} is invalid: it must be a finite number >= 0 "
+                             "(0: release no pair count, every user weighs the same)")
         if self.max_physical_batch < 1:
             raise UsageError(f"dp max physical batch {self.max_physical_batch!r} is invalid: it must be >= 1")
         if self.delta is not None and not (0.0 < self.delta < 1.0):
@@ -100,7 +109,8 @@ class DPSettings:
 
 @dataclass(frozen=True)
 class DPTrainStats:
-    """What one DP round did. Only ``steps`` (fixed by the plan) and the epsilon fields may be sent;
+    """What one DP round did. Only ``steps`` (fixed by the plan), the epsilon fields and the
+    ``aggregation_weight`` (the released, noised pair count) may be sent;
     ``pairs_seen`` and ``mean_loss`` depend on the data and the Poisson draws: keep them on the device."""
 
     steps: int  # logical (noisy) optimizer steps == accountant steps
@@ -113,18 +123,29 @@ class DPTrainStats:
     physical_batches: int = 0
     empty_batches: int = 0
     declined: bool = False  # the budget would be exceeded: nothing was trained
+    aggregation_weight: int = 1  # the ledger's released pair count (1 if none): what may be sent as num-examples
 
 
-def plan_ledger(num_pairs: int, settings: TrainSettings, dp: DPSettings, planned_rounds: int) -> PrivacyLedger:
+def plan_ledger(num_pairs: int, settings: TrainSettings, dp: DPSettings, planned_rounds: int, *,
+                release_count: bool = True, seed: int = 0) -> PrivacyLedger:
     """A user's ledger, noise calibrated once for ``planned_rounds`` rounds of ``settings.steps_for(n)``
     steps at ``q = batch_size / n``. Pass the most rounds the user may train in (e.g. the run's rounds):
-    the budget then holds even if the user is sampled every round."""
+    the budget then holds even if the user is sampled every round.
+
+    With ``dp.count_noise`` > 0 and ``release_count``, it also draws the user's released pair count
+    ``n + N(0, count_noise^2)`` (its aggregation weight; in the budget, see ``PrivacyLedger``), from the OS
+    entropy source, or from ``seed`` when ``dp.reproducible``."""
     dp.validate()
     if planned_rounds < 1:
         raise UsageError(f"planned rounds {planned_rounds!r} is invalid: it must be >= 1")
     q = sample_rate_for(settings.batch_size, num_pairs)
     steps = settings.steps_for(num_pairs) * planned_rounds
-    return PrivacyLedger.calibrate(dp.target_epsilon, dp.delta_for(num_pairs), q, steps, dp.accountant)
+    count_noise, released = 0.0, None
+    if release_count and dp.count_noise > 0 and not math.isinf(dp.target_epsilon):
+        rng = random.Random(seed ^ _COUNT_SEED_SALT) if dp.reproducible else random.SystemRandom()
+        count_noise, released = dp.count_noise, num_pairs + rng.gauss(0.0, dp.count_noise)
+    return PrivacyLedger.calibrate(dp.target_epsilon, dp.delta_for(num_pairs), q, steps, dp.accountant,
+                                   count_noise=count_noise, released_count=released)
 
 
 def planned_participations(rounds: int, fraction: float, quantile: float = 0.9) -> int:
@@ -247,7 +268,7 @@ def train_local_dp(resident: ResidentModel, pairs: Sequence[PreferencePair], set
 
     def stats(steps=0, seen=0, loss=math.nan, physical=0, empty=0, declined=False) -> DPTrainStats:
         return DPTrainStats(steps, seen, loss, ledger.spent_epsilon(), ledger.delta, ledger.noise_multiplier, q,
-                            physical, empty, declined)
+                            physical, empty, declined, ledger.aggregation_weight)
 
     if ledger.would_exceed(total_steps, q):
         return stats(declined=True)

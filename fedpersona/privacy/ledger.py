@@ -10,6 +10,12 @@ It lives in the client's persistent state (Flower ``Context.state`` as a JSON st
 or the device's state file): ``to_json()`` gives a plain dict, ``from_json()`` reads it back, so a
 restarted client continues its budget instead of restarting it.
 
+A ledger may also hold the user's **released pair count**: ``n + N(0, count_noise^2)``, drawn once when
+the ledger is planned and sent as the user's aggregation weight every round it trains (pair-count-weighted
+FedAvg under DP). Adding or removing one pair moves n by 1, so this is a Gaussian mechanism of sensitivity
+1, composed into the budget as one phase ``(count_noise, 1.0, 1)`` before the DP-SGD phases (the noise is
+calibrated for both together); reusing the released value later is post-processing and costs nothing.
+
 ``target_epsilon = inf`` is a clip-only ledger: noise 0, no guarantee (spent epsilon is inf). It exists
 for tests and ablations (the update is then the exact mean of clipped per-pair gradients).
 """
@@ -57,26 +63,38 @@ class PrivacyLedger:
     sample_rate: float
     planned_steps: int
     history: list[Phase] = field(default_factory=list)
+    count_noise: float = 0.0  # 0: no pair count released
+    released_count: float | None = None  # n + N(0, count_noise^2), drawn once; None if not released
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
     def calibrate(cls, target_epsilon: float, delta: float, sample_rate: float, planned_steps: int,
-                  accountant: str = "rdp") -> PrivacyLedger:
-        """A fresh ledger whose noise reaches at most ``target_epsilon`` after ``planned_steps`` steps."""
+                  accountant: str = "rdp", *, count_noise: float = 0.0,
+                  released_count: float | None = None) -> PrivacyLedger:
+        """A fresh ledger whose noise reaches at most ``target_epsilon`` after ``planned_steps`` steps
+        (after the pair-count release too, when ``count_noise`` > 0 and ``released_count`` is given)."""
         check_accountant(accountant)
         check_delta(delta)
         check_rate(sample_rate)
         check_steps(planned_steps, minimum=1)
-        if target_epsilon == math.inf:
-            noise = 0.0  # clip-only: no noise, no guarantee
-        else:
-            noise = noise_for_epsilon(target_epsilon, delta, sample_rate, planned_steps, accountant)
-        return cls(accountant, float(delta), float(target_epsilon), noise, float(sample_rate), int(planned_steps))
+        if (count_noise > 0) != (released_count is not None):
+            raise ValueError("a released pair count needs its count noise, and count noise needs the released count")
+        ledger = cls(accountant, float(delta), float(target_epsilon), 0.0, float(sample_rate), int(planned_steps),
+                     count_noise=float(count_noise), released_count=released_count)
+        if target_epsilon != math.inf:  # inf: clip-only, no noise, no guarantee
+            ledger.noise_multiplier = noise_for_epsilon(target_epsilon, delta, sample_rate, planned_steps,
+                                                        accountant, prior=ledger._release())
+        return ledger
 
     # ---- questions ---------------------------------------------------------------------------------
     @property
     def clip_only(self) -> bool:
         return self.noise_multiplier == 0.0
+
+    @property
+    def aggregation_weight(self) -> int:
+        """What the user sends as ``num-examples``: its released pair count (at least 1), else 1."""
+        return 1 if self.released_count is None else max(1, round(self.released_count))
 
     @property
     def steps_taken(self) -> int:
@@ -121,6 +139,8 @@ class PrivacyLedger:
             "sample_rate": self.sample_rate,
             "planned_steps": self.planned_steps,
             "history": [[float(n), float(q), int(s)] for n, q, s in self.history],
+            "count_noise": self.count_noise,
+            "released_count": self.released_count,
         }
 
     def dumps(self) -> str:
@@ -143,7 +163,11 @@ class PrivacyLedger:
                 sample_rate=float(data["sample_rate"]),
                 planned_steps=int(data["planned_steps"]),
                 history=[(float(n), float(q), int(s)) for n, q, s in data["history"]],
+                count_noise=float(data.get("count_noise", 0.0)),
+                released_count=None if data.get("released_count") is None else float(data["released_count"]),
             )
+            if (ledger.count_noise > 0) != (ledger.released_count is not None):
+                raise ValueError("count_noise and released_count must be set together")
         except UsageError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -156,8 +180,12 @@ class PrivacyLedger:
         return (float(self.noise_multiplier if noise is None else noise),
                 float(self.sample_rate if sample_rate is None else sample_rate), int(steps))
 
+    def _release(self) -> list[Phase]:
+        """The pair-count release as a phase: a Gaussian mechanism of sensitivity 1, no subsampling."""
+        return [(self.count_noise, 1.0, 1)] if self.released_count is not None else []
+
     def _epsilon(self, history: list[Phase]) -> float:
-        live = [phase for phase in history if phase[2] > 0]
+        live = [phase for phase in [*self._release(), *history] if phase[2] > 0]
         if any(noise == 0.0 for noise, _, _ in live):
             return math.inf
         return epsilon_of_history(live, self.delta, self.accountant)

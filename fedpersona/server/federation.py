@@ -142,6 +142,8 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         "pair_level_delta": (config.dp_delta or "min(1e-5, 1/(10 n)) per user") if config.dp_epsilon else None,
         "pair_level_accountant": config.dp_accountant if config.dp_epsilon else None,
         "pair_level_planned_rounds": config.dp_rounds_planned if config.dp_epsilon else None,
+        # std of the noise on each user's released pair count (its FedAvg weight); 0: every user weighed 1
+        "pair_level_count_noise": config.count_noise if config.dp_epsilon else None,
     }
     if config.user_dp_noise > 0:
         summary.update(user_level_report(

@@ -78,3 +78,36 @@ def test_private_state_persists_between_rounds_and_evaluate_reports_aggregates(s
                                    "acc-global", "acc-base"}
     assert metrics["user-index"] == 2 and metrics["rounds-trained"] == 2
     assert all(0.0 <= metrics[f"acc-{m}"] <= 1.0 for m in ("personalized", "global", "base"))
+
+
+@pytest.mark.parametrize("count_noise", [5.0, 0.0])
+def test_dp_reply_weighs_by_the_released_noised_count_and_nothing_else(split_resident, initial_shared, count_noise):
+    import json
+
+    from fedpersona.client.app import LEDGER_KEY
+    from fedpersona.client.local import population_user
+
+    config = RunConfig(num_users=3, min_steps=2, epochs=1, dp_epsilon=8.0, dp_count_noise=count_noise,
+                       dp_reproducible=True)
+    message = Message(content=RecordDict({"arrays": ArrayRecord(initial_shared),
+                                          "config": ConfigRecord({**config.to_flat(), "server-round": 1})}),
+                      dst_node_id=7, message_type=MessageType.TRAIN)
+    context = _context()
+    reply = client_app(message, context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content.metric_records["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "declined", "epsilon"}  # no step count, no loss
+    ledger = json.loads(context.state.config_records[LEDGER_KEY]["json"])
+    pairs = len(population_user(config, 1).train)
+    if count_noise:
+        # the weight is the count released once, with its noise: not the true pair count
+        assert ledger["count_noise"] == count_noise and ledger["released_count"] != pairs
+        assert metrics["num-examples"] == max(1, round(ledger["released_count"]))
+    else:
+        assert ledger["released_count"] is None and metrics["num-examples"] == 1
+    assert 0 < metrics["epsilon"] <= 8.0
+    # round 2 (another round seed) reuses the count released in round 1: a fresh draw would leak more
+    message.content["config"]["server-round"] = 2
+    again = client_app(message, context).content.metric_records["metrics"]
+    assert again["num-examples"] == metrics["num-examples"] and again["epsilon"] > metrics["epsilon"]
+    assert json.loads(context.state.config_records[LEDGER_KEY]["json"])["released_count"] == ledger["released_count"]

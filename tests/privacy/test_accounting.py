@@ -149,3 +149,33 @@ def test_planned_participations_is_the_binomial_quantile():
         assert cdf(k, rounds, fraction) >= 0.9 > cdf(k - 1, rounds, fraction), (rounds, fraction, k)
     assert planned_participations(15, 0.5) == 10
     assert planned_participations(1, 0.01) == 1  # never 0: a user sampled once can train
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noise_with_a_prior_release_meets_the_target_together(accountant):
+    alone = noise_for_epsilon(8.0, 1e-5, 0.16, 160, accountant)
+    release = [(5.0, 1.0, 1)]  # a pair count released with std 5 (sensitivity 1)
+    both = noise_for_epsilon(8.0, 1e-5, 0.16, 160, accountant, prior=release)
+    assert both > alone  # the release costs budget, so DP-SGD needs more noise ...
+    spent = epsilon_of_history([*release, (both, 0.16, 160)], 1e-5, accountant)
+    assert 8.0 - 0.01 <= spent <= 8.0  # ... and the two together reach the target, not more
+    with pytest.raises(UsageError):  # a prior that spends the whole budget leaves nothing to train with
+        noise_for_epsilon(1.0, 1e-5, 0.16, 160, accountant, prior=[(0.5, 1.0, 1)])
+
+
+def test_ledger_with_a_released_count_accounts_it_and_survives_json():
+    ledger = PrivacyLedger.calibrate(8.0, 1e-5, 0.16, 160, "rdp", count_noise=5.0, released_count=41.7)
+    assert ledger.aggregation_weight == 42
+    assert 0 < ledger.spent_epsilon() == epsilon(5.0, 1.0, 1, 1e-5)  # released before any step
+    ledger.record(160)
+    assert ledger.spent_epsilon() <= 8.0 and ledger.steps_taken == 160  # the release is not a step
+    plain = PrivacyLedger.calibrate(8.0, 1e-5, 0.16, 160, "rdp")
+    assert ledger.noise_multiplier > plain.noise_multiplier
+    assert PrivacyLedger.from_json(ledger.dumps()) == ledger
+    assert PrivacyLedger.calibrate(8.0, 1e-5, 0.16, 160, "rdp", count_noise=5.0, released_count=-3.0
+                                   ).aggregation_weight == 1
+    old = plain.to_json()
+    del old["count_noise"], old["released_count"]  # a ledger written before counts were released
+    assert PrivacyLedger.from_json(old) == plain
+    with pytest.raises(UsageError):
+        PrivacyLedger.from_json({**ledger.to_json(), "released_count": None})

@@ -232,3 +232,35 @@ def test_physical_batch_cap_gives_the_same_clipped_sum(resident, pairs):
             close(g1[name], g2[name])
     for name in whole_end:
         close(capped_end[name], whole_end[name])
+
+
+def test_released_pair_count_is_noised_once_and_reproducible_only_when_asked():
+    settings = TrainSettings(batch_size=8, min_steps=4)
+    n, noise = 40, 5.0
+    secure = DPSettings(target_epsilon=8.0, count_noise=noise)
+    draws = [plan_ledger(n, settings, secure, planned_rounds=2, seed=7).released_count for _ in range(60)]
+    mean = sum(draws) / len(draws)
+    std = math.sqrt(sum((d - mean) ** 2 for d in draws) / (len(draws) - 1))
+    assert abs(mean - n) < 4 * noise / math.sqrt(len(draws))  # unbiased around the true count
+    assert 0.6 * noise < std < 1.4 * noise  # with the noise asked for (same seed, fresh OS draws)
+    seeded = DPSettings(target_epsilon=8.0, count_noise=noise, reproducible=True)
+    assert (plan_ledger(n, settings, seeded, 2, seed=7).released_count
+            == plan_ledger(n, settings, seeded, 2, seed=7).released_count
+            != plan_ledger(n, settings, seeded, 2, seed=8).released_count)
+    # nothing released when the caller sends nothing, when asked for 0, or without a guarantee (clip only)
+    assert plan_ledger(n, settings, secure, 1, release_count=False).released_count is None
+    assert plan_ledger(n, settings, DPSettings(target_epsilon=8.0), 1).released_count is None
+    assert plan_ledger(n, settings, DPSettings(target_epsilon=CLIP_ONLY, count_noise=noise), 1).released_count is None
+
+
+def test_count_noise_setting_is_auto_by_epsilon_explicit_or_off():
+    from fedpersona.errors import UsageError
+
+    assert RunConfig(dp_epsilon=8.0).dp_settings.count_noise == 5.0  # auto: 40 / epsilon
+    assert RunConfig(dp_epsilon=1.0).dp_settings.count_noise == 40.0  # a fixed 5 would eat a small budget
+    assert RunConfig(dp_epsilon=1.0, dp_count_noise=3.0).dp_settings.count_noise == 3.0
+    assert RunConfig(dp_epsilon=8.0, dp_count_noise=0.0).dp_settings.count_noise == 0.0
+    # user-level DP needs constant weights: no count is released (and no budget spent on one)
+    assert RunConfig(dp_epsilon=8.0, user_dp_noise=1.0).dp_settings.count_noise == 0.0
+    with pytest.raises(UsageError, match="dp-count-noise"):
+        RunConfig(dp_epsilon=8.0, dp_count_noise=-2.0).validate()
