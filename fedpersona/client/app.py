@@ -24,6 +24,7 @@ from fedpersona.privacy.user_level import clipping_mod_when_asked
 PRIVATE_KEY = "fedpersona.private"
 COUNTERS_KEY = "fedpersona.counters"
 LEDGER_KEY = "fedpersona.ledger"
+ROSTER_KEY = "fedpersona.roster"  # the server's query for a node's user index (fedpersona.server.roster)
 
 
 class ContextStore:
@@ -100,6 +101,16 @@ def train(msg: Message, context: Context) -> Message:
     result = train_round(config, population_user(config, index), index, int(extras.get("server-round", 0)),
                          _shared_from(msg), store, extras)
     return Message(train_reply(config, result), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The server's roster question (``fedpersona.server.roster``): which user this simulated node holds.
+    A partition id is a simulation detail, not user data; a device answers nothing."""
+    metrics: dict[str, int] = {}
+    if ROSTER_KEY in msg.content.config_records and device_for(context.node_config) is None:
+        metrics["user-index"] = user_index(context)
+    return Message(RecordDict({ROSTER_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

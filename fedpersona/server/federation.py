@@ -25,6 +25,8 @@ from fedpersona.server.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
 from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
+from fedpersona.server.roster import roster_query
+from fedpersona.server.sampling import round_seed_sampling
 from fedpersona.server.resume import (checkpoint_hook, finished_rows, offset_rounds, restore_recorder_totals,
                                       restore_rows)
 from fedpersona.privacy.user_level import user_level_report, wrap_strategy
@@ -84,8 +86,8 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     reporter = reporter or QuietReporter()
     checkpoint = resume_point(config, checkpoint_dir, resume)
     done = checkpoint.round if checkpoint else 0
-    # Flower samples nodes with the `random` module: same seed, same users (a resumed run reseeds
-    # per resume point, so its sampling does not replay the first rounds' choices).
+    # Flower samples nodes with the `random` module: same seed, same users. Training samples are reseeded
+    # per round (server.sampling) over nodes in user order (server.roster); this start seed covers the rest.
     random.seed(config.seed if not done else f"{config.seed}/resume/{done}")
     np.random.seed(config.seed + done)
     resident = resident_for(config)  # same seed as every client: identical initial adapters
@@ -100,6 +102,7 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         restore_recorder_totals(recorder, checkpoint.recorder)
         restore_strategy_state(strategy, checkpoint.strategy_state)
         initial = checkpoint.arrays
+    round_seed_sampling(strategy, config.seed)  # sees true round numbers: offset_rounds wraps it
     offset_rounds(strategy, done)
     message_config = config.to_flat()
     if deployment:
@@ -108,10 +111,13 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         message_config.pop("num-users", None)
     hook = (checkpoint_hook(checkpoint_dir, strategy, recorder, done=done, num_rounds=config.rounds,
                             config=dict(message_config)) if checkpoint_dir else None)
+    # simulation: nodes listed in user order, so the seeded sampling picks the same users every run
+    order = (None if deployment else
+             roster_query(grid, expected=config.num_users + config.new_users, timeout=config.round_timeout))
     reporter.start(config.rounds)
     try:
         strategy.start(
-            grid=ProgressGrid(grid, on_reply=reporter.replies),
+            grid=ProgressGrid(grid, on_reply=reporter.replies, order=order),
             initial_arrays=initial,
             num_rounds=config.rounds - done,
             timeout=config.round_timeout,

@@ -1,26 +1,33 @@
-"""A Grid that reports replies as they arrive, and polls often.
+"""A Grid that reports replies as they arrive, polls often, and lists nodes in user order.
 
 Flower's grids block in ``send_and_receive`` until every reply is in (the deployment grid sleeps 3 s
 between polls). This wrapper pushes, then polls every ``poll_interval`` seconds, telling a callback how
-many replies are in, so a progress display can show "users done" live. Everything else is delegated.
+many replies are in, so a progress display can show "users done" live. With a roster (``order``: node id
+-> user index, see ``fedpersona.server.roster``) ``get_node_ids`` lists nodes in user order, so Flower's
+seeded sampling picks the same users in every run; replies come back in the order the messages were
+sent (not of arrival), so aggregation sums in the same order too. Everything else is delegated.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+
+from fedpersona.server.roster import in_user_order
 
 ReplyCallback = Callable[[int, int], None]  # (replies received, messages sent)
 
 
 class ProgressGrid(Grid):
-    def __init__(self, inner: Grid, on_reply: ReplyCallback | None = None, poll_interval: float = 0.05) -> None:
+    def __init__(self, inner: Grid, on_reply: ReplyCallback | None = None, poll_interval: float = 0.05,
+                 order: Mapping[int, int] | None = None) -> None:
         self.inner = inner
         self.on_reply = on_reply
         self.poll_interval = poll_interval
+        self.order = order
 
     # ---- delegated --------------------------------------------------------------------------
     def set_run(self, run_id: int) -> None:  # pragma: no cover - the simulation sets the inner grid's run
@@ -35,7 +42,9 @@ class ProgressGrid(Grid):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
+        if self.order is None:
+            return self.inner.get_node_ids()
+        return in_user_order(self.inner.get_node_ids(), self.order)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(messages)
@@ -45,7 +54,8 @@ class ProgressGrid(Grid):
 
     # ---- the one change ---------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
+        sent = list(self.push_messages(messages))
+        pending, position = set(sent), {message_id: i for i, message_id in enumerate(sent)}
         total = len(pending)
         replies: list[Message] = []
         if self.on_reply:
@@ -60,4 +70,5 @@ class ProgressGrid(Grid):
                     self.on_reply(len(replies), total)
             else:
                 time.sleep(self.poll_interval)
-        return replies
+        # in the order sent, not of arrival: aggregation then sums in the same order every run
+        return sorted(replies, key=lambda m: position.get(m.metadata.reply_to_message_id, total))

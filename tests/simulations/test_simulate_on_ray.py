@@ -19,6 +19,7 @@ INSPECTOR = textwrap.dedent('''
     from flwr.serverapp.strategy import FedAvg
 
     SEEN = []  # (round, array names, metric names) of every training reply the server received
+    TRAINED = []  # (round, user index, rounds the user has trained) of every evaluation reply
 
     class InspectingFedAvg(FedAvg):
         def aggregate_train(self, server_round, replies):
@@ -27,6 +28,13 @@ INSPECTOR = textwrap.dedent('''
                 names = [n for rec in msg.content.array_records.values() for n in rec.keys()]
                 SEEN.append((server_round, names, sorted(msg.content.metric_records["metrics"].keys())))
             return super().aggregate_train(server_round, replies)
+
+        def aggregate_evaluate(self, server_round, replies):
+            replies = list(replies)
+            for msg in replies:
+                metrics = msg.content.metric_records["metrics"]
+                TRAINED.append((server_round, int(metrics["user-index"]), int(metrics["rounds-trained"])))
+            return super().aggregate_evaluate(server_round, replies)
 ''')
 
 
@@ -80,3 +88,21 @@ def test_server_received_only_shared_tensors(run, split_resident):
         assert set(names) == shared
         assert not any(".private." in n for n in names)
         assert set(metrics) <= {"num-examples", "train-steps", "declined"}
+
+
+def test_same_seed_samples_the_same_users_and_gives_the_same_results(run, tmp_path):
+    """Flower's node ids are random at every start; the roster and per-round seeds make a seeded run
+    train the same users in every round (which users trained shows in each evaluation reply)."""
+    import fp_inspect
+
+    first = sorted(fp_inspect.TRAINED)
+    assert len(first) == 18 and {r for r, _, _ in first} == {1, 2, 3}
+    assert len({trained for r, _, trained in first if r == 3}) > 1  # users differ: sampling did something
+    config = RunConfig(num_users=6, rounds=3, fraction_train=0.5, epochs=1, min_steps=4,
+                       strategy="fp_inspect:InspectingFedAvg")
+    fp_inspect.TRAINED.clear()
+    simulate(config, out_dir=tmp_path / "again", resources=Resources(num_cpus=1.0))
+    assert sorted(fp_inspect.TRAINED) == first
+    # and, replies aggregated in the order sent, the same results to the last bit
+    _, out, _ = run
+    assert (tmp_path / "again" / "per_user.json").read_text() == (out / "per_user.json").read_text()
