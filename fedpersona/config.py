@@ -153,13 +153,15 @@ class RunConfig:
         return DPSettings(target_epsilon=self.dp_epsilon, delta=self.dp_delta or None,
                           max_grad_norm=self.dp_max_grad_norm, accountant=self.dp_accountant,
                           private_clip_share=self.dp_private_clip_share,
-                          # user-level DP needs constant weights: then no count is released
-                          count_noise=0.0 if self.user_dp_noise > 0 else self.count_noise,
+                          count_noise=self.count_noise,
                           max_physical_batch=self.dp_max_physical_batch, reproducible=self.dp_reproducible)
 
     @property
     def count_noise(self) -> float:
-        """The std of each user's released pair count under pair-level DP (``dp_count_noise`` resolved)."""
+        """The std of each user's released pair count under pair-level DP (``dp_count_noise`` resolved);
+        0 under user-level DP, whose analysis needs constant weights (no count is released then)."""
+        if self.user_dp_noise > 0:
+            return 0.0
         if self.dp_count_noise >= 0 or not (0 < self.dp_epsilon < math.inf):
             return max(self.dp_count_noise, 0.0)
         return AUTO_COUNT_NOISE / self.dp_epsilon

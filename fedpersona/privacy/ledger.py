@@ -66,6 +66,10 @@ class PrivacyLedger:
     count_noise: float = 0.0  # 0: no pair count released
     released_count: float | None = None  # n + N(0, count_noise^2), drawn once; None if not released
 
+    def __post_init__(self) -> None:
+        if (self.count_noise > 0) != (self.released_count is not None):
+            raise ValueError("a released pair count needs its count noise, and count noise needs the released count")
+
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
     def calibrate(cls, target_epsilon: float, delta: float, sample_rate: float, planned_steps: int,
@@ -77,8 +81,6 @@ class PrivacyLedger:
         check_delta(delta)
         check_rate(sample_rate)
         check_steps(planned_steps, minimum=1)
-        if (count_noise > 0) != (released_count is not None):
-            raise ValueError("a released pair count needs its count noise, and count noise needs the released count")
         ledger = cls(accountant, float(delta), float(target_epsilon), 0.0, float(sample_rate), int(planned_steps),
                      count_noise=float(count_noise), released_count=released_count)
         if target_epsilon != math.inf:  # inf: clip-only, no noise, no guarantee
@@ -166,8 +168,6 @@ class PrivacyLedger:
                 count_noise=float(data.get("count_noise", 0.0)),
                 released_count=None if data.get("released_count") is None else float(data["released_count"]),
             )
-            if (ledger.count_noise > 0) != (ledger.released_count is not None):
-                raise ValueError("count_noise and released_count must be set together")
         except UsageError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as err:

@@ -261,6 +261,7 @@ def test_count_noise_setting_is_auto_by_epsilon_explicit_or_off():
     assert RunConfig(dp_epsilon=1.0, dp_count_noise=3.0).dp_settings.count_noise == 3.0
     assert RunConfig(dp_epsilon=8.0, dp_count_noise=0.0).dp_settings.count_noise == 0.0
     # user-level DP needs constant weights: no count is released (and no budget spent on one)
-    assert RunConfig(dp_epsilon=8.0, user_dp_noise=1.0).dp_settings.count_noise == 0.0
+    both = RunConfig(dp_epsilon=8.0, user_dp_noise=1.0)
+    assert both.dp_settings.count_noise == 0.0 and both.count_noise == 0.0  # as summary.json reports it
     with pytest.raises(UsageError, match="dp-count-noise"):
         RunConfig(dp_epsilon=8.0, dp_count_noise=-2.0).validate()
