@@ -68,7 +68,6 @@ from fedpersona.config import RunConfig  # noqa: E402
 from fedpersona.data.schema import PreferencePair, UserData  # noqa: E402
 from fedpersona.data.synthetic import EVASIVE, PROMPT_TEMPLATES, TOPICS  # noqa: E402
 from fedpersona.model.adapters import Role  # noqa: E402
-from fedpersona.model.prompting import encode_pair_side  # noqa: E402
 
 NOT_WORDS = {"user", "assistant", ":"}  # prompt-format tokens: not part of a secret
 
@@ -169,7 +168,7 @@ def use_model(resident, trained: dict, index: int) -> None:
 def response_logps(resident, prompt: str, responses: list[str], max_length: int, *, reference: bool,
                    batch_size: int = 256) -> torch.Tensor:
     """Summed log-probs of each response to ``prompt`` under the policy (or the frozen reference)."""
-    sides = [encode_pair_side(resident.tokenizer, prompt, r, max_length) for r in responses]
+    sides = [resident.prompt_format.encode(prompt, r, max_length) for r in responses]
     out = []
     for start in range(0, len(sides), batch_size):
         batch = collate(sides[start : start + batch_size], resident.pad_id, resident.device)
@@ -184,7 +183,7 @@ def response_logps(resident, prompt: str, responses: list[str], max_length: int,
 @torch.no_grad()
 def pair_scores(resident, pairs: list[PreferencePair], max_length: int, batch_size: int = 64) -> np.ndarray:
     """DPO implicit reward margin of each pair under the current model: ``[N]``."""
-    encoded = encode_pairs(resident.tokenizer, pairs, max_length)
+    encoded = encode_pairs(resident.prompt_format, pairs, max_length)
     ref = reference_logps(resident, encoded, batch_size)
     margins = []
     for start in range(0, len(encoded), batch_size):

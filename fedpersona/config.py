@@ -21,6 +21,8 @@ from fedpersona.alignment.trainer import TrainSettings
 from fedpersona.errors import UsageError
 
 Scalar = str | int | float | bool
+GENERATED_PREFIX = "generated:"  # pair files the run's own model writes once (fedpersona/simulations/styles.py)
+GENERATED_SCENARIOS = ("styles",)
 AUTO_COUNT_NOISE = 40.0  # dp_count_noise -1: std = this / epsilon (5 pairs at epsilon 8; ~1% more DP-SGD noise)
 
 
@@ -90,6 +92,13 @@ class RunConfig:
     user_dp_noise: float = 0.0  # 0: off; else the noise multiplier z (std z*C/m on the averaged update)
     user_dp_clip: float = 1.0  # clipping norm C of each user's shared-adapter update
     user_dp_delta: float = 0.0  # 0: 1/N^1.1 for N users
+    # real models: prompt format, LoRA targets and memory (fedpersona/model/, fedpersona/alignment/logprobs.py)
+    chat_template: bool = True  # format prompts with the tokenizer's chat template when it has one
+    lora_target_modules: str = ""  # "": the architecture's default (fedpersona/model/targets.py); "all-linear"; "a,b,c"
+    # padded tokens (rows x width) one forward/backward may hold: training, reference log-probs and evaluation
+    # are cut into micro-batches of at most this many tokens (gradients accumulate to batch-size pairs per step)
+    max_tokens_per_batch: int = 2048
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # resources
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
@@ -177,6 +186,10 @@ class RunConfig:
     def is_synthetic(self) -> bool:
         return self.data.startswith("synthetic:")
 
+    @property
+    def is_generated(self) -> bool:
+        return self.data.startswith(GENERATED_PREFIX)
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
@@ -219,6 +232,13 @@ class RunConfig:
         need(self.min_steps >= 0 and self.max_steps >= 0, "max_steps", "step counts must be >= 0")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.max_length >= 8, "max_length", "must be >= 8 tokens")
+        need(self.max_tokens_per_batch >= self.max_length, "max_tokens_per_batch",
+             f"must be >= max-length ({self.max_length}): one sequence must fit in a micro-batch")
+        need(not (self.gradient_checkpointing and self.dp_epsilon > 0), "gradient_checkpointing",
+             "activation checkpointing does not work with DP-SGD (Opacus's per-pair gradient hooks would see "
+             "recomputed activations); turn it off and lower max-tokens-per-batch to bound memory instead")
+        need(all(part.strip() for part in self.lora_target_modules.split(",")) or not self.lora_target_modules,
+             "lora_target_modules", "use a comma-separated list of module names, all-linear, or leave it empty")
         need(self.dp_epsilon >= 0, "dp_epsilon", "must be >= 0 (0: no DP)")
         need(0 <= self.dp_planned_rounds <= self.rounds, "dp_planned_rounds", "must be in 0..rounds (0: automatic)")
         need(0.0 <= self.dp_private_clip_share < 1.0, "dp_private_clip_share", "must be in [0, 1) (0: one joint clip)")
@@ -238,6 +258,9 @@ class RunConfig:
 
             scenario = self.data.split(":", 1)[1]
             need(scenario in SCENARIOS, "data", f"unknown scenario; choose synthetic:<{'|'.join(SCENARIOS)}> or a pair file")
+        elif self.data.startswith(GENERATED_PREFIX):
+            need(self.data[len(GENERATED_PREFIX):] in GENERATED_SCENARIOS, "data",
+                 f"unknown generated scenario; choose {', '.join(GENERATED_PREFIX + n for n in GENERATED_SCENARIOS)}")
         elif not Path(self.data).is_file():
             need(False, "data", "pair file not found; pass a JSONL file or synthetic:<scenario>")
 

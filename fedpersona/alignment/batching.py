@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from fedpersona.alignment.logprobs import sequence_logprobs  # noqa: F401  (re-exported: the one log-prob path)
 from fedpersona.data.schema import PreferencePair
-from fedpersona.model.prompting import encode_pair_side
+from fedpersona.model.prompting import PromptFormat
 
 
 @dataclass(frozen=True)
 class EncodedPair:
-    key: tuple[str, str, str]  # (prompt, chosen, rejected): the reference-cache key
+    key: bytes  # the reference-cache key: a digest of both encoded sides (format and truncation included)
     chosen: tuple[list[int], int]  # (ids, prompt length)
     rejected: tuple[list[int], int]
+
+
+def _key(chosen: tuple[list[int], int], rejected: tuple[list[int], int]) -> bytes:
+    return hashlib.blake2b(repr((chosen, rejected)).encode(), digest_size=16).digest()
 
 
 @dataclass
@@ -25,15 +31,16 @@ class SideBatch:
     score_mask: torch.Tensor  # [B, T-1]: 1 where token t+1 is a response token (scored)
 
 
-def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int) -> list[EncodedPair]:
-    return [
-        EncodedPair(
-            (p.prompt, p.chosen, p.rejected),
-            encode_pair_side(tokenizer, p.prompt, p.chosen, max_length),
-            encode_pair_side(tokenizer, p.prompt, p.rejected, max_length),
-        )
-        for p in pairs
-    ]
+def encode_pairs(prompt_format: PromptFormat, pairs: Sequence[PreferencePair], max_length: int) -> list[EncodedPair]:
+    """Both sides of each pair through the one formatting function (``resident.prompt_format``)."""
+    if not isinstance(prompt_format, PromptFormat):
+        raise TypeError("encode_pairs takes a PromptFormat (resident.prompt_format), not a tokenizer")
+    encoded = []
+    for p in pairs:
+        chosen = prompt_format.encode(p.prompt, p.chosen, max_length)
+        rejected = prompt_format.encode(p.prompt, p.rejected, max_length)
+        encoded.append(EncodedPair(_key(chosen, rejected), chosen, rejected))
+    return encoded
 
 
 def collate(sides: Sequence[tuple[list[int], int]], pad_id: int, device: str = "cpu") -> SideBatch:
@@ -46,10 +53,3 @@ def collate(sides: Sequence[tuple[list[int], int]], pad_id: int, device: str = "
         attention[row, : len(ids)] = 1
         score[row, prompt_len - 1 : len(ids) - 1] = 1.0
     return SideBatch(input_ids.to(device), attention.to(device), score.to(device))
-
-
-def sequence_logprobs(model: torch.nn.Module, batch: SideBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's response tokens, and how many tokens were scored."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    return (token_logps * batch.score_mask).sum(-1), batch.score_mask.sum(-1)

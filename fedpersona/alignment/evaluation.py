@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from fedpersona.alignment.batching import EncodedPair, encode_pairs
-from fedpersona.alignment.trainer import pair_policy_logps, reference_logps
+from fedpersona.alignment.trainer import inference_chunks, pair_policy_logps, reference_logps
 from fedpersona.data.schema import PreferencePair
 from fedpersona.model.resident import ResidentModel
 
@@ -28,31 +28,33 @@ def _ranking_accuracy(margin: torch.Tensor) -> float:
 @torch.no_grad()
 def _policy_margins(resident: ResidentModel, encoded: Sequence[EncodedPair], ref: torch.Tensor,
                     batch_size: int) -> torch.Tensor:
-    margins = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
+    margins, start = [], 0
+    for chunk in inference_chunks(resident, encoded, batch_size):
         pc, pr, _, _ = pair_policy_logps(resident, chunk)
-        r = ref[start : start + batch_size]
+        r = ref[start : start + len(chunk)]
         margins.append((pc - r[:, 0]) - (pr - r[:, 1]))
+        start += len(chunk)
     return torch.cat(margins) if margins else torch.zeros(0)
 
 
-@torch.no_grad()
-def base_margins(resident: ResidentModel, encoded: Sequence[EncodedPair], batch_size: int = 64) -> torch.Tensor:
-    """Mean per-token log-likelihood margin (chosen minus rejected) under the frozen base."""
-    margins = []
-    with resident.model.disable_adapter():
-        for start in range(0, len(encoded), batch_size):
-            pc, pr, lc, lr = pair_policy_logps(resident, encoded[start : start + batch_size])
-            margins.append(pc / lc.clamp(min=1) - pr / lr.clamp(min=1))
-    return torch.cat(margins) if margins else torch.zeros(0)
+def base_margins(encoded: Sequence[EncodedPair], ref: torch.Tensor) -> torch.Tensor:
+    """Mean per-token log-likelihood margin (chosen minus rejected) under the frozen base.
+
+    The base's log-probs are the reference log-probs ``ref`` (``[N, 2]``, frozen base, cached): no forward
+    of its own; the lengths are the scored (response) tokens of each side."""
+    def scored(side: tuple[list[int], int]) -> int:
+        return max(len(side[0]) - side[1], 1)
+
+    lengths = torch.tensor([[scored(e.chosen), scored(e.rejected)] for e in encoded], dtype=torch.float32,
+                           device=ref.device).reshape(-1, 2)
+    return ref[:, 0] / lengths[:, 0] - ref[:, 1] / lengths[:, 1]
 
 
 def evaluate_user(resident: ResidentModel, pairs: Sequence[PreferencePair], max_length: int,
                   batch_size: int = 64) -> dict[str, float]:
     """Accuracy of the three models on one user's held-out pairs: keys personalized, global, base."""
     resident.model.eval()
-    encoded = encode_pairs(resident.tokenizer, pairs, max_length)
+    encoded = encode_pairs(resident.prompt_format, pairs, max_length)
     ref = reference_logps(resident, encoded, batch_size)
     personal = _policy_margins(resident, encoded, ref, batch_size)
     with resident.adapters.private_strength(0.0):
@@ -60,5 +62,5 @@ def evaluate_user(resident: ResidentModel, pairs: Sequence[PreferencePair], max_
     return {
         "personalized": _ranking_accuracy(personal),
         "global": _ranking_accuracy(global_),
-        "base": _ranking_accuracy(base_margins(resident, encoded, batch_size)),
+        "base": _ranking_accuracy(base_margins(encoded, ref)),
     }

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-from fedpersona.model.prompting import format_prompt
 from fedpersona.model.resident import ResidentModel
 
 
@@ -29,9 +28,7 @@ def generate(resident: ResidentModel, prompts: Sequence[str], *, strength: float
     outputs = []
     with resident.adapters.private_strength(strength):
         for prompt in prompts:
-            ids = tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"]
-            if tokenizer.bos_token_id is not None:
-                ids = [tokenizer.bos_token_id, *ids]
+            ids = resident.prompt_format.prompt_ids(prompt)  # the training format: chat template or plain
             input_ids = torch.tensor([ids], device=resident.device)
             sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
             generator_state = torch.random.get_rng_state()

@@ -15,6 +15,7 @@ import torch
 
 from fedpersona.alignment.batching import EncodedPair, collate, encode_pairs, sequence_logprobs
 from fedpersona.alignment.losses import get_loss
+from fedpersona.alignment.microbatch import pair_chunks
 from fedpersona.data.schema import PreferencePair
 from fedpersona.model.adapters import Role
 from fedpersona.model.resident import ResidentModel
@@ -45,17 +46,25 @@ class TrainStats:
     mean_loss: float
 
 
+def inference_chunks(resident: ResidentModel, encoded: Sequence[EncodedPair],
+                     batch_size: int = 64) -> list[Sequence[EncodedPair]]:
+    """``encoded`` cut in order into forward-sized chunks: at most ``batch_size`` pairs and
+    ``resident.max_tokens_per_batch`` padded tokens (both sides in one forward)."""
+    return [[encoded[i] for i in chunk]
+            for chunk in pair_chunks(encoded, resident.max_tokens_per_batch, max_items=batch_size)]
+
+
 @torch.no_grad()
 def reference_logps(resident: ResidentModel, encoded: Sequence[EncodedPair], batch_size: int = 64) -> torch.Tensor:
-    """``[N, 2]`` (chosen, rejected) log-probs under the frozen base, from the cache where possible."""
+    """``[N, 2]`` (chosen, rejected) log-probs under the frozen base, from the cache where possible;
+    computed in chunks of at most ``batch_size`` pairs and ``resident.max_tokens_per_batch`` tokens."""
     cache = resident.ref_cache
     missing = [e for e in encoded if cache.get(e.key) is None]
     if missing:
         was_training = resident.model.training
         resident.model.eval()
         with resident.model.disable_adapter():
-            for start in range(0, len(missing), batch_size):
-                chunk = missing[start : start + batch_size]
+            for chunk in inference_chunks(resident, missing, batch_size):
                 sides = [e.chosen for e in chunk] + [e.rejected for e in chunk]
                 logps, _ = sequence_logprobs(resident.model, collate(sides, resident.pad_id, resident.device))
                 for i, e in enumerate(chunk):
@@ -110,8 +119,11 @@ def parameter_groups(resident: ResidentModel, settings: TrainSettings) -> list[d
 
 def train_local(resident: ResidentModel, pairs: Sequence[PreferencePair], settings: TrainSettings,
                 seed: int) -> TrainStats:
-    """Plain (non-private) local training: shuffled mini-batches for ``settings.epochs`` epochs."""
-    encoded = encode_pairs(resident.tokenizer, pairs, settings.max_length)
+    """Plain (non-private) local training: shuffled mini-batches for ``settings.epochs`` epochs.
+
+    Each optimizer step sees ``batch_size`` pairs; a batch over ``resident.max_tokens_per_batch`` padded
+    tokens runs as several micro-batches whose gradients accumulate (the mean over the whole batch)."""
+    encoded = encode_pairs(resident.prompt_format, pairs, settings.max_length)
     ref = reference_logps(resident, encoded)
     optimizer = torch.optim.AdamW(parameter_groups(resident, settings), weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(int(seed))
@@ -122,11 +134,15 @@ def train_local(resident: ResidentModel, pairs: Sequence[PreferencePair], settin
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), settings.batch_size):
             idx = order[start : start + settings.batch_size]
-            losses = pair_losses(resident, [encoded[i] for i in idx], ref[idx], settings)
             optimizer.zero_grad(set_to_none=True)
-            losses.mean().backward()
+            batch_loss = 0.0
+            for micro in pair_chunks([encoded[i] for i in idx], resident.max_tokens_per_batch):
+                part = [idx[k] for k in micro]
+                losses = pair_losses(resident, [encoded[i] for i in part], ref[part], settings)
+                (losses.sum() / len(idx)).backward()
+                batch_loss += float(losses.detach().sum())
             optimizer.step()
-            steps, seen, loss_sum = steps + 1, seen + len(idx), loss_sum + float(losses.detach().sum())
+            steps, seen, loss_sum = steps + 1, seen + len(idx), loss_sum + batch_loss
             if steps >= total_steps:
                 break
     resident.model.eval()

@@ -34,7 +34,14 @@ import torch
 
 from fedpersona.alignment.batching import encode_pairs
 from fedpersona.alignment.evaluation import evaluate_user
-from fedpersona.alignment.trainer import TrainSettings, TrainStats, pair_losses, reference_logps, train_local
+from fedpersona.alignment.trainer import (
+    TrainSettings,
+    TrainStats,
+    inference_chunks,
+    pair_losses,
+    reference_logps,
+    train_local,
+)
 from fedpersona.config import RunConfig
 from fedpersona.data.schema import PreferencePair, UserData
 from fedpersona.data.sources import user_data
@@ -103,23 +110,27 @@ class RoundOptions:
 
 
 _SETUP_LOCK = threading.Lock()
-_SET_UP: set[int] = set()  # ids of resident models whose scheme setup ran
+_SCHEME_READY = "_fedpersona_scheme_ready"  # attribute marking a resident model whose scheme setup ran
 
 
-def resident_for(config: RunConfig) -> ResidentModel:
-    """This process's resident model for the run's (model, scheme, ranks, seed); built once."""
+def resident_for(config: RunConfig, *, keep: bool = True) -> ResidentModel:
+    """This process's resident model for the run's (model, scheme, ranks, seed); built once. With
+    ``keep=False`` a model built here is not kept (see ``get_resident``)."""
     scheme = get_scheme(config.scheme)
     prototypes = config.pal_prototypes if scheme.setup is not None else 0
     key = (config.model, config.scheme, config.shared_rank, config.private_rank, prototypes, config.seed,
-           config.resolved_device())
+           config.resolved_device(), config.chat_template, config.lora_target_modules, config.gradient_checkpointing)
     resident = get_resident(key, config.model, lambda: scheme.layout(config), seed=config.seed,
-                            device=config.resolved_device())
-    if scheme.setup is not None and id(resident) not in _SET_UP:
+                            device=config.resolved_device(), chat_template=config.chat_template,
+                            target_modules=config.lora_target_modules,
+                            gradient_checkpointing=config.gradient_checkpointing, keep=keep)
+    resident.max_tokens_per_batch = config.max_tokens_per_batch
+    if scheme.setup is not None and not getattr(resident, _SCHEME_READY, False):
         with _SETUP_LOCK:
-            if id(resident) not in _SET_UP:
+            if not getattr(resident, _SCHEME_READY, False):
                 scheme.setup(resident.model, resident.layout)  # e.g. PAL's private mixture weights
                 resident.adapters = AdapterState(resident.model, resident.layout.policy)
-                _SET_UP.add(id(resident))
+                setattr(resident, _SCHEME_READY, True)
     return resident
 
 
@@ -191,13 +202,13 @@ def _train_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[P
 def pretraining_loss(resident: ResidentModel, pairs: Sequence[PreferencePair], settings: TrainSettings,
                      batch_size: int = 64) -> float:
     """Mean loss of the current model (global shared + the user's private part) on ``pairs``."""
-    encoded = encode_pairs(resident.tokenizer, pairs, settings.max_length)
+    encoded = encode_pairs(resident.prompt_format, pairs, settings.max_length)
     ref = reference_logps(resident, encoded)
     resident.model.eval()
-    total = 0.0
-    for start in range(0, len(encoded), batch_size):
-        losses = pair_losses(resident, encoded[start : start + batch_size], ref[start : start + batch_size], settings)
-        total += float(losses.sum())
+    total, start = 0.0, 0
+    for chunk in inference_chunks(resident, encoded, batch_size):
+        losses = pair_losses(resident, chunk, ref[start : start + len(chunk)], settings)
+        total, start = total + float(losses.sum()), start + len(chunk)
     return total / max(len(encoded), 1)
 
 

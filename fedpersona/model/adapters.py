@@ -44,24 +44,38 @@ class AdapterLayout:
 
     ranks: Mapping[str, int]
     policy: SplitPolicy
-    target_modules: str | tuple[str, ...] = "all-linear"
+    target_modules: str | tuple[str, ...] = ""  # "": the architecture's default (fedpersona.model.targets)
     alpha_per_rank: float = 2.0
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
-def attach_adapters(base: torch.nn.Module, layout: AdapterLayout, seed: int):
-    """Wrap ``base`` with every adapter of ``layout`` (PEFT), all active; trainability set by the policy."""
+def attach_adapters(base: torch.nn.Module, layout: AdapterLayout, seed: int, target_modules: str = ""):
+    """Wrap ``base`` with every adapter of ``layout`` (PEFT), all active; trainability set by the policy.
+
+    LoRA goes on ``target_modules`` ("a,b,c" or "all-linear") if given, else on the layout's, else on the
+    architecture's default (``fedpersona.model.targets.resolve_targets``; UsageError if it has none)."""
     from peft import LoraConfig, get_peft_model
 
+    from fedpersona.model.targets import CONV1D_FAMILIES, resolve_targets
+
+    targets = resolve_targets(base.config, target_modules or layout.target_modules)
+
     def config(rank: int) -> LoraConfig:
-        targets = layout.target_modules if isinstance(layout.target_modules, str) else list(layout.target_modules)
+        # GPT-2-style Conv1D layers store their weight transposed: PEFT needs to be told (else it warns)
         return LoraConfig(r=rank, lora_alpha=layout.alpha_per_rank * rank, lora_dropout=0.0, bias="none",
-                          target_modules=targets, task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM",
+                          fan_in_fan_out=getattr(base.config, "model_type", "") in CONV1D_FAMILIES)
 
     names = list(layout.ranks)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # LoRA A initialisation is the same on every process: a shared seed
-        model = get_peft_model(base, config(layout.ranks[names[0]]), adapter_name=names[0])
+        try:
+            model = get_peft_model(base, config(layout.ranks[names[0]]), adapter_name=names[0])
+        except ValueError as err:  # PEFT: "Target modules {...} not found in the base model"
+            from fedpersona.errors import UsageError
+
+            raise UsageError(f"lora-target-modules {targets}: {str(err).splitlines()[0]}; set lora-target-modules "
+                             "to names of the model's linear layers, or all-linear") from None
         for name in names[1:]:
             model.add_adapter(name, config(layout.ranks[name]))
     model.base_model.set_adapter(names)  # all active at once; also marks them trainable

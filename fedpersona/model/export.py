@@ -98,7 +98,15 @@ def readme_text(adapters: list[str], base_ref: str, info: Mapping[str, Any]) -> 
     first, rest = adapters[0], adapters[1:]
     loads = "".join(f'    model.load_adapter(os.path.join(OUT, "{a}"), adapter_name="{a}")\n' for a in rest)
     names = ", ".join(f'"{a}"' for a in adapters)
-    example = format_prompt("PROMPT")
+    if info.get("prompt_format") == "chat":
+        prompt_code = (
+            '    messages = [{"role": "user", "content": "PROMPT"}]  # replace PROMPT with your prompt text\n'
+            '    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n'
+            '    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the tokenizer\'s chat template\n')
+    else:
+        prompt_code = (
+            f'    ids = [tokenizer.bos_token_id] + tokenizer("{format_prompt("PROMPT")}", add_special_tokens=False)["input_ids"]\n'
+            "    # (skip the BOS id if the tokenizer has none); replace PROMPT with your prompt text\n")
     roles = info.get("roles", {})
     personal = [a for a in adapters if "private" in roles.get(a, [])]
     private_note = ""
@@ -136,9 +144,7 @@ transformers + peft (no fedpersona needed):
 
 Prompt format used in training (use the same for generation):
 
-    ids = [tokenizer.bos_token_id] + tokenizer("{example}", add_special_tokens=False)["input_ids"]
-    # (skip the BOS id if the tokenizer has none); replace PROMPT with your prompt text
-    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+{prompt_code}    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
 
@@ -163,6 +169,7 @@ def export_adapters(resident: ResidentModel, out_dir: str | Path, *, base_model:
     base_ref = base_model_reference(base_model)
     details = {**(info or {}), "base_model_name_or_path": base_ref, "strength": strength,
                "adapters": adapters, "roles": {a: _roles(resident, a) for a in adapters},
+               "prompt_format": resident.prompt_format.name,
                "out_dir": str(out_dir.resolve())}
     written = []
     # strength 1: the stored tensors bit for bit (initial + 1 * (x - initial) is not always x in floats)

@@ -1,4 +1,6 @@
-"""Load a frozen base causal LM and its tokenizer: the embedded default, any HF id, or a local folder.
+"""Load a frozen base causal LM and its tokenizer: the embedded default, any HF id, a local folder, or a
+GGUF checkpoint (a ``.gguf`` file, a folder holding one, or a short name such as ``smollm2-135m-instruct``;
+converted once to an HF folder by :mod:`fedpersona.model.gguf`).
 
 Loaded once per process and kept (``functools.cache``): simulations swap adapter tensors per client,
 never the base model.
@@ -14,21 +16,42 @@ import torch
 
 from fedpersona.errors import UsageError
 from fedpersona.model.embedded import EMBEDDED_NAME, ensure_embedded
+from fedpersona.model.gguf import SHORT_NAMES, ensure_converted, gguf_source
 
 log = logging.getLogger(__name__)
 
+_CHOICES = f"embedded, {', '.join(SHORT_NAMES)}, an HF model folder or id, or a .gguf file"  # for error lines
+
 
 def resolve_model_path(model: str) -> str:
-    """``embedded`` (or ``embedded:SEED``) -> its cached folder; anything else is an HF id or local path."""
+    """What ``from_pretrained`` should load for ``--model``: ``embedded`` (or ``embedded:SEED``) -> its
+    cached folder (built once); a GGUF reference -> its converted folder (converted once); a local folder
+    -> itself; anything else is taken for an HF id.
+
+    Raises UsageError (one line) for a local path that does not exist or is not a model folder, and for
+    the GGUF problems listed in :mod:`fedpersona.model.gguf`."""
     if model == EMBEDDED_NAME or model.startswith(EMBEDDED_NAME + ":"):
         seed = int(model.split(":", 1)[1]) if ":" in model else 0
         return str(ensure_embedded(seed))
-    return model
+    source = gguf_source(model)
+    if source is not None:
+        return str(ensure_converted(source, label=model))
+    local = Path(model).expanduser()
+    looks_local = local.exists() or model.startswith((".", "/", "~"))  # an HF id is "name" or "org/name"
+    if looks_local and not local.exists():
+        raise UsageError(f"--model {model}: no such file or folder; pass {_CHOICES}")
+    if looks_local and local.is_file():
+        raise UsageError(f"--model {model}: a file, but not a .gguf checkpoint; pass {_CHOICES}")
+    if looks_local and not (local / "config.json").exists():
+        raise UsageError(f"--model {model}: no config.json (nor a .gguf file) in that folder; pass {_CHOICES}")
+    return str(local) if looks_local else model
 
 
 @functools.cache
 def load_base(model: str = EMBEDDED_NAME, device: str = "cpu"):
-    """Return ``(model, tokenizer)``: frozen, in eval mode, on ``device``; one copy per process."""
+    """Return ``(model, tokenizer)``: frozen, fp32, in eval mode, on ``device``; one copy per process.
+
+    Raises UsageError when ``model`` cannot be resolved (:func:`resolve_model_path`) or loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import transformers
@@ -36,9 +59,6 @@ def load_base(model: str = EMBEDDED_NAME, device: str = "cpu"):
     transformers.logging.set_verbosity_error()  # no loading bars or deprecation chatter in user output
     transformers.logging.disable_progress_bar()
     path = resolve_model_path(model)
-    local = Path(path)
-    if (local.exists() or path.startswith((".", "/"))) and not (local / "config.json").exists():
-        raise UsageError(f"--model {model}: no config.json in that folder; pass an HF model folder or id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

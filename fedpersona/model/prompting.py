@@ -1,24 +1,107 @@
-"""How a prompt and a response become one token sequence (the same for training, evaluation, generation)."""
+"""How a prompt and a response become one token sequence: the same for training, reference log-probs,
+evaluation, generation and the reference cache key.
+
+Two formats:
+
+* **chat**: when the tokenizer has a chat template (and ``chat-template`` is on), the prompt becomes chat
+  messages and the template renders them with its generation prompt (``add_generation_prompt=True``); the
+  response follows as the assistant's text plus the end-of-sequence token. A prompt in the multi-turn
+  layout of Anthropic's HH-RLHF (``"Human: ...\\n\\nAssistant: ...\\n\\nHuman: ..."``) becomes alternating
+  user/assistant turns; any other prompt is one user turn.
+* **plain**: ``"user : <prompt> assistant :"`` after the BOS token, and a space before the response: the
+  format the embedded model was pre-trained on.
+
+Prompt and response are tokenized apart, so the prompt/response boundary is exact for any tokenizer
+(a joint tokenization could merge tokens across it). Too long a sequence keeps its response (up to
+``max_length - 1`` tokens, or half the length when the prompt needs it in chat format), drops whole
+conversation turns oldest first, then cuts the rest of the prompt from the left.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
 
 def format_prompt(prompt: str) -> str:
+    """The plain format (no chat template): ``"user : <prompt> assistant :"``."""
     return f"user : {prompt.strip()} assistant :"
 
 
-def encode_pair_side(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + response + EOS, and how many leading ids are prompt (not scored).
+def chat_messages(prompt: str) -> list[dict[str, str]]:
+    """Chat messages for ``prompt``: HH-RLHF's ``Human:``/``Assistant:`` turns become user/assistant
+    messages (a trailing empty ``Assistant:`` cue is dropped); any other text is one user message."""
+    text = prompt.strip()
+    if not text.startswith("Human:"):
+        return [{"role": "user", "content": text}]
+    parts = _HH_TURN.split(text)  # ["", "Human", "hi", "Assistant", "hello", ...]
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+                for who, body in zip(parts[1::2], parts[2::2], strict=True)]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages or [{"role": "user", "content": text}]
 
-    Prompt and response are tokenized apart so the boundary is exact for any tokenizer. When the
-    whole is longer than ``max_length`` the prompt is cut from the left, keeping the response scored.
-    """
-    prompt_ids = tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
-    response_ids = tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
-    response_ids = response_ids[: max_length - 1]
-    prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
-    return prompt_ids + response_ids, len(prompt_ids)
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """The one formatting function of a tokenizer: prompt ids, response ids and their joint encoding.
+
+    ``use_chat_template`` asks for the chat format; it is used only if the tokenizer has a template
+    (``self.chat`` says which format is in force)."""
+
+    tokenizer: object
+    use_chat_template: bool = True
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.use_chat_template and getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def name(self) -> str:
+        return "chat" if self.chat else "plain"
+
+    def prompt_ids(self, prompt: str, *, first_turn: int = 0) -> list[int]:
+        """Token ids of the prompt up to where the response starts (BOS and generation prompt included).
+        ``first_turn`` drops that many leading conversation turns (chat format only)."""
+        tok = self.tokenizer
+        if self.chat:
+            messages = chat_messages(prompt)[first_turn:]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        ids = tok(format_prompt(prompt), add_special_tokens=False)["input_ids"]
+        return [tok.bos_token_id, *ids] if tok.bos_token_id is not None else list(ids)
+
+    def response_ids(self, response: str) -> list[int]:
+        """Token ids of the response and the end-of-sequence token (what is scored)."""
+        tok = self.tokenizer
+        text = response.strip() if self.chat else " " + response.strip()
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        return [*ids, tok.eos_token_id] if tok.eos_token_id is not None else ids
+
+    def encode(self, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
+        """``(ids, prompt_length)``: prompt + response + EOS in at most ``max_length`` tokens; the first
+        ``prompt_length`` ids are the prompt (not scored)."""
+        prompt_ids, response_ids = self.prompt_ids(prompt), self.response_ids(response)
+        if len(prompt_ids) + len(response_ids) <= max_length:
+            return prompt_ids + response_ids, len(prompt_ids)
+        if not self.chat:  # the embedded model's rule: keep the response, cut the prompt from the left
+            response_ids = response_ids[: max_length - 1]
+            prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
+            return prompt_ids + response_ids, len(prompt_ids)
+        turns = len(chat_messages(prompt))
+        response_ids = response_ids[: max_length - min(len(prompt_ids), max_length // 2)]
+        room = max_length - len(response_ids)
+        for first in range(2, turns, 2):  # drop user/assistant exchanges, oldest first (roles keep alternating)
+            if len(prompt_ids) <= room:
+                break
+            prompt_ids = self.prompt_ids(prompt, first_turn=first)
+        prompt_ids = prompt_ids[-room:]
+        return prompt_ids + response_ids, len(prompt_ids)
+
+
+def encode_pair_side(tokenizer, prompt: str, response: str, max_length: int,
+                     use_chat_template: bool = True) -> tuple[list[int], int]:
+    """``PromptFormat(tokenizer, use_chat_template).encode(prompt, response, max_length)``."""
+    return PromptFormat(tokenizer, use_chat_template).encode(prompt, response, max_length)

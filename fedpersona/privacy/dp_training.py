@@ -20,7 +20,8 @@ RDP (Mironov, 2017) or PRV (Gopi et al., 2021) by ``fedpersona.privacy.ledger``:
    FedAvg weight, inside the same budget (``PrivacyLedger``): otherwise an 8-pair user, whose update is
    mostly noise, weighs as much as a 150-pair one.
 
-A logical batch larger than ``max_physical_batch`` is split into chunks whose clipped per-pair gradients
+A logical batch larger than ``max_physical_batch`` pairs or ``max-tokens-per-batch`` padded tokens
+(``fedpersona.alignment.microbatch``) is split into chunks whose clipped per-pair gradients
 are accumulated (``DPOptimizer.signal_skip_step``, as Opacus's BatchMemoryManager does) before one noisy
 step: the same result as one big batch. The ledger's accountant counts logical steps only.
 
@@ -53,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpersona.alignment.batching import EncodedPair
+from fedpersona.alignment.microbatch import pair_chunks
 from fedpersona.alignment.trainer import (
     TrainSettings,
     encode_pairs,
@@ -203,6 +205,10 @@ def per_pair_hooks(resident: ResidentModel) -> Iterator[object]:
     trainable_base = [n for n, p in resident.model.named_parameters() if p.requires_grad and "lora_" not in n]
     if trainable_base:
         raise RuntimeError(f"non-adapter tensors are trainable ({trainable_base[:3]}); DP-SGD covers adapters only")
+    lm = resident.model.get_base_model()
+    if getattr(lm, "is_activation_checkpointing", None) or getattr(lm, "gradient_checkpointing", False):
+        raise UsageError("DP-SGD cannot run with activation checkpointing (Opacus's per-pair gradient hooks "
+                         "would see recomputed activations): set gradient-checkpointing=false")
     _register_custom_grad_samplers(resident.model)
     resident.model.train()  # Opacus records activations only in train mode
     hooks = prepare_module(resident.model, "hooks", wrap_model=False, batch_first=True, loss_reduction="sum",
@@ -231,7 +237,7 @@ def per_pair_gradients(resident: ResidentModel, pairs: Sequence[PreferencePair],
                        ) -> dict[str, torch.Tensor]:
     """Unclipped per-pair gradients ``name -> [num_pairs, *shape]`` of every trainable tensor, exactly as
     DP-SGD sees them before clipping (for audits and tests)."""
-    encoded = encode_pairs(resident.tokenizer, pairs, settings.max_length)
+    encoded = encode_pairs(resident.prompt_format, pairs, settings.max_length)
     ref = reference_logps(resident, encoded).to(resident.device)  # the cache returns CPU tensors
     params = _trainable(resident)
     with per_pair_hooks(resident):
@@ -273,7 +279,7 @@ def train_local_dp(resident: ResidentModel, pairs: Sequence[PreferencePair], set
     if ledger.would_exceed(total_steps, q):
         return stats(declined=True)
 
-    encoded = encode_pairs(resident.tokenizer, pairs, settings.max_length)
+    encoded = encode_pairs(resident.prompt_format, pairs, settings.max_length)
     ref = reference_logps(resident, encoded).to(resident.device)  # the cache returns CPU tensors
     params = _trainable(resident)
     names = {id(p): name for name, p in params.items()}
@@ -339,7 +345,11 @@ def _logical_step(optimizer, resident: ResidentModel, encoded: Sequence[EncodedP
     (as Opacus's BatchMemoryManager does); the last one adds the noise once and steps once. An empty
     batch gets zero-row per-sample gradients, so the step is pure noise.
     """
-    chunks = [batch[i : i + max_physical_batch] for i in range(0, len(batch), max_physical_batch)]
+    # physical batches: at most max_physical_batch pairs and max_tokens_per_batch padded tokens per forward
+    # (chosen and rejected go through separate forwards here, so a pair is one row of each)
+    chunks = [[batch[k] for k in chunk] for chunk in
+              pair_chunks([encoded[i] for i in batch], resident.max_tokens_per_batch, rows_per_item=1,
+                          max_items=max_physical_batch)]
     if not chunks:
         for p in params.values():
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

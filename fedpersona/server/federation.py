@@ -7,6 +7,7 @@ checkpoint, the remaining rounds only, ``metrics.jsonl`` keeping the rows of the
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from pathlib import Path
@@ -90,12 +91,18 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     # per round (server.sampling) over nodes in user order (server.roster); this start seed covers the rest.
     random.seed(config.seed if not done else f"{config.seed}/resume/{done}")
     np.random.seed(config.seed + done)
-    resident = resident_for(config)  # same seed as every client: identical initial adapters
+    # same seed as every client: identical initial adapters. The server trains nothing: it keeps the
+    # tensors and sizes it needs, not the model (hundreds of MB for a real LLM, beside every worker's copy)
+    resident = resident_for(config, keep=False)
+    initial_shared = resident.adapters.tensors(Role.SHARED)
+    shared_count, private_count = resident.adapters.count(Role.SHARED), resident.adapters.count(Role.PRIVATE)
+    del resident
+    gc.collect()
     kept = finished_rows(Path(out_dir) / "metrics.jsonl", done) if (out_dir and checkpoint) else []
     recorder = RoundRecorder(num_rounds=config.rounds, eval_every=config.eval_every, out_dir=out_dir,
                              on_round=reporter.round_done, on_phase=reporter.phase)
     strategy = make_strategy(config, recorder)
-    initial = ArrayRecord(resident.adapters.tensors(Role.SHARED))
+    initial = ArrayRecord(initial_shared)
     if checkpoint:
         if out_dir:
             restore_rows(Path(out_dir) / "metrics.jsonl", kept)
@@ -136,8 +143,8 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         "scheme": config.scheme,
         "strategy": config.strategy,
         **recorder.summary_stats(),
-        "shared_parameters": resident.adapters.count(Role.SHARED),
-        "private_parameters_per_user": recorder.private_parameters_per_user(resident.adapters.count(Role.PRIVATE)),
+        "shared_parameters": shared_count,
+        "private_parameters_per_user": recorder.private_parameters_per_user(private_count),
         "wall_seconds": round(time.monotonic() - started, 2),
         "model": config.model,
         "data": "on-device preference memories" if deployment else config.data,

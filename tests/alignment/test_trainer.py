@@ -44,9 +44,10 @@ def test_reference_logprobs_are_computed_once_per_pair(split_resident):
     from fedpersona.alignment.trainer import reference_logps
 
     pairs = PreferenceSimulator("conflicting", 3, 5).user_data(2).train[:6]
-    encoded = encode_pairs(split_resident.tokenizer, pairs, 96)
+    encoded = encode_pairs(split_resident.prompt_format, pairs, 96)
     calls = []
-    handle = split_resident.model.register_forward_hook(lambda *a: calls.append(1))
+    body = split_resident.model.get_base_model().base_model  # the decoder every log-prob path runs
+    handle = body.register_forward_hook(lambda *a: calls.append(1))
     try:
         first = reference_logps(split_resident, encoded)
         n_first = len(calls)

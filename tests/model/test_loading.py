@@ -5,7 +5,7 @@ import torch
 
 from fedpersona.errors import UsageError
 from fedpersona.model.embedded import build_embedded, build_tokenizer
-from fedpersona.model.loading import load_base
+from fedpersona.model.loading import load_base, resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,18 @@ def test_saved_folder_loads_frozen_in_eval_mode(tiny_model_dir):
 def test_folder_without_config_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no config.json"):
         load_base(str(tmp_path))
+
+
+def test_local_paths_are_checked_before_loading(tmp_path, tiny_model_dir):
+    with pytest.raises(UsageError, match="no such file or folder") as err:
+        resolve_model_path(str(tmp_path / "missing"))
+    assert "smollm2-135m-instruct" in str(err.value) and "\n" not in str(err.value)  # the choices, on one line
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"\0")
+    with pytest.raises(UsageError, match="a file, but not a .gguf checkpoint"):
+        resolve_model_path(str(weights))
+    assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert resolve_model_path("org/some-model") == "org/some-model"  # an HF id passes through untouched
 
 
 def test_embedded_build_is_deterministic(tmp_path):

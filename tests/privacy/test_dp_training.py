@@ -71,7 +71,7 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
 def oracle_per_pair(resident, pairs, settings) -> dict[str, torch.Tensor]:
     """Per-pair gradients by a plain loop: one pair at a time, chosen and rejected in one padded forward
     (no hooks, no Opacus), ``torch.autograd.grad`` of that pair's loss."""
-    encoded = encode_pairs(resident.tokenizer, pairs, settings.max_length)
+    encoded = encode_pairs(resident.prompt_format, pairs, settings.max_length)
     ref = reference_logps(resident, encoded)
     params = trainable(resident)
     resident.model.train()
@@ -94,7 +94,7 @@ def clipped_sum(per_pair: dict[str, torch.Tensor], rows: list[int], clip: float)
 def test_per_pair_gradients_match_a_per_pair_loop(model, pairs):
     settings = TrainSettings()
     chunk = pairs[:6]
-    encoded = encode_pairs(model.tokenizer, chunk, settings.max_length)
+    encoded = encode_pairs(model.prompt_format, chunk, settings.max_length)
     # chosen and rejected of different lengths, so both calls' padding and summing are exercised
     assert any(len(e.chosen[0]) != len(e.rejected[0]) for e in encoded)
     assert max(len(e.chosen[0]) for e in encoded) != max(len(e.rejected[0]) for e in encoded)
@@ -212,15 +212,25 @@ def test_client_past_its_budget_does_not_train(model, pairs):
         assert torch.equal(p, before[name])
 
 
-def test_physical_batch_cap_gives_the_same_clipped_sum(resident, pairs):
+@pytest.mark.parametrize("limit", ["pairs", "tokens"])
+def test_physical_batch_cap_gives_the_same_clipped_sum(resident, pairs, limit):
+    """Physical batches cut by max_physical_batch or by the token budget (max-tokens-per-batch): the same
+    noise-free step as one big batch, the same accountant steps."""
     settings = TrainSettings(batch_size=8, max_steps=3)
     runs = []
-    for cap in (2, 100):
+    budget = resident.max_tokens_per_batch
+    widest = max(max(len(e.chosen[0]), len(e.rejected[0])) for e in encode_pairs(resident.prompt_format, pairs, 96))
+    for small in (True, False):
         perturb(resident)
+        cap = 2 if small and limit == "pairs" else 100
+        resident.max_tokens_per_batch = 2 * widest if small and limit == "tokens" else 100_000
         dp = DPSettings(target_epsilon=CLIP_ONLY, max_grad_norm=0.05, max_physical_batch=cap, reproducible=True)
         steps: list = []
-        stats = train_local_dp(resident, pairs, settings, 5, dp, plan_ledger(len(pairs), settings, dp, 1),
-                               on_step=lambda step, batch, grads, steps=steps: steps.append((list(batch), grads)))
+        try:
+            stats = train_local_dp(resident, pairs, settings, 5, dp, plan_ledger(len(pairs), settings, dp, 1),
+                                   on_step=lambda step, batch, grads, steps=steps: steps.append((list(batch), grads)))
+        finally:
+            resident.max_tokens_per_batch = budget
         runs.append((stats, steps, snapshot(resident)))
     resident.adapters.reset(Role.SHARED)
     resident.adapters.reset(Role.PRIVATE)
