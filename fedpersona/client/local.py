@@ -44,7 +44,7 @@ from fedpersona.alignment.trainer import (
 )
 from fedpersona.config import RunConfig
 from fedpersona.data.schema import PreferencePair, UserData
-from fedpersona.data.sources import user_data
+from fedpersona.data.sources import subset_user, user_data
 from fedpersona.model.adapters import AdapterState, Role
 from fedpersona.model.resident import ResidentModel, get_resident
 from fedpersona.strategies.proximal import proximal_term
@@ -141,9 +141,10 @@ def is_new_user(config: RunConfig, index: int) -> bool:
 
 def population_user(config: RunConfig, index: int) -> UserData:
     """User ``index`` of the run's population: ``num_users`` training users, then ``new_users`` new ones."""
-    return user_data(config.data, index, num_users=config.num_users + config.new_users, seed=config.seed,
+    user = user_data(config.data, index, num_users=config.num_users + config.new_users, seed=config.seed,
                      dirichlet_alpha=config.dirichlet_alpha, test_fraction=config.test_fraction,
                      min_pairs=config.min_pairs)
+    return subset_user(user, config.max_train_pairs, config.max_test_pairs, config.seed)
 
 
 def round_seed(config: RunConfig, user_index: int, server_round: int) -> int:

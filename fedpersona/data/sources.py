@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 
 from fedpersona.data.schema import UserData, load_users
 from fedpersona.data.synthetic import SCENARIOS, PreferenceSimulator
@@ -42,3 +43,16 @@ def count_users(spec: str, *, num_users: int, test_fraction: float = 0.2, min_pa
     if spec.startswith(SYNTHETIC_PREFIX):
         return num_users
     return len(file_users(spec, test_fraction, min_pairs))
+
+
+def subset_user(user: UserData, max_train: int, max_test: int, seed: int) -> UserData:
+    """At most ``max_train`` training and ``max_test`` test pairs of ``user`` (0: all), drawn without
+    replacement by a seeded shuffle of (seed, user id) and kept in their original order: a smaller, fixed
+    workload per user for slow hardware, the same on every process."""
+    def pick(pairs: list, limit: int, part: str) -> list:
+        if not limit or len(pairs) <= limit:
+            return pairs
+        keep = sorted(random.Random(f"{seed}/{user.user_id}/{part}").sample(range(len(pairs)), limit))
+        return [pairs[i] for i in keep]
+
+    return dataclasses.replace(user, train=pick(user.train, max_train, "train"), test=pick(user.test, max_test, "test"))

@@ -16,6 +16,7 @@ import torch
 
 from fedpersona.errors import UsageError
 from fedpersona.model.embedded import EMBEDDED_NAME, ensure_embedded
+from fedpersona.model.memory import bound_allocator_cache
 from fedpersona.model.gguf import SHORT_NAMES, ensure_converted, gguf_source
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def load_base(model: str = EMBEDDED_NAME, device: str = "cpu"):
     transformers.logging.set_verbosity_error()  # no loading bars or deprecation chatter in user output
     transformers.logging.disable_progress_bar()
     path = resolve_model_path(model)
+    bound_allocator_cache()  # a process that holds a model trains or evaluates it: keep its RSS honest
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

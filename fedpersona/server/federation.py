@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedpersona.client.local import resident_for
+from fedpersona.model.memory import release_free_memory
 from fedpersona.config import RunConfig
 from fedpersona.data.sources import count_users
 from fedpersona.errors import UsageError
@@ -98,6 +99,7 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     shared_count, private_count = resident.adapters.count(Role.SHARED), resident.adapters.count(Role.PRIVATE)
     del resident
     gc.collect()
+    release_free_memory()
     kept = finished_rows(Path(out_dir) / "metrics.jsonl", done) if (out_dir and checkpoint) else []
     recorder = RoundRecorder(num_rounds=config.rounds, eval_every=config.eval_every, out_dir=out_dir,
                              on_round=reporter.round_done, on_phase=reporter.phase)

@@ -41,13 +41,22 @@ class Resources:
 
 
 def prepare_config(config: RunConfig) -> RunConfig:
-    """Resolve what workers must agree on before they start: absolute data path, user count, model built.
+    """Resolve what workers must agree on before they start: absolute data path (a ``generated:`` spec
+    becomes the pair file it generates, cached), user count, model built.
 
     Scheme and strategy are checked here too, so a typo fails in a second, not after Ray has started.
     """
     get_scheme(config.scheme)
+    if config.is_generated:  # the run model writes its pair file once, here, before Ray starts
+        from fedpersona.simulations.styles import ensure_style_pairs
+
+        # new users are a pair file's last users (below), so the file holds them too
+        path = ensure_style_pairs(config.model, config.num_users + config.new_users, config.seed)
+        config = config.replace(data=str(path))
     if not config.is_synthetic:
         config = config.replace(data=str(Path(config.data).resolve()))
+    if Path(config.model).expanduser().exists():  # a local folder or .gguf: workers may start elsewhere
+        config = config.replace(model=str(Path(config.model).expanduser().resolve()))
     users = count_users(config.data, num_users=config.num_users, test_fraction=config.test_fraction,
                         min_pairs=config.min_pairs)
     if not config.is_synthetic and config.new_users:  # a pair file's last new-users users are held out
@@ -84,8 +93,10 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
     init_args: dict[str, Any] = {"logging_level": "WARNING" if not verbose else "INFO", "log_to_driver": verbose}
     if resources.ray_address:
         init_args["address"] = resources.ray_address
-    elif resources.total_cpus:
-        init_args["num_cpus"] = resources.total_cpus
+    else:  # a local Ray: no dashboard (~200 MB in three processes; a cluster keeps its own)
+        init_args["include_dashboard"] = False
+        if resources.total_cpus:
+            init_args["num_cpus"] = resources.total_cpus
     backend_config = {
         "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
         "init_args": init_args,
