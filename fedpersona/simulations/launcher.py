@@ -93,10 +93,8 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
     init_args: dict[str, Any] = {"logging_level": "WARNING" if not verbose else "INFO", "log_to_driver": verbose}
     if resources.ray_address:
         init_args["address"] = resources.ray_address
-    else:  # a local Ray: no dashboard (~200 MB in three processes; a cluster keeps its own)
-        init_args["include_dashboard"] = False
-        if resources.total_cpus:
-            init_args["num_cpus"] = resources.total_cpus
+    elif resources.total_cpus:
+        init_args["num_cpus"] = resources.total_cpus
     backend_config = {
         "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
         "init_args": init_args,
