@@ -13,8 +13,9 @@ client-round each. Printed side by side:
   straightforward full-softmax one (``full_softmax_logprobs``) at the same settings.
 
 With ``--simulate``, it then runs ``fedpersona simulate`` for each model as its own process tree and
-samples the resident memory of every process in it (driver, Ray's processes, every worker) every 0.25 s:
-the peak of the sum is the whole run's peak.
+samples the memory of every process in it (driver, Ray's processes, every worker) every 0.25 s: the
+peak of the sum of their PSS (shared pages split between the processes that map them) is the whole run's
+peak; the peak of the summed RSS (shared pages counted once per process) is printed beside it.
 
     .venv/bin/python benchmarks/real_models.py --out runs/real_models.json
     .venv/bin/python benchmarks/real_models.py --models smollm2-135m-instruct --simulate --users 8 --rounds 3
@@ -103,9 +104,11 @@ def run_worker(model: str, impl: str, args) -> dict:
 
 
 # ---- the whole simulation: peak memory of the process tree --------------------------------------------
-def run_rss_mb(root_pid: int) -> float:
-    """Resident memory (MB) of the run: the driver's process tree plus any Ray process (Ray's daemons may be
-    started detached, outside the driver's tree), each process counted once."""
+def run_memory_mb(root_pid: int) -> tuple[float, float]:
+    """``(RSS sum, PSS sum)`` in MB over the run's processes: the driver's process tree plus any Ray process
+    (Ray's daemons may be started detached, outside the driver's tree), each process counted once. The RSS
+    sum counts a page shared by several processes (torch's libraries, mapped by every one) once per process;
+    PSS (proportional set size, Linux smaps) splits it between them: the sum of PSS is the run's memory."""
     import psutil
 
     procs: dict[int, psutil.Process] = {}
@@ -121,13 +124,14 @@ def run_rss_mb(root_pid: int) -> float:
                 procs[proc.pid] = proc
         except psutil.Error:
             pass
-    total = 0
+    rss = pss = 0
     for proc in procs.values():
         try:
-            total += proc.memory_info().rss
+            info = proc.memory_full_info()
+            rss, pss = rss + info.rss, pss + info.pss
         except psutil.Error:
             pass
-    return total / 2**20
+    return rss / 2**20, pss / 2**20
 
 
 def run_simulation(model: str, args) -> dict:
@@ -140,12 +144,13 @@ def run_simulation(model: str, args) -> dict:
     cmd += [f"--set=max-length={args.max_length}"]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0.0]
+    peak = [0.0, 0.0]  # RSS sum, PSS sum
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], run_rss_mb(proc.pid))
+            rss, pss = run_memory_mb(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -158,7 +163,8 @@ def run_simulation(model: str, args) -> dict:
         raise SystemExit(f"simulate {model} failed ({proc.returncode}):\n{output[-3000:]}")
     summary = json.loads((out_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"model": model, "peak_rss_mb_all_processes": peak[0], "wall_s": time.monotonic() - start,
+    return {"model": model, "peak_rss_mb_all_processes": peak[0], "peak_pss_mb_all_processes": peak[1],
+            "wall_s": time.monotonic() - start,
             "round_wall_s": [r["wall_seconds"] for r in rows], "out": str(out_dir),
             **{k: summary.get(k) for k in ("personalized_accuracy_mean", "global_accuracy_mean",
                                            "base_accuracy_mean", "num_users", "rounds")}}
@@ -211,7 +217,8 @@ def main() -> None:
             sims.append(run_simulation(model, args))
             s = sims[-1]
             print(f"simulate {model}: {s['num_users']} users, {s['rounds']} rounds, wall {s['wall_s']:.0f} s, "
-                  f"peak RSS of all processes {s['peak_rss_mb_all_processes']:.0f} MB, personalized "
+                  f"peak memory of all processes {s['peak_pss_mb_all_processes']:.0f} MB PSS "
+                  f"({s['peak_rss_mb_all_processes']:.0f} MB summed RSS), personalized "
                   f"{s['personalized_accuracy_mean']:.3f} global {s['global_accuracy_mean']:.3f}")
         result["simulations"] = sims
     if args.out:
