@@ -41,7 +41,8 @@ REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.toml"
 def _config_for(model: str, args) -> dict:
     settings = {"model": model, "data": args.data or DEFAULT_DATA.get(model, "synthetic:conflicting"),
                 "num_users": max(args.users, 2), "rounds": 1, "max_steps": args.steps, "min_steps": args.steps,
-                "max_length": args.max_length, "eval_every": 1, "gen_prompts": 0}
+                "max_length": args.max_length, "eval_every": 1, "gen_prompts": 0,
+                "max_train_pairs": args.pairs, "max_test_pairs": max(args.pairs // 2, 1)}
     if args.max_tokens:
         settings["max_tokens_per_batch"] = args.max_tokens
     return settings
@@ -190,6 +191,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="one data spec for every model (default: per model)")
     parser.add_argument("--users", type=int, default=2, help="client-rounds per worker / users of --simulate")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per client-round")
+    parser.add_argument("--pairs", type=int, default=8, help="training pairs per user (half as many test pairs)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=0, help="max-tokens-per-batch (0: the config's)")
     parser.add_argument("--impls", default="bounded,full")
