@@ -13,7 +13,7 @@ client-round each. Printed side by side:
   straightforward full-softmax one (``full_softmax_logprobs``) at the same settings.
 
 With ``--simulate``, it then runs ``fedpersona simulate`` for each model as its own process tree and
-samples the memory of every process in it (driver, Ray's processes, every worker) every 0.25 s: the
+samples the memory of every process in it (driver, Ray's processes, every worker) every second: the
 peak of the sum of their PSS (shared pages split between the processes that map them) is the whole run's
 peak; the peak of the summed RSS (shared pages counted once per process) is printed beside it.
 
@@ -152,7 +152,7 @@ def run_simulation(model: str, args) -> dict:
         while not done.is_set():
             rss, pss = run_memory_mb(proc.pid)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
-            time.sleep(0.25)
+            time.sleep(1.0)  # reading smaps costs CPU: once a second
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
