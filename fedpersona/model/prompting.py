@@ -80,10 +80,13 @@ class PromptFormat:
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
         return [*ids, tok.eos_token_id] if tok.eos_token_id is not None else ids
 
-    def encode(self, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
+    def encode(self, prompt: str, response: str, max_length: int,
+               prompt_ids: list[int] | None = None) -> tuple[list[int], int]:
         """``(ids, prompt_length)``: prompt + response + EOS in at most ``max_length`` tokens; the first
-        ``prompt_length`` ids are the prompt (not scored)."""
-        prompt_ids, response_ids = self.prompt_ids(prompt), self.response_ids(response)
+        ``prompt_length`` ids are the prompt (not scored). ``prompt_ids``: ``self.prompt_ids(prompt)`` when
+        the caller has it already (both sides of a pair share their prompt)."""
+        prompt_ids = self.prompt_ids(prompt) if prompt_ids is None else prompt_ids
+        response_ids = self.response_ids(response)
         if len(prompt_ids) + len(response_ids) <= max_length:
             return prompt_ids + response_ids, len(prompt_ids)
         if not self.chat:  # the embedded model's rule: keep the response, cut the prompt from the left
@@ -100,8 +103,3 @@ class PromptFormat:
         prompt_ids = prompt_ids[-room:]
         return prompt_ids + response_ids, len(prompt_ids)
 
-
-def encode_pair_side(tokenizer, prompt: str, response: str, max_length: int,
-                     use_chat_template: bool = True) -> tuple[list[int], int]:
-    """``PromptFormat(tokenizer, use_chat_template).encode(prompt, response, max_length)``."""
-    return PromptFormat(tokenizer, use_chat_template).encode(prompt, response, max_length)
