@@ -23,6 +23,12 @@ from fedpersona.errors import UsageError
 Scalar = str | int | float | bool
 GENERATED_PREFIX = "generated:"  # pair files the run's own model writes once (fedpersona/simulations/styles.py)
 GENERATED_SCENARIOS = ("styles",)
+# Settings only a simulation may set: a real device reads its own pairs, hardware and randomness. A
+# deployment server leaves them out of its messages; a device declines a message that carries one
+# (fedpersona.client.policy). Keys in underscore spelling.
+SIMULATION_ONLY = ("data", "num_users", "dirichlet_alpha", "test_fraction", "max_train_pairs", "max_test_pairs",
+                   "new_users", "new_user_shots", "new_user_steps", "gen_prompts", "gen_max_tokens",
+                   "gen_temperature", "run_tag", "dp_reproducible", "device")
 AUTO_COUNT_NOISE = 40.0  # dp_count_noise -1: std = this / epsilon (5 pairs at epsilon 8; ~1% more DP-SGD noise)
 
 

@@ -1,0 +1,67 @@
+"""What travels between the server and a user's device: the records of a reply, and why a device declines.
+
+A training reply is a ``RecordDict`` with
+
+* ``arrays`` (ArrayRecord): the shared tensors, exactly the run's shared keys; empty when declined;
+* ``metrics`` (MetricRecord): ``num-examples`` (the aggregation weight; 0 when declined), ``declined``
+  (0/1) and the few non-private counters ``fedpersona.client.app.train_reply`` documents;
+* ``status`` (ConfigRecord, declined replies only): ``reason`` (one of ``DECLINE_REASONS``) and
+  ``detail`` (one line for the operator's log; never data).
+
+An evaluation reply carries ``metrics``; a device whose policy keeps its accuracies to itself replies
+with ``declined=1`` and a ``status`` record instead of accuracies.
+
+The device decides (``fedpersona.client.policy``); the server records what it is told and validates what
+it aggregates (``fedpersona.strategies.validation``). Neither side trusts the other's message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+STATUS = "status"
+NUM_EXAMPLES = "num-examples"
+DECLINED = "declined"
+REASON = "reason"
+DETAIL = "detail"
+RUN_LINEAGE = "run-lineage"  # message config: one id for a run and every resumption of it (deployment)
+
+# Why a device declines a round. Stable strings: they are counted in metrics.jsonl and shown to operators.
+DECLINE_REASONS: dict[str, str] = {
+    "budget-spent": "the user's privacy budget cannot afford this round",
+    "new-user": "a held-out (cold-start) user of the simulation: it trains only at the final evaluation",
+    "dp-required": "the device's policy requires pair-level DP and the round asks for none",
+    "epsilon-above-policy": "the round asks for a larger epsilon than the device's policy accepts",
+    "delta-above-policy": "the round asks for a larger delta than the device's policy accepts",
+    "noise-below-policy": "the noise the round implies is below the device's smallest noise multiplier",
+    "simulation-setting": "the message carries a setting that only a simulation may use",
+    "model-mismatch": "the round's model is not the one this device's state is bound to",
+    "scheme-mismatch": "the round's scheme is not the one this device's state is bound to",
+    "loss-requested": "the strategy asks for the raw training loss, which DP does not protect",
+    "ledger-missing": "the privacy ledger is missing or empty while private state exists",
+    "not-enough-pairs": "the device's preference memory holds too few pairs for a round",
+    "evaluation-private": "the device's policy keeps its evaluation results to itself under DP",
+    "stale-round": "the device already answered this round of this run",
+}
+
+
+def status_record(reason: str, detail: str = "") -> dict[str, str]:
+    """The ``status`` ConfigRecord content of a declined reply (``reason`` must be a known code)."""
+    if reason not in DECLINE_REASONS:
+        raise ValueError(f"unknown decline reason {reason!r}; known: {', '.join(DECLINE_REASONS)}")
+    return {REASON: reason, DETAIL: (detail or DECLINE_REASONS[reason]).splitlines()[0][:300]}
+
+
+def decline_reason(content: Any) -> str | None:
+    """The decline reason of a reply's content (a flwr ``RecordDict``), None if it did not decline.
+
+    A reply marked ``declined`` without a readable reason counts as ``budget-spent`` (older devices)."""
+    metrics = content.metric_records.get(METRICS)
+    status = content.config_records.get(STATUS)
+    declined = bool(metrics is not None and metrics.get(DECLINED)) or status is not None
+    if not declined:
+        return None
+    reason = str(status.get(REASON, "")) if status is not None else ""
+    return reason if reason in DECLINE_REASONS else "budget-spent"
