@@ -24,9 +24,19 @@ Opt = typer.Option
 
 
 def _config_from(config_file: Optional[Path], settings: list[str], flags: dict[str, Any]):
-    """Defaults < --config TOML < --set key=value < explicit flags; validated once, here."""
+    """Defaults < --config TOML < --set key=value < explicit flags; validated once, here. Under DP, the
+    settings none of these set take the DP defaults (``RunConfig.with_dp_defaults``)."""
     from fedpersona.config import RunConfig
 
+    explicit: set[str] = set()
+    if config_file:
+        import tomllib
+
+        try:
+            table = tomllib.loads(config_file.read_text(encoding="utf-8"))
+            explicit |= set(table.get("fedpersona", table))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            pass  # from_toml below reports it in one line
     config = RunConfig.from_toml(config_file) if config_file else RunConfig()
     pairs = {}
     for item in settings:
@@ -36,7 +46,8 @@ def _config_from(config_file: Optional[Path], settings: list[str], flags: dict[s
         pairs[key.strip()] = value.strip()
     config = RunConfig.from_flat(pairs, config, source="--set") if pairs else config
     given = {k: v for k, v in flags.items() if v is not None}
-    return RunConfig.from_flat(given, config, source="command line") if given else config
+    config = RunConfig.from_flat(given, config, source="command line") if given else config
+    return config.with_dp_defaults(explicit | set(pairs) | set(given))
 
 
 @app.command()
@@ -50,7 +61,7 @@ def simulate(
     scheme: Annotated[Optional[str], Opt(help="Personalization scheme: split, global, local, fedsa, ffa, finetune, pal.")] = None,
     strategy: Annotated[Optional[str], Opt(help="Flower strategy name or package.module:Class.")] = None,
     strategy_arg: Annotated[list[str], Opt("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
-    dp: Annotated[bool, Opt("--dp", help="Pair-level DP-SGD on every client (recipe for personalization under DP: --config configs/dp-pal.toml).")] = False,
+    dp: Annotated[bool, Opt("--dp", help="Pair-level DP-SGD on every client; settings you leave unset take the DP defaults (scheme pal, ...: see summary.json dp_defaults_applied).")] = False,
     target_epsilon: Annotated[float, Opt(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
     delta: Annotated[Optional[float], Opt(help="Per-user delta (default min(1e-5, 1/(10 n))).")] = None,
     max_grad_norm: Annotated[Optional[float], Opt(help="Per-pair clipping norm (with --dp).")] = None,

@@ -28,7 +28,14 @@ GENERATED_SCENARIOS = ("styles",)
 # (fedpersona.client.policy). Keys in underscore spelling.
 SIMULATION_ONLY = ("data", "num_users", "dirichlet_alpha", "test_fraction", "max_train_pairs", "max_test_pairs",
                    "new_users", "new_user_shots", "new_user_steps", "gen_prompts", "gen_max_tokens",
-                   "gen_temperature", "run_tag", "dp_reproducible", "device")
+                   "gen_temperature", "run_tag", "dp_reproducible", "device", "attack", "attack_users",
+                   "attack_rounds", "attack_scale")
+# What works under pair-level DP (configs/dp-pal.toml, measured in README "Privacy"): settings a user did
+# not set take these values when DP is on. PAL's private part is 2 mixture logits instead of a LoRA head the
+# noise drowns; group-wise clipping gives the prototypes most of the clip norm; a small random start keeps
+# the softmax movable by noisy gradients; larger steps let the signal accumulate within the planned rounds.
+DP_DEFAULTS: dict[str, Scalar] = {"scheme": "pal", "pal_init_std": 0.08, "lr": 1e-2, "shared_lr": 3e-3,
+                                  "dp_private_clip_share": 0.2}
 AUTO_COUNT_NOISE = 40.0  # dp_count_noise -1: std = this / epsilon (5 pairs at epsilon 8; ~1% more DP-SGD noise)
 
 
@@ -109,6 +116,18 @@ class RunConfig:
     # are cut into micro-batches of at most this many tokens (gradients accumulate to batch-size pairs per step)
     max_tokens_per_batch: int = 2048
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    # which DP_DEFAULTS a DP run took because the user left them unset ("key=value,..."; set by with_dp_defaults)
+    dp_defaults_applied: str = ""
+    # reply validation on the server (fedpersona/strategies/validation.py): every reply, every strategy
+    validate_replies: bool = True  # false only to measure what validation prevents (benchmarks/robustness.py)
+    max_update_norm: float = 0.0  # reject an update whose L2 distance from the sent global tensors exceeds this; 0: off
+    update_norm_ratio: float = 10.0  # reject one above this x the median norm of the round's other replies; 0: off
+    max_reply_weight: float = 1e5  # largest num-examples (pairs; under DP the released count) a reply may claim
+    # simulated attacks (fedpersona/simulations/attacks.py): the first attack-users users tamper with their replies
+    attack: str = ""  # "": none; nan, inf, scale, sign-flip, weight-huge, weight-negative, wrong-shape, ...
+    attack_users: int = 0
+    attack_rounds: int = 0  # the attack is made in rounds 1..k only; 0: every round
+    attack_scale: float = 1e6  # the factor of the "scale" attack
     # resources
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
@@ -139,6 +158,15 @@ class RunConfig:
         return cls.from_flat(ours, source="message config"), extras
 
     @classmethod
+    def from_device_message(cls, flat: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any], dict[str, Any]]:
+        """``from_message`` as a real device reads it: simulation-only settings (``SIMULATION_ONLY``) are
+        set aside unread and returned third (the device's policy declines a message that has any), so a
+        message can neither point the device at a path nor learn whether that path exists."""
+        sim = {k: v for k, v in flat.items() if k.replace("-", "_") in SIMULATION_ONLY}
+        config, extras = cls.from_message({k: v for k, v in flat.items() if k not in sim})
+        return config, extras, sim
+
+    @classmethod
     def from_toml(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:
         path = Path(path)
         try:
@@ -148,6 +176,20 @@ class RunConfig:
         except tomllib.TOMLDecodeError as err:
             raise UsageError(f"--config {path}: not valid TOML ({err})") from None
         return cls.from_flat(data.get("fedpersona", data), base, source=str(path))
+
+    def with_dp_defaults(self, explicit: set[str]) -> RunConfig:
+        """Under pair-level DP, every ``DP_DEFAULTS`` setting not in ``explicit`` (keys the user set, any
+        spelling) takes its DP value; ``dp_defaults_applied`` records which did. Without DP: unchanged."""
+        if self.dp_epsilon <= 0:
+            return self
+        given = {key.replace("-", "_") for key in explicit}
+        if "scheme" in given and self.scheme != DP_DEFAULTS["scheme"]:
+            return self  # the recipe's values were measured together with its scheme: none apply to another
+        applied = {k: v for k, v in DP_DEFAULTS.items() if k not in given and getattr(self, k) != v}
+        if not applied:
+            return self
+        note = ",".join(f"{k.replace('_', '-')}={v}" for k, v in applied.items())
+        return self.replace(**applied, dp_defaults_applied=note)
 
     def to_flat(self) -> dict[str, Scalar]:
         """Dash-spelled scalars, ready for a Flower ConfigRecord or run config."""
@@ -274,6 +316,18 @@ class RunConfig:
                  f"unknown generated scenario; choose {', '.join(GENERATED_PREFIX + n for n in GENERATED_SCENARIOS)}")
         elif not Path(self.data).is_file():
             need(False, "data", "pair file not found; pass a JSONL file or synthetic:<scenario>")
+        need(0.0 <= self.max_update_norm < math.inf, "max_update_norm", "must be a finite number >= 0 (0: off)")
+        need(self.update_norm_ratio == 0 or 1.0 <= self.update_norm_ratio < math.inf, "update_norm_ratio",
+             "must be 0 (off) or a finite number >= 1 (a multiple of the round's median update norm)")
+        need(1.0 <= self.max_reply_weight < math.inf, "max_reply_weight", "must be a finite number >= 1 (pairs)")
+        from fedpersona.simulations.attacks import ATTACKS
+
+        need(self.attack in ("", *ATTACKS), "attack", f"choose one of {', '.join(ATTACKS)} (or leave it empty)")
+        need(0 <= self.attack_users <= self.num_users, "attack_users", "must be in 0..num-users")
+        need(bool(self.attack) == (self.attack_users > 0), "attack_users" if self.attack else "attack",
+             "attack and attack-users go together: name an attack and how many users make it")
+        need(0 <= self.attack_rounds <= self.rounds, "attack_rounds", "must be in 0..rounds (0: every round)")
+        need(math.isfinite(self.attack_scale) and self.attack_scale != 0, "attack_scale", "must be finite and non-zero")
 
 
 # Flower adds these to every run config / message config; they are not ours to validate.

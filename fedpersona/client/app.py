@@ -18,7 +18,9 @@ from flwr.clientapp import ClientApp
 
 from fedpersona.client.device import device_for, evaluate_on_device, train_on_device
 from fedpersona.client.local import RoundResult, current_epsilon, evaluate_round, population_user, train_round
+from fedpersona.client.policy import Decline
 from fedpersona.config import RunConfig
+from fedpersona.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, STATUS, status_record
 from fedpersona.privacy.user_level import clipping_mod_when_asked
 
 PRIVATE_KEY = "fedpersona.private"
@@ -66,25 +68,36 @@ def _shared_from(msg: Message) -> dict[str, torch.Tensor] | None:
 
 
 def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
-    """The only content a training reply carries: shared tensors and non-private counters.
+    """The only content a training reply carries: shared tensors and non-private counters
+    (``fedpersona.protocol``).
 
     ``num-examples`` is the user's pair count without DP; under pair-level DP the count released with
     Gaussian noise inside the user's budget (``PrivacyLedger``; 1 with ``dp-count-noise 0``); under
-    user-level DP a constant 1 (weighting by data size would break its analysis). A user whose budget is
-    spent replies with no tensors and ``declined=1``, which aggregation weights by 0.
+    user-level DP a constant 1 (weighting by data size would break its analysis). A user who declines
+    (budget spent, a round its policy refuses, ...) replies with no tensors, ``declined=1`` and a
+    ``status`` record with the reason: nothing of its data, not even its pair count.
     """
+    if result.declined:
+        metrics = {NUM_EXAMPLES: 0, DECLINED: 1}
+        if config.dp_epsilon > 0 and result.epsilon is not None:
+            metrics["epsilon"] = float(result.epsilon)
+        return RecordDict({ARRAYS: ArrayRecord(), METRICS: MetricRecord(metrics),
+                           STATUS: ConfigRecord(status_record(result.reason or "budget-spent", result.detail))})
     dp = config.dp_epsilon > 0 or config.user_dp_noise > 0
     weight = 1 if config.user_dp_noise > 0 else result.num_examples
-    metrics: dict[str, float | int] = {
-        "num-examples": 0 if result.declined else weight,
-        "declined": int(result.declined),
-    }
+    metrics: dict[str, float | int] = {NUM_EXAMPLES: weight, DECLINED: 0}
     if not dp:
         metrics["train-steps"] = result.stats.steps
     if config.dp_epsilon > 0:
         metrics["epsilon"] = float(result.epsilon or 0.0)
     metrics.update(result.metrics)  # only values the strategy asked for (QFedAvg's loss; see client.local)
-    return RecordDict({"arrays": ArrayRecord(result.shared), "metrics": MetricRecord(metrics)})
+    return RecordDict({ARRAYS: ArrayRecord(result.shared), METRICS: MetricRecord(metrics)})
+
+
+def declined_evaluation(decline: Decline) -> RecordDict:
+    """An evaluation reply that keeps the user's accuracies on the device (its policy under DP)."""
+    return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 0, DECLINED: 1}),
+                       STATUS: ConfigRecord(status_record(decline.reason, decline.detail))})
 
 
 app = ClientApp()
@@ -92,15 +105,18 @@ app = ClientApp()
 
 @app.train(mods=[clipping_mod_when_asked])  # user-level DP: clip the shared update when the server asks
 def train(msg: Message, context: Context) -> Message:
-    config, extras = RunConfig.from_message(msg.content["config"])
-    if (state := device_for(context.node_config)) is not None:  # a real device: its own state directory
-        result = train_on_device(state, config, extras, _shared_from(msg), context.node_config)
+    if (state := device_for(context.node_config)) is not None:  # a real device: its own state and policy
+        config, extras, simulation_keys = RunConfig.from_device_message(msg.content["config"])
+        result = train_on_device(state, config, extras, _shared_from(msg), context.node_config, simulation_keys)
         return Message(train_reply(config, result), reply_to=msg)
+    config, extras = RunConfig.from_message(msg.content["config"])
     index = user_index(context)
     store = ContextStore(context)
     result = train_round(config, population_user(config, index), index, int(extras.get("server-round", 0)),
                          _shared_from(msg), store, extras)
-    return Message(train_reply(config, result), reply_to=msg)
+    from fedpersona.simulations.attacks import tamper  # simulated malicious users (settings attack, attack-users)
+
+    return Message(tamper(config, index, train_reply(config, result), msg.content), reply_to=msg)
 
 
 @app.query()
@@ -115,10 +131,13 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if (state := device_for(context.node_config)) is not None:  # a real device: its own state and policy
+        config, extras, simulation_keys = RunConfig.from_device_message(msg.content["config"])
+        metrics = evaluate_on_device(state, config, extras, _shared_from(msg), context.node_config, simulation_keys)
+        if isinstance(metrics, Decline):
+            return Message(declined_evaluation(metrics), reply_to=msg)
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
     config, extras = RunConfig.from_message(msg.content["config"])
-    if (state := device_for(context.node_config)) is not None:  # a real device: its own state directory
-        metrics = evaluate_on_device(state, config, extras, _shared_from(msg), context.node_config)
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     index = user_index(context)
     store = ContextStore(context)
     user = population_user(config, index)

@@ -12,13 +12,18 @@ It is ``user-index`` from the node config if given, else derived from the device
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedpersona.alignment.trainer import TrainStats
 from fedpersona.client.device_state import DeviceState
+from fedpersona.client.local import RoundResult
+from fedpersona.client.policy import Decline, DevicePolicy
 from fedpersona.data.schema import UserData
 from fedpersona.errors import UsageError
 
@@ -118,35 +123,116 @@ def _as_device(config: RunConfig, index: int) -> RunConfig:
     return config.replace(num_users=index + 1)
 
 
+def _open_round(state: DeviceState, config: RunConfig, simulation_keys: Mapping[str, Any]) -> tuple[DevicePolicy, Decline | None]:
+    """Every state file readable (damage is a UsageError before anything is spent), the user's policy,
+    and the checks every message passes (simulation settings, model and scheme)."""
+    state.check_files()
+    policy = DevicePolicy.load(state.dir) or DevicePolicy()
+    return policy, policy.check_common(config, simulation_keys, state.meta(), state.private_path.exists())
+
+
+def prepare_ledger(state: DeviceState, policy: DevicePolicy, config: RunConfig, user: UserData,
+                   index: int, server_round: int) -> Decline | None:
+    """The ledger this round trains on, within the policy, saved before training (nothing spent yet).
+
+    A new ledger is calibrated at the policy-capped epsilon and delta, starting with what retired ledgers
+    spent on the same pairs (``PrivacyRecord``); an existing one keeps its noise and only ever lowers its
+    target (a round asking for more privacy). Declines when the noise is below the policy's floor or the
+    pairs' earlier spending already reaches the target."""
+    from fedpersona.client.local import round_seed
+    from fedpersona.client.privacy_record import PrivacyRecord
+    from fedpersona.privacy.dp_training import plan_ledger
+    from fedpersona.privacy.ledger import BudgetSpent, PrivacyLedger
+
+    target = policy.epsilon_for(config)
+    saved = state.load_ledger()
+    if saved:
+        ledger = PrivacyLedger.from_json(saved)
+        ledger.target_epsilon = min(ledger.target_epsilon, target)
+    else:
+        dp = dataclasses.replace(config.dp_settings, target_epsilon=target,
+                                 delta=policy.delta_for(config, len(user.train)))
+        try:
+            ledger = plan_ledger(len(user.train), config.train_settings, dp, config.dp_rounds_planned,
+                                 seed=round_seed(config, index, server_round),
+                                 prior=PrivacyRecord(state.dir).prior_for(user.train))
+        except BudgetSpent as err:
+            return Decline("budget-spent", str(err))
+    decline = policy.check_noise(ledger.noise_multiplier)
+    if decline is None:
+        state.save_ledger(ledger.to_json())
+    return decline
+
+
 def train_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, Any],
-                    shared: Mapping[str, torch.Tensor] | None, node_config: Mapping[str, Any]):
-    """One training round on the device; returns ``client.local.RoundResult`` (shared tensors only)."""
-    from fedpersona.client.local import train_round
+                    shared: Mapping[str, torch.Tensor] | None, node_config: Mapping[str, Any],
+                    simulation_keys: Mapping[str, Any] | None = None) -> RoundResult:
+    """One training round on the device, if its policy accepts the round; returns
+    ``client.local.RoundResult`` (shared tensors only, or a decline with its reason).
+
+    A round of the same run lineage (``fedpersona.protocol.RUN_LINEAGE``: one id for a run and every
+    resumption of it) that this device already answered is answered again with the stored reply: a server
+    that died mid-round and resumed gets the device's update without the device paying for it twice."""
+    from fedpersona.client.local import declined_result, train_round
+    from fedpersona.protocol import RUN_LINEAGE
 
     server_round = int(extras.get("server-round", 0))
     with state.lock():  # one training at a time on this directory, across processes
+        policy, decline = _open_round(state, config, simulation_keys or {})
+        decline = decline or policy.check_train(config, extras)
+        if decline is None and (config.dp_epsilon > 0 or policy.require_dp) and (problem := state.ledger_problem()):
+            decline = Decline("ledger-missing", problem)
+        if decline is None and (problem := readiness_problem(state, config.min_pairs)):
+            decline = Decline("not-enough-pairs", problem)
+        if decline is not None:
+            return declined_result(decline.reason, decline.detail)
+        lineage = str(extras.get(RUN_LINEAGE, "") or "")
+        if lineage and (replay := state.load_reply(lineage, server_round)) is not None:
+            tensors, info = replay
+            if shared is not None and set(shared) == set(tensors):
+                tensors = {name: tensors[name] for name in shared}  # the run's key order (aggregation pairs keys)
+            return RoundResult(tensors, int(info["weight"]), TrainStats(0, 0, math.nan),
+                               epsilon=info.get("epsilon"))
         state.bind(config.model, config.scheme)
         if shared is not None:
             state.save_shared(shared, server_round=server_round)
         index = device_user_index(state, node_config)
-        user = device_user(state, config)
-        return train_round(_as_device(config, index), user, index, server_round, shared,
-                           DeviceStore(state, server_round), extras)
+        user = state.memory.user_data()
+        device_config = _as_device(config, index)
+        if config.dp_epsilon > 0 and (decline := prepare_ledger(state, policy, device_config, user, index,
+                                                                server_round)) is not None:
+            return declined_result(decline.reason, decline.detail)
+        result = train_round(device_config, user, index, server_round, shared, DeviceStore(state, server_round),
+                             extras)
+        if lineage and not result.declined:
+            state.save_reply(result.shared, {"lineage": lineage, "round": server_round,
+                                             "weight": result.num_examples, "epsilon": result.epsilon})
+        return result
 
 
 def evaluate_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, Any],
-                       shared: Mapping[str, torch.Tensor] | None,
-                       node_config: Mapping[str, Any]) -> dict[str, float | int]:
-    """Held-out accuracies of this user's three models, as the evaluation reply's metrics."""
+                       shared: Mapping[str, torch.Tensor] | None, node_config: Mapping[str, Any],
+                       simulation_keys: Mapping[str, Any] | None = None) -> dict[str, float | int] | Decline:
+    """Held-out accuracies of this user's three models, as the evaluation reply's metrics; a ``Decline``
+    when the policy keeps them on the device (the newest shared adapter is stored all the same, for
+    ``fedpersona generate`` offline)."""
     from fedpersona.client.local import current_epsilon, evaluate_round
 
     server_round = int(extras.get("server-round", 0))
     with state.lock():
+        policy, decline = _open_round(state, config, simulation_keys or {})
+        if decline is not None:
+            return decline
         state.bind(config.model, config.scheme)
         if shared is not None:  # the newest global adapter: what `fedpersona generate` uses offline
             state.save_shared(shared, server_round=server_round)
+        decline = policy.check_evaluate(config)
+        if decline is None and (problem := readiness_problem(state, config.min_pairs)):
+            decline = Decline("not-enough-pairs", problem)
+        if decline is not None:
+            return decline
         index = device_user_index(state, node_config)
-        user = device_user(state, config)
+        user = state.memory.user_data()
         store = DeviceStore(state, server_round)
         # index=None: no simulation-only extras (held-out-user fit, synthetic generation check)
         evaluation = evaluate_round(_as_device(config, index), user, shared, store, index=None, extras=extras)

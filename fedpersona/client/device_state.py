@@ -17,7 +17,13 @@ Files:
 - ``ref_logps.sqlite``: reference log-prob cache, sha256(model, prompt, chosen, rejected) ->
   (ref_chosen, ref_rejected); only a cache, so damaged reads count as misses.
 - ``counters.json``: rounds_trained and last_round, for people and tools.
-- ``meta.json``: the model id and scheme the state belongs to, and when it was created.
+- ``meta.json``: the model id and scheme the state belongs to, when it was created, and whether a
+  privacy ledger was ever started (so a deleted ledger is noticed, never silently started afresh).
+- ``last_reply.safetensors``: the last training reply sent, with its run lineage and round: a round a
+  resumed server asks for again is answered with it, not trained (and paid for) twice.
+- ``policy.json``: the user's privacy policy (``fedpersona.client.policy``); ``forget`` keeps it.
+- ``privacy_record.json``: what forgotten pairs had cost (``fedpersona.client.privacy_record``; hashes,
+  no text); ``forget`` keeps it.
 - ``.lock``: held (``fcntl.flock``) by the one process training on this directory.
 
 torch and safetensors are imported only by the tensor methods, so ``feedback`` commands stay fast.
@@ -25,13 +31,11 @@ torch and safetensors are imported only by the tensor methods, so ``feedback`` c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,12 +43,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpersona.client.memory import MEMORY_FILE, PreferenceMemory
-from fedpersona.data.schema import PreferencePair
 from fedpersona.errors import UsageError
 from fedpersona.io import acquire_pid_lock, fsync_dir, release_pid_lock
 
 if TYPE_CHECKING:
     import torch
+
+    from fedpersona.client.ref_cache import RefLogpCache
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,9 @@ REF_CACHE_FILE = "ref_logps.sqlite"
 COUNTERS_FILE = "counters.json"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
+LAST_REPLY_FILE = "last_reply.safetensors"
+POLICY_FILE = "policy.json"
+RECORD_FILE = "privacy_record.json"
 FORMAT_VERSION = 1
 
 _SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
@@ -67,10 +75,24 @@ PURPOSES: dict[str, str] = {
     COUNTERS_FILE: "training counters",
     META_FILE: "model id and scheme this state was made for",
     LOCK_FILE: "lock held while training",
+    LAST_REPLY_FILE: "last training reply sent (answers a resumed server's repeated round)",
+    POLICY_FILE: "your privacy policy (what this device accepts)",
+    RECORD_FILE: "what forgotten pairs had cost (hashes, no text)",
 }
 # What ``forget`` deletes: every file derived from the user's feedback. The shared adapter (the
 # server's global tensors), meta.json and the lock file hold nothing of the user's and stay.
-USER_FILES = (MEMORY_FILE, PRIVATE_FILE, LEDGER_FILE, REF_CACHE_FILE, COUNTERS_FILE)
+# The privacy record (hashes and spent budgets, no text) and the user's policy stay too.
+USER_FILES = (MEMORY_FILE, PRIVATE_FILE, LEDGER_FILE, REF_CACHE_FILE, COUNTERS_FILE, LAST_REPLY_FILE)
+LEDGER_STARTED = "ledger_started"  # meta.json: a ledger was saved in this state (until forget/reset-budget)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None if absent: tells a replaced file from the one held open."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _now() -> str:
@@ -96,9 +118,13 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     fsync_dir(path.parent)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json_atomically(path: Path, obj: Any) -> None:
+    """``obj`` as indented UTF-8 JSON at ``path``, replaced atomically (``replace_atomically``)."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+_write_json = write_json_atomically
 
 
 def _read_json_object(path: Path, what: str) -> dict[str, Any] | None:
@@ -107,6 +133,8 @@ def _read_json_object(path: Path, what: str) -> dict[str, Any] | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: {what} is not UTF-8 text; restore it from a backup") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
@@ -158,104 +186,6 @@ def _read_metadata(path: Path, what: str) -> dict[str, str] | None:
                          "to start afresh") from None
 
 
-# ---------------------------------------------------------------------------- reference log-probs
-
-
-def ref_key(model_id: str, pair: PreferencePair) -> str:
-    """Cache key of a pair's reference log-probs under a frozen base model (user_id and split excluded)."""
-    return hashlib.sha256(json.dumps([model_id, pair.prompt, pair.chosen, pair.rejected]).encode()).hexdigest()
-
-
-class RefLogpCache:
-    """Reference log-prob cache in SQLite: transactions make writes atomic; reads tolerate damage.
-
-    The base is frozen, so a pair's reference log-probs never change; losing the cache only costs a
-    recomputation. A damaged file therefore reads as empty (with a warning) and is recreated on write.
-    """
-
-    _CHUNK = 500  # keys per SELECT, below SQLite's bound-parameter limit on old builds
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._conn: sqlite3.Connection | None = None
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            try:
-                conn.execute("CREATE TABLE IF NOT EXISTS ref (key TEXT PRIMARY KEY, chosen REAL NOT NULL, "
-                             "rejected REAL NOT NULL)")
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _discard_damaged(self, err: Exception) -> None:
-        log.warning("%s: reference log-prob cache unreadable (%s); recomputing and rewriting it", self.path, err)
-        self.close()
-        for suffix in ("", *_SQLITE_SIDECARS):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, tuple[float, float]]:
-        """The cached entries among ``keys``; a missing or damaged cache gives {} (compute them)."""
-        keys = list(keys)
-        if not keys or not self.path.exists():
-            return {}
-        found: dict[str, tuple[float, float]] = {}
-        try:
-            conn = self._connect()
-            for start in range(0, len(keys), self._CHUNK):
-                chunk = keys[start:start + self._CHUNK]
-                marks = ",".join("?" * len(chunk))
-                for key, chosen, rejected in conn.execute(
-                        f"SELECT key, chosen, rejected FROM ref WHERE key IN ({marks})", chunk):
-                    found[key] = (float(chosen), float(rejected))
-        except sqlite3.DatabaseError as err:
-            log.warning("%s: reference log-prob cache unreadable (%s); treating it as empty", self.path, err)
-            self.close()
-            return {}
-        return found
-
-    def get(self, key: str) -> tuple[float, float] | None:
-        return self.get_many([key]).get(key)
-
-    def put_many(self, entries: Mapping[str, tuple[float, float]]) -> None:
-        """Store entries in one transaction (all or none); a damaged file is replaced by a fresh one."""
-        rows = [(k, float(c), float(r)) for k, (c, r) in entries.items()]
-        if not rows:
-            return
-        for attempt in (1, 2):
-            try:
-                conn = self._connect()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany("INSERT OR REPLACE INTO ref (key, chosen, rejected) VALUES (?, ?, ?)", rows)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return
-            except sqlite3.DatabaseError as err:
-                if attempt == 2 or isinstance(err, sqlite3.OperationalError):
-                    raise  # locked, disk full, ...: not damage, so never discard the file for it
-                self._discard_damaged(err)
-
-    def __len__(self) -> int:
-        if not self.path.exists():
-            return 0
-        try:
-            return int(self._connect().execute("SELECT COUNT(*) FROM ref").fetchone()[0])
-        except sqlite3.DatabaseError:
-            self.close()
-            return 0
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
 # ---------------------------------------------------------------------------- the state directory
 
 
@@ -286,6 +216,7 @@ class DeviceState:
             self.dir.mkdir(parents=True, mode=0o700)  # the user's private data: owner only
         self.test_fraction = test_fraction
         self._memory: PreferenceMemory | None = None
+        self._memory_identity: tuple[int, int] | None = None
         self._ref_cache: RefLogpCache | None = None
         self._lock_fd: int | None = None
         self._lock_depth = 0
@@ -326,12 +257,22 @@ class DeviceState:
     # ------------------------------------------------------------------ pieces
     @property
     def memory(self) -> PreferenceMemory:
+        """The preference memory, reopened when its file was deleted or replaced since it was opened (a
+        `feedback forget` + import in another process while a long-lived client holds it open: without
+        this the client would go on reading the deleted file's pairs)."""
+        identity = _file_identity(self.memory_path)
+        if self._memory is not None and identity != self._memory_identity:
+            self._memory.close()
+            self._memory = None
         if self._memory is None:
             self._memory = PreferenceMemory(self.memory_path, test_fraction=self.test_fraction)
+            self._memory_identity = _file_identity(self.memory_path)
         return self._memory
 
     @property
     def ref_cache(self) -> RefLogpCache:
+        from fedpersona.client.ref_cache import RefLogpCache
+
         if self._ref_cache is None:
             self._ref_cache = RefLogpCache(self.ref_cache_path)
         return self._ref_cache
@@ -434,7 +375,63 @@ class DeviceState:
         return _read_json_object(self.ledger_path, "privacy ledger") or {}
 
     def save_ledger(self, ledger: Mapping[str, Any]) -> None:
+        meta = self.meta()
+        if meta is not None and not meta.get(LEDGER_STARTED):  # before the ledger: a crash leaves the flag set
+            _write_json(self.meta_path, {**meta, LEDGER_STARTED: True})
         _write_json(self.ledger_path, dict(ledger))
+
+    def ledger_problem(self) -> str | None:
+        """Why this state must not start a fresh ledger (None if it may): the ledger is missing or empty
+        while a private adapter, a past round or an earlier ledger shows that budget was spent here."""
+        if self.load_ledger():
+            return None
+        meta = self.meta() or {}
+        evidence = [what for what, present in (
+            ("a private adapter", self.private_path.exists()),
+            ("past rounds in counters.json", bool(self.counters().get("rounds_trained"))),
+            ("a ledger was started (meta.json)", bool(meta.get(LEDGER_STARTED))),
+        ) if present]
+        if not evidence:
+            return None
+        state = "empty" if self.ledger_path.exists() else "missing"
+        return (f"--state {self.dir}: the privacy ledger is {state} but this state shows spent budget "
+                f"({', '.join(evidence)}); restore {LEDGER_FILE} from a backup, or start over knowingly with "
+                f"`fedpersona feedback reset-budget --state {self.dir}`")
+
+    def check_files(self) -> None:
+        """Read every state file a round depends on, so damage is a UsageError naming the file *before*
+        anything is trained or spent (not after the ledger has paid for a round that cannot be sent)."""
+        from fedpersona.client.policy import DevicePolicy
+        from fedpersona.privacy.ledger import PrivacyLedger
+
+        self.meta()
+        self.counters()
+        ledger = self.load_ledger()
+        if ledger:
+            try:
+                PrivacyLedger.from_json(ledger)
+            except UsageError as err:
+                raise UsageError(f"{self.ledger_path}: {err}; restore it from a backup") from None
+        _read_metadata(self.private_path, "private adapter")
+        _read_metadata(self.dir / LAST_REPLY_FILE, "last reply")
+        DevicePolicy.load(self.dir)
+
+    # ------------------------------------------------------------------ the last reply (idempotent rounds)
+    def save_reply(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, str | int | float]) -> None:
+        """Keep the reply just computed for (``info['lineage']``, ``info['round']``) until the next one."""
+        _save_tensors(self.dir / LAST_REPLY_FILE, tensors, {k: json.dumps(v) for k, v in info.items()})
+
+    def load_reply(self, lineage: str, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The stored reply if it answered round ``server_round`` of run lineage ``lineage``, else None."""
+        path = self.dir / LAST_REPLY_FILE
+        metadata = _read_metadata(path, "last reply")
+        if not metadata:
+            return None
+        info = {k: json.loads(v) for k, v in metadata.items()}
+        if info.get("lineage") != lineage or info.get("round") != server_round:
+            return None
+        loaded = _load_tensors(path, "last reply")
+        return None if loaded is None else (loaded[0], info)
 
     def meta(self) -> dict[str, Any] | None:
         return _read_json_object(self.meta_path, "state metadata")
@@ -474,15 +471,54 @@ class DeviceState:
                 found.append(StateFile(path.name, path, path.stat().st_size, purpose))
         return found
 
+    def _retire_ledger(self, record: Any) -> None:
+        """Hand what the ledger spent, and which pairs it covered, to the privacy record (before deletion)."""
+        if not self.ledger_path.exists():
+            return
+        try:
+            ledger, readable = self.load_ledger(), True
+        except UsageError:
+            ledger, readable = None, False  # unreadable: recorded as an unbounded spend
+        try:
+            pairs = self.memory.list(None, 0) if self.memory_path.exists() else []
+        except UsageError:
+            pairs = []
+        record.retire(ledger, pairs, readable=readable)  # rows carry prompt, chosen, rejected
+
+    def reset_budget(self) -> list[str]:
+        """Start the privacy budget over, knowingly: delete the private adapter, counters, last reply and the
+        ledger flag (the pairs stay). Rounds already sent are then outside every later guarantee."""
+        removed = []
+        with self.lock():
+            for name in (PRIVATE_FILE, COUNTERS_FILE, LAST_REPLY_FILE, LEDGER_FILE):
+                path = self.dir / name
+                if path.exists():
+                    path.unlink()
+                    removed.append(name)
+            meta = self.meta()
+            if meta is not None:
+                _write_json(self.meta_path, {**meta, LEDGER_STARTED: False, "budget_reset": _now()})
+            fsync_dir(self.dir)
+        return removed
+
     def forget(self) -> list[str]:
-        """Delete everything of the user's: pairs, private adapter, ledger, counters, ref cache.
+        """Delete everything of the user's: pairs, private adapter, ledger, counters, ref cache, last reply.
+
+        What the ledger spent goes to the privacy record first (keyed hashes of the pairs, no text), so
+        re-importing the same pairs continues their budget instead of starting it over.
 
         Takes the training lock (refused while training runs), wipes the pairs inside the database
         first (so a process holding it open sees an empty memory), then deletes the files, their
         SQLite sidecars and any temp files of interrupted writes. Returns the names deleted.
         """
+        from fedpersona.client.privacy_record import PrivacyRecord
+
         removed: list[str] = []
         with self.lock():
+            self._retire_ledger(PrivacyRecord(self.dir))
+            meta = self.meta() if self.meta_path.exists() else None
+            if meta and meta.get(LEDGER_STARTED):
+                _write_json(self.meta_path, {**meta, LEDGER_STARTED: False})
             if self.memory_path.exists():
                 try:
                     self.memory.forget()

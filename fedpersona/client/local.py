@@ -178,6 +178,14 @@ class RoundResult:
     declined: bool = False  # the user's privacy budget could not afford this round, or a new user
     epsilon: float | None = None  # pair-level epsilon spent so far (DP only)
     metrics: dict[str, float] = field(default_factory=dict)  # values a strategy asked for (see module doc)
+    reason: str = ""  # declined: a fedpersona.protocol.DECLINE_REASONS code
+    detail: str = ""  # declined: one line for the operator (never data)
+
+
+def declined_result(reason: str, detail: str = "", epsilon: float | None = None) -> RoundResult:
+    """A round this user does not train: nothing to send but the reason."""
+    return RoundResult({}, 0, TrainStats(0, 0, math.nan), declined=True, epsilon=epsilon, reason=reason,
+                       detail=detail)
 
 
 def _train_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[PreferencePair],
@@ -185,7 +193,8 @@ def _train_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[P
                    release_count: bool = True):
     """Pair-level DP-SGD on the user's persistent ledger (calibrated for ``planned_rounds`` rounds, with
     the released pair count when ``release_count``, if it has none yet), saved before anything leaves
-    the device."""
+    the device. Saved only when training completed: a round that fails before its update exists
+    released nothing, so it must not drain the budget (a crash after the save over-counts, never under)."""
     from fedpersona.privacy.dp_training import plan_ledger, train_local_dp
     from fedpersona.privacy.ledger import PrivacyLedger
 
@@ -193,10 +202,9 @@ def _train_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[P
     ledger = (PrivacyLedger.from_json(saved) if saved is not None
               else plan_ledger(len(pairs), settings, config.dp_settings, planned_rounds=planned_rounds,
                                release_count=release_count, seed=seed))
-    try:
-        return train_local_dp(resident, pairs, settings, seed, config.dp_settings, ledger)
-    finally:
-        store.save_ledger(ledger.dumps())
+    stats = train_local_dp(resident, pairs, settings, seed, config.dp_settings, ledger)
+    store.save_ledger(ledger.dumps())
+    return stats
 
 
 @torch.no_grad()
@@ -218,7 +226,7 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
                 extras: Mapping[str, Any] | None = None) -> RoundResult:
     options = RoundOptions.from_extras(extras, server_round)
     if is_new_user(config, user_index):  # held out of training until the final evaluation
-        return RoundResult({}, 0, TrainStats(0, 0, math.nan), declined=True)
+        return declined_result("new-user")
     resident = resident_for(config)
     scheme = get_scheme(config.scheme)
     init = (None if scheme.init_private is None else
@@ -237,7 +245,8 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
             stats = _train_private(config, resident, user.train, config.train_settings, seed, store,
                                    config.dp_rounds_planned)
             if stats.declined:
-                return RoundResult({}, 0, stats, declined=True, epsilon=stats.epsilon)
+                return RoundResult({}, 0, stats, declined=True, epsilon=stats.epsilon, reason="budget-spent",
+                                   detail=f"epsilon spent {stats.epsilon:.2f}; another round would pass the target")
             epsilon, weight = stats.epsilon, stats.aggregation_weight  # the released (noised) pair count, or 1
         else:
             stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed), None

@@ -48,6 +48,8 @@ class ClientOptions:
     cold: bool = False
     max_wait_time: float | None = None  # give up after this long without the server (None: never)
     heartbeat_interval: float | None = None  # seconds; None: Flower's default (30 s)
+    # the user's privacy policy flags (fedpersona.client.policy.DevicePolicy fields; None: keep the saved value)
+    policy: tuple[tuple[str, object], ...] = ()
 
     def validate(self) -> None:
         parse_address(self.server, "--server")
@@ -120,18 +122,23 @@ class StateGuard:
             self.fd = None
 
 
-def check_device(options: ClientOptions) -> None:
-    """Refuse to start a device that cannot take part: no state directory, or too little feedback."""
+def check_device(options: ClientOptions):
+    """Refuse to start a device that cannot take part (no state directory, too little feedback, a damaged
+    state file, a missing ledger where budget was spent); returns its privacy policy (saved with the
+    user's flags applied)."""
     from fedpersona.client.device import readiness_problem
     from fedpersona.client.device_state import DeviceState
+    from fedpersona.client.policy import policy_for
 
     if not options.state.is_dir():
         raise UsageError(f"--state {options.state}: no device state here; import feedback first with "
                          f"`fedpersona feedback import FILE --state {options.state}`")
     with DeviceState(options.state, create=False) as state:
-        problem = readiness_problem(state)
-    if problem:
-        raise UsageError(problem)
+        state.check_files()
+        problem = state.ledger_problem() or readiness_problem(state)
+        if problem:
+            raise UsageError(problem)
+        return policy_for(state.dir, **dict(options.policy))
 
 
 AUTH_RETRY_SECONDS = 10.0  # flwr exits with status 1 for every error, so any early exit is retried
@@ -148,7 +155,9 @@ def run_client(options: ClientOptions, *, log: IO[bytes] | None = None) -> int:
     lapses, at most twice the heartbeat interval); so a refusal is retried for that long, plus a margin.
     """
     options.validate()
-    check_device(options)
+    policy = check_device(options)
+    print(f"fedpersona: device policy: {policy.describe()} ({options.state / 'policy.json'})", file=sys.stderr,
+          flush=True)
     interrupted = threading.Event()
     stop_event = threading.Event()
 

@@ -33,7 +33,7 @@ def server(
     strategy_arg: Annotated[list[str], typer.Option("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
     model: Annotated[Optional[str], typer.Option(help="'embedded', an HF model id or a local folder (same on every device).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and sampling.")] = None,
-    dp: Annotated[bool, typer.Option("--dp", help="Pair-level DP-SGD on every client.")] = False,
+    dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Ask for pair-level DP-SGD on every device (default: on; devices require it unless their policy says otherwise).")] = True,
     target_epsilon: Annotated[float, typer.Option(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of settings.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Any setting key=value (see fedpersona/config.py).")] = [],
@@ -93,10 +93,20 @@ def client(
     cold: Annotated[bool, typer.Option("--cold", help="Let Flower start a process per message (slower; no in-process executor).")] = False,
     max_wait_time: Annotated[Optional[float], typer.Option("--max-wait-time", help="Give up after this many seconds without the server (default: never).")] = None,
     heartbeat_interval: Annotated[Optional[float], typer.Option("--heartbeat-interval", help="Seconds between heartbeats; the server notices a dead device after twice this (Flower's default 30; 10 to 1800).")] = None,
+    max_epsilon: Annotated[Optional[float], typer.Option("--max-epsilon", help="Policy: the largest pair-level epsilon you accept over this state's life (default 8; saved in STATE/policy.json).")] = None,
+    max_delta: Annotated[Optional[float], typer.Option("--max-delta", help="Policy: the largest delta you accept (default 1e-5).")] = None,
+    min_noise_multiplier: Annotated[Optional[float], typer.Option("--min-noise-multiplier", help="Policy: the smallest DP-SGD noise multiplier you accept (default 0: any within --max-epsilon).")] = None,
+    require_dp: Annotated[Optional[bool], typer.Option("--require-dp/--allow-no-dp", help="Policy: train only rounds with pair-level DP (default: required).")] = None,
+    share_evaluation: Annotated[Optional[bool], typer.Option("--share-evaluation/--keep-evaluation", help="Policy: send held-out accuracies to the server under DP (default: kept on the device).")] = None,
+    pin_model: Annotated[Optional[str], typer.Option("--model", help="Policy: train only with this model id (default: the first round's, then bound).")] = None,
     log: Annotated[Optional[Path], typer.Option("--log", help="Write Flower's SuperNode log here (default: stderr).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log every task.")] = False,
 ) -> None:
-    """Join a federation from this device: a Flower SuperNode training on the user's own --state."""
+    """Join a federation from this device: a Flower SuperNode training on the user's own --state.
+
+    The device keeps its own privacy policy (STATE/policy.json; the policy flags change it): by default it
+    trains only rounds with pair-level DP at epsilon <= 8 and delta <= 1e-5 over the state's whole life, and
+    keeps its held-out accuracies to itself; rounds asking for less privacy are declined with a reason."""
     import logging
 
     from fedpersona.client.node import ClientOptions, run_client
@@ -105,7 +115,10 @@ def client(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
     options = ClientOptions(server=server_address, state=state, root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, runtime_port=runtime_port, user_index=user_index, cold=cold,
-                            max_wait_time=max_wait_time, heartbeat_interval=heartbeat_interval)
+                            max_wait_time=max_wait_time, heartbeat_interval=heartbeat_interval,
+                            policy=(("max_epsilon", max_epsilon), ("max_delta", max_delta),
+                                    ("min_noise_multiplier", min_noise_multiplier), ("require_dp", require_dp),
+                                    ("share_evaluation", share_evaluation), ("model", pin_model)))
     handle = log.open("ab") if log else None
     try:
         code = run_client(options, log=handle)

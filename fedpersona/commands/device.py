@@ -183,7 +183,8 @@ def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
         meta = st.meta() or {}
         stats.update(rounds_trained=counters.get("rounds_trained", 0), last_round=counters.get("last_round"),
                      model_id=meta.get("model_id"), scheme=meta.get("scheme"),
-                     private_adapter=st.private_path.exists(), shared_adapter=st.shared_path.exists())
+                     private_adapter=st.private_path.exists(), shared_adapter=st.shared_path.exists(),
+                     **_privacy_stats(st))
     if json_out:
         _print_json(stats)
         return
@@ -196,7 +197,8 @@ def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
     labels = {"pairs": "pairs", "train": "  train", "test": "  test (held out)", "user_id": "user",
               "first_added": "first added", "last_added": "last added", "rounds_trained": "rounds trained",
               "last_round": "last server round", "model_id": "model", "scheme": "scheme",
-              "private_adapter": "private adapter", "shared_adapter": "shared adapter"}
+              "private_adapter": "private adapter", "shared_adapter": "shared adapter",
+              "epsilon_spent": "epsilon spent (pair-level)", "policy": "privacy policy"}
     for key, label in labels.items():
         value = stats.get(key)
         shown = "yes" if value is True else "no" if value is False else "-" if value is None else str(value)
@@ -204,6 +206,23 @@ def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
     console = _console()
     console.print(f"feedback in {state}", markup=False)
     console.print(table)
+
+
+def _privacy_stats(st: DeviceState) -> dict[str, Any]:
+    """The epsilon this device has spent (its ledger, else what forgotten pairs cost) and its policy."""
+    from fedpersona.client.policy import DevicePolicy
+    from fedpersona.privacy.ledger import PrivacyLedger
+
+    ledger = st.load_ledger()
+    policy = DevicePolicy.load(st.dir) or DevicePolicy()
+    epsilon = PrivacyLedger.from_json(ledger).spent_epsilon() if ledger else None
+    if epsilon is None:  # no ledger yet: what retired ledgers spent on the pairs now stored (privacy record)
+        from fedpersona.client.privacy_record import PrivacyRecord
+        from fedpersona.privacy.accountant import epsilon_of_history
+
+        prior = PrivacyRecord(st.dir).prior_for(st.memory.list(None, 0)) if st.memory_path.exists() else []
+        epsilon = epsilon_of_history(prior, policy.max_delta, "rdp") if prior else None
+    return {"epsilon_spent": epsilon, "policy": policy.describe()}
 
 
 @feedback_app.command("forget")
@@ -233,7 +252,35 @@ def feedback_forget(
                 # SystemExit, not typer.Exit: cli.main drops the code of a typer.Exit (standalone_mode=False)
                 raise SystemExit(1)
         removed = st.forget()
-    print(f"forgot {pairs} pairs; deleted {', '.join(removed) or 'nothing'} from {state}")
+    print(f"forgot {pairs} pairs; deleted {', '.join(removed) or 'nothing'} from {state}"
+          + ("; what they cost in privacy stays in privacy_record.json (hashes, no text), so importing them again "
+             "continues their budget" if "ledger.json" in removed else ""))
+
+
+@feedback_app.command("reset-budget")
+def feedback_reset_budget(
+    state: StateOpt,
+    yes: Annotated[bool, Opt("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Start the privacy budget over after the ledger was lost: deletes the private adapter and counters.
+
+    What it means: the device no longer knows what it spent, so the epsilon it reports from now on covers
+    only the rounds after the reset; updates it sent before are outside that guarantee. Your pairs stay."""
+    with _open(state, create=False) as st:
+        problem = st.ledger_problem()
+        if problem is None:
+            raise UsageError(f"--state {state}: the privacy ledger is intact (or nothing was spent yet); there is "
+                             "no budget to reset")
+        what = (f"the budget of {state} starts over: updates sent before are outside the guarantee from now on; "
+                "the private adapter and counters are deleted, your pairs stay")
+        if not yes:
+            if not _interactive():
+                raise UsageError(f"feedback reset-budget: {what}; no terminal to confirm on, pass --yes")
+            if not typer.confirm(f"{what[0].upper()}{what[1:]}. Continue?", default=False):
+                print("fedpersona: nothing changed", file=sys.stderr)
+                raise SystemExit(1)
+        removed = st.reset_budget()
+    print(f"budget reset; deleted {', '.join(removed) or 'nothing'} from {state}")
 
 
 # ---------------------------------------------------------------------------- adapters of a state

@@ -66,7 +66,7 @@ from fedpersona.data.schema import PreferencePair
 from fedpersona.errors import UsageError
 from fedpersona.model.adapters import Role
 from fedpersona.model.resident import ResidentModel
-from fedpersona.privacy.accountant import check_accountant, sample_rate_for
+from fedpersona.privacy.accountant import Phase, check_accountant, sample_rate_for
 from fedpersona.privacy.ledger import PrivacyLedger, default_delta
 
 # on_step(step, batch indices, gradient the optimizer uses: (sum of clipped per-pair grads + noise) / E)
@@ -129,14 +129,15 @@ class DPTrainStats:
 
 
 def plan_ledger(num_pairs: int, settings: TrainSettings, dp: DPSettings, planned_rounds: int, *,
-                release_count: bool = True, seed: int = 0) -> PrivacyLedger:
+                release_count: bool = True, seed: int = 0, prior: Sequence[Phase] = ()) -> PrivacyLedger:
     """A user's ledger, noise calibrated once for ``planned_rounds`` rounds of ``settings.steps_for(n)``
     steps at ``q = batch_size / n``. Pass the most rounds the user may train in (e.g. the run's rounds):
     the budget then holds even if the user is sampled every round.
 
     With ``dp.count_noise`` > 0 and ``release_count``, it also draws the user's released pair count
     ``n + N(0, count_noise^2)`` (its aggregation weight; in the budget, see ``PrivacyLedger``), from the OS
-    entropy source, or from ``seed`` when ``dp.reproducible``."""
+    entropy source, or from ``seed`` when ``dp.reproducible``. ``prior``: phases retired ledgers already
+    spent on these pairs (``PrivacyLedger.prior``); raises ``BudgetSpent`` if they reach the target."""
     dp.validate()
     if planned_rounds < 1:
         raise UsageError(f"planned rounds {planned_rounds!r} is invalid: it must be >= 1")
@@ -147,7 +148,7 @@ def plan_ledger(num_pairs: int, settings: TrainSettings, dp: DPSettings, planned
         rng = random.Random(seed ^ _COUNT_SEED_SALT) if dp.reproducible else random.SystemRandom()
         count_noise, released = dp.count_noise, num_pairs + rng.gauss(0.0, dp.count_noise)
     return PrivacyLedger.calibrate(dp.target_epsilon, dp.delta_for(num_pairs), q, steps, dp.accountant,
-                                   count_noise=count_noise, released_count=released)
+                                   count_noise=count_noise, released_count=released, prior=list(prior))
 
 
 def planned_participations(rounds: int, fraction: float, quantile: float = 0.9) -> int:

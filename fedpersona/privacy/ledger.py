@@ -16,6 +16,12 @@ FedAvg under DP). Adding or removing one pair moves n by 1, so this is a Gaussia
 1, composed into the budget as one phase ``(count_noise, 1.0, 1)`` before the DP-SGD phases (the noise is
 calibrated for both together); reusing the released value later is post-processing and costs nothing.
 
+A ledger may start with a **prior**: phases an earlier ledger of the same device already spent on some of
+the same pairs (``fedpersona feedback forget`` retires a ledger into the device's privacy record, and
+re-imported pairs bring its phases back; ``fedpersona.client.privacy_record``). The prior is composed
+before everything else, so forgetting and re-importing pairs never lowers the epsilon they have cost, and
+the new noise is calibrated for what is left of the target.
+
 ``target_epsilon = inf`` is a clip-only ledger: noise 0, no guarantee (spent epsilon is inf). It exists
 for tests and ablations (the update is then the exact mean of clipped per-pair gradients).
 """
@@ -42,6 +48,10 @@ from fedpersona.privacy.accountant import (
 LEDGER_VERSION = 1
 
 
+class BudgetSpent(UsageError):
+    """The pairs' earlier spending already reaches the target: no ledger can afford a step."""
+
+
 def default_delta(num_pairs: int) -> float:
     """Default delta for a user with ``num_pairs`` training pairs: ``min(1e-5, 1 / (10 n))``.
 
@@ -65,6 +75,7 @@ class PrivacyLedger:
     history: list[Phase] = field(default_factory=list)
     count_noise: float = 0.0  # 0: no pair count released
     released_count: float | None = None  # n + N(0, count_noise^2), drawn once; None if not released
+    prior: list[Phase] = field(default_factory=list)  # spent on these pairs by retired ledgers (module doc)
 
     def __post_init__(self) -> None:
         if (self.count_noise > 0) != (self.released_count is not None):
@@ -74,15 +85,22 @@ class PrivacyLedger:
     @classmethod
     def calibrate(cls, target_epsilon: float, delta: float, sample_rate: float, planned_steps: int,
                   accountant: str = "rdp", *, count_noise: float = 0.0,
-                  released_count: float | None = None) -> PrivacyLedger:
+                  released_count: float | None = None, prior: list[Phase] | None = None) -> PrivacyLedger:
         """A fresh ledger whose noise reaches at most ``target_epsilon`` after ``planned_steps`` steps
-        (after the pair-count release too, when ``count_noise`` > 0 and ``released_count`` is given)."""
+        (after ``prior`` and the pair-count release too, when ``count_noise`` > 0 and ``released_count``
+        is given).
+
+        Raises ``BudgetSpent`` when ``prior`` alone already reaches ``target_epsilon``."""
         check_accountant(accountant)
         check_delta(delta)
         check_rate(sample_rate)
         check_steps(planned_steps, minimum=1)
         ledger = cls(accountant, float(delta), float(target_epsilon), 0.0, float(sample_rate), int(planned_steps),
-                     count_noise=float(count_noise), released_count=released_count)
+                     count_noise=float(count_noise), released_count=released_count,
+                     prior=[(float(n), float(q), int(s)) for n, q, s in (prior or [])])
+        if ledger.prior and ledger._epsilon([]) >= target_epsilon:
+            raise BudgetSpent(f"the retired ledgers of these pairs already spent epsilon {ledger._epsilon([]):.2f} "
+                              f">= the target {target_epsilon:g}")
         if target_epsilon != math.inf:  # inf: clip-only, no noise, no guarantee
             ledger.noise_multiplier = noise_for_epsilon(target_epsilon, delta, sample_rate, planned_steps,
                                                         accountant, prior=ledger._release())
@@ -143,6 +161,7 @@ class PrivacyLedger:
             "history": [[float(n), float(q), int(s)] for n, q, s in self.history],
             "count_noise": self.count_noise,
             "released_count": self.released_count,
+            "prior": [[float(n), float(q), int(s)] for n, q, s in self.prior],
         }
 
     def dumps(self) -> str:
@@ -167,6 +186,7 @@ class PrivacyLedger:
                 history=[(float(n), float(q), int(s)) for n, q, s in data["history"]],
                 count_noise=float(data.get("count_noise", 0.0)),
                 released_count=None if data.get("released_count") is None else float(data["released_count"]),
+                prior=[(float(n), float(q), int(s)) for n, q, s in data.get("prior", [])],
             )
         except UsageError:
             raise
@@ -180,9 +200,18 @@ class PrivacyLedger:
         return (float(self.noise_multiplier if noise is None else noise),
                 float(self.sample_rate if sample_rate is None else sample_rate), int(steps))
 
+    def own_phases(self) -> list[Phase]:
+        """What this ledger itself spent: the count release and the DP-SGD phases, without its prior (what a
+        retired ledger hands on to a later one over the same pairs; each retired ledger's prior is recorded
+        with its own entry, so nothing is counted twice)."""
+        release = [(self.count_noise, 1.0, 1)] if self.released_count is not None else []
+        return [*release, *self.history]
+
     def _release(self) -> list[Phase]:
-        """The pair-count release as a phase: a Gaussian mechanism of sensitivity 1, no subsampling."""
-        return [(self.count_noise, 1.0, 1)] if self.released_count is not None else []
+        """The committed phases before any step: the prior, then the pair-count release (a Gaussian
+        mechanism of sensitivity 1, no subsampling)."""
+        release = [(self.count_noise, 1.0, 1)] if self.released_count is not None else []
+        return [*self.prior, *release]
 
     def _epsilon(self, history: list[Phase]) -> float:
         live = [phase for phase in [*self._release(), *history] if phase[2] > 0]

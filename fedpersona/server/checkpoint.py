@@ -13,11 +13,17 @@ Atomicity: a round is written into a fresh temp folder, every file fsynced, the 
 ``round-NNNNN`` and the parent fsynced; only then does ``latest.json`` (written atomically) point at
 it. A crash at any moment leaves ``latest.json`` naming a complete round. Older rounds are pruned.
 Everything is safetensors or JSON: loading a checkpoint never unpickles anything.
+
+A checkpoint is data like any reply: on resume (``sound_checkpoint``) its shared tensors must have the
+run's keys, shapes and dtypes and finite values, and its strategy state finite values
+(``fedpersona.strategies.validation.tensor_problem``). A round that fails falls back to the newest earlier
+round kept on disk that passes, said in one log line; with none, the resume is refused in one line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +38,9 @@ from flwr.app import Array, ArrayRecord
 from fedpersona.errors import UsageError
 from fedpersona.io import fsync_dir
 from fedpersona.io import atomic_write_json
+from fedpersona.strategies.validation import TensorSpec, tensor_problem
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fedpersona.checkpoint/1"
 LATEST = "latest.json"
@@ -201,8 +210,13 @@ def save_checkpoint(directory: str | Path, server_round: int, arrays: ArrayRecor
     return final
 
 
+def _round_folders(directory: Path) -> list[Path]:
+    """The saved ``round-NNNNN`` folders, oldest first."""
+    return sorted(p for p in directory.glob("round-*") if p.is_dir() and p.name[6:].isdigit())
+
+
 def _prune(directory: Path, keep_from: int) -> None:
-    rounds = sorted(p for p in directory.glob("round-*") if p.is_dir() and p.name[6:].isdigit())
+    rounds = _round_folders(directory)
     for path in rounds[:-KEEP]:
         if int(path.name[6:]) < keep_from:
             shutil.rmtree(path, ignore_errors=True)
@@ -231,7 +245,11 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
     info = latest_info(directory)
     if info is None:
         return None
-    folder = directory / str(info["dir"])
+    return load_round(directory / str(info["dir"]))
+
+
+def load_round(folder: Path) -> Checkpoint:
+    """One saved round folder (``round-NNNNN``); UsageError if it is incomplete."""
     try:
         shared, shared_meta = _load_arrays(folder / SHARED_FILE)
         tensors, meta = _load_arrays(folder / STRATEGY_FILE)
@@ -244,3 +262,42 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
     return Checkpoint(round=int(state["round"]), arrays=arrays,
                       strategy_state=_unpack(tensors, json.loads(meta.get("layout", "{}"))),
                       state=state, path=folder)
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    for attr, value in state.items():
+        arrays = ([value[k].numpy() for k in value.keys()] if isinstance(value, ArrayRecord) else
+                  list(value.values()) if isinstance(value, dict) else
+                  list(value) if isinstance(value, list) else [value])
+        if not all(np.isfinite(np.asarray(a, dtype=np.float64)).all() for a in arrays):
+            return f"strategy state {attr!r} holds NaN or Inf"
+    return None
+
+
+def checkpoint_problem(checkpoint: Checkpoint, spec: TensorSpec) -> str | None:
+    """Why ``checkpoint`` cannot be trusted by a run whose shared tensors are ``spec``; None if it can."""
+    found = tensor_problem(checkpoint.arrays, spec, exact_dtype=False)
+    if found is not None:
+        return f"shared tensors: {found[1]} ({found[0]})"
+    return _state_problem(checkpoint.strategy_state)
+
+
+def sound_checkpoint(directory: str | Path, checkpoint: Checkpoint, spec: TensorSpec) -> Checkpoint:
+    """``checkpoint`` if it passes ``checkpoint_problem``, else the newest earlier round kept under
+    ``directory`` that does (one warning line); UsageError naming the folder when none does."""
+    problem = checkpoint_problem(checkpoint, spec)
+    if problem is None:
+        return checkpoint
+    bad = checkpoint.path or Path(directory)
+    earlier = [p for p in _round_folders(Path(directory)) if int(p.name[6:]) < checkpoint.round]
+    for folder in reversed(earlier):
+        try:
+            candidate = load_round(folder)
+        except (UsageError, OSError, ValueError, KeyError):
+            continue  # a damaged older round is no fallback either
+        if checkpoint_problem(candidate, spec) is None:
+            log.warning("checkpoint %s cannot be resumed (%s); resuming from round %d (%s) instead",
+                        bad, problem, candidate.round, folder)
+            return candidate
+    raise UsageError(f"{bad}: checkpoint cannot be resumed ({problem}) and no earlier round under {directory} "
+                     "passes the checks; start afresh without --resume, or restore the folder from a backup")

@@ -18,6 +18,25 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _reasons(counts: dict[str, int] | None) -> str:
+    """``{"non-finite": 2, "bad-weight": 1}`` -> ``"3 (non-finite 2, bad-weight 1)"``; "" for none."""
+    total = sum((counts or {}).values())
+    return f"{total} ({', '.join(f'{r} {n}' for r, n in counts.items())})" if total else ""
+
+
+def set_apart(row: dict[str, Any]) -> str:
+    """The round's rejected and declined replies, both phases, for the round line ("" when none)."""
+    parts = []
+    for kind in ("rejected", "declined"):
+        counts: dict[str, int] = {}
+        for phase in ("train", "eval"):
+            for reason, n in (row.get(f"{phase}_{kind}_reasons") or {}).items():
+                counts[reason] = counts.get(reason, 0) + n
+        if text := _reasons(counts):
+            parts.append(f"{kind} {text}")
+    return "  ".join(parts)
+
+
 class QuietReporter:
     def start(self, num_rounds: int) -> None: ...
 
@@ -65,12 +84,15 @@ class ConsoleReporter(QuietReporter):
         if row.get("personalized_accuracy_mean") is not None:
             self.accuracy = (f"personalized {_pct(row['personalized_accuracy_mean'])}  "
                              f"global {_pct(row['global_accuracy_mean'])}")
+        notes = set_apart(row)
         if self.progress is not None:
-            self.progress.update(self.round_task, completed=row["round"], acc=self.accuracy)
+            self.progress.update(self.round_task, completed=row["round"],
+                                 acc=f"{self.accuracy}  {notes}" if notes else self.accuracy)
         else:
             prefix = f"{self.label}  " if self.label else ""
             print(f"{prefix}round {row['round']}/{self.num_rounds}  users trained {row.get('train_replies', 0)}"
-                  f"  {self.accuracy}  [{row['wall_seconds']:.0f}s]", file=sys.stderr, flush=True)
+                  f"  {self.accuracy}{'  ' + notes if notes else ''}  [{row['wall_seconds']:.0f}s]",
+                  file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -99,6 +121,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("privacy (epsilon max)", "no DP" if eps is None else f"{eps:.2f}"),
         *((("generation win rate (personalized vs global)", _pct(summary["generation_win_rate"])),)
           if summary.get("generation_win_rate") is not None else ()),
+        *((("rejected replies (dropped before aggregation)", _reasons(summary["rejected_reasons"])),)
+          if _reasons(summary.get("rejected_reasons")) else ()),
+        *((("declined replies", _reasons(summary["declined_reasons"])),)
+          if _reasons(summary.get("declined_reasons")) else ()),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
     ):
         costs.add_row(key, value)

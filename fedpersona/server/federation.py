@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,14 @@ from flwr.serverapp import Grid
 
 from fedpersona.client.local import resident_for
 from fedpersona.model.memory import release_free_memory
-from fedpersona.config import RunConfig
+from fedpersona.config import SIMULATION_ONLY, RunConfig
+from fedpersona.protocol import RUN_LINEAGE
 from fedpersona.data.sources import count_users
 from fedpersona.errors import UsageError
 from fedpersona.model.adapters import Role
 from fedpersona.server.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
-from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state
+from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state, sound_checkpoint
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
 from fedpersona.server.roster import roster_query
 from fedpersona.server.sampling import round_seed_sampling
@@ -33,6 +35,7 @@ from fedpersona.server.resume import (checkpoint_hook, finished_rows, offset_rou
                                       restore_rows)
 from fedpersona.privacy.user_level import user_level_report, wrap_strategy
 from fedpersona.strategies.registry import build_strategy
+from fedpersona.strategies.validation import ReplyScreen, ScreenSettings, TensorSpec
 
 
 def make_strategy(config: RunConfig, recorder: RoundRecorder):
@@ -76,6 +79,13 @@ def resume_point(config: RunConfig, checkpoint_dir: str | Path | None, resume: b
     return checkpoint
 
 
+def run_lineage(checkpoint: Checkpoint | None) -> str:
+    """One id for a run and all its resumptions (``fedpersona.protocol.RUN_LINEAGE``): a device answers a
+    round of the same lineage it already answered with its stored reply instead of training it again."""
+    saved = checkpoint.config.get(RUN_LINEAGE) if checkpoint is not None else None
+    return str(saved) if saved else uuid.uuid4().hex
+
+
 def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None = None,
                    reporter: Any = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
                    deployment: bool = False) -> dict[str, Any]:
@@ -87,11 +97,6 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     started = time.monotonic()
     reporter = reporter or QuietReporter()
     checkpoint = resume_point(config, checkpoint_dir, resume)
-    done = checkpoint.round if checkpoint else 0
-    # Flower samples nodes with the `random` module: same seed, same users. Training samples are reseeded
-    # per round (server.sampling) over nodes in user order (server.roster); this start seed covers the rest.
-    random.seed(config.seed if not done else f"{config.seed}/resume/{done}")
-    np.random.seed(config.seed + done)
     # same seed as every client: identical initial adapters. The server trains nothing: it keeps the
     # tensors and sizes it needs, not the model (hundreds of MB for a real LLM, beside every worker's copy)
     resident = resident_for(config, keep=False)
@@ -100,9 +105,18 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     del resident
     gc.collect()
     release_free_memory()
+    spec = TensorSpec.of(initial_shared)  # what every reply, and a checkpoint resumed from, must match
+    if checkpoint is not None:  # a NaN or foreign checkpoint falls back to an earlier round, or is refused
+        checkpoint = sound_checkpoint(checkpoint_dir, checkpoint, spec)
+    done = checkpoint.round if checkpoint else 0
+    # Flower samples nodes with the `random` module: same seed, same users. Training samples are reseeded
+    # per round (server.sampling) over nodes in user order (server.roster); this start seed covers the rest.
+    random.seed(config.seed if not done else f"{config.seed}/resume/{done}")
+    np.random.seed(config.seed + done)
     kept = finished_rows(Path(out_dir) / "metrics.jsonl", done) if (out_dir and checkpoint) else []
     recorder = RoundRecorder(num_rounds=config.rounds, eval_every=config.eval_every, out_dir=out_dir,
-                             on_round=reporter.round_done, on_phase=reporter.phase)
+                             on_round=reporter.round_done, on_phase=reporter.phase,
+                             screen=ReplyScreen(spec, ScreenSettings.from_config(config)))
     strategy = make_strategy(config, recorder)
     initial = ArrayRecord(initial_shared)
     if checkpoint:
@@ -115,9 +129,12 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     offset_rounds(strategy, done)
     message_config = config.to_flat()
     if deployment:
-        # Every device is a training user; without num-users in the messages the recorder and the
-        # clients treat none of them as a held-out "new user" (device indices are hashes, not ranks).
-        message_config.pop("num-users", None)
+        # Devices read their own pairs, hardware and randomness: simulation-only settings stay here (a
+        # device declines a message carrying one). Without num-users among them, the recorder and the
+        # clients treat no device as a held-out "new user" (device indices are hashes, not ranks).
+        for key in SIMULATION_ONLY:
+            message_config.pop(key.replace("_", "-"), None)
+        message_config[RUN_LINEAGE] = run_lineage(checkpoint)
     hook = (checkpoint_hook(checkpoint_dir, strategy, recorder, done=done, num_rounds=config.rounds,
                             config=dict(message_config)) if checkpoint_dir else None)
     # simulation: nodes listed in user order, so the seeded sampling picks the same users every run
@@ -159,6 +176,11 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         "pair_level_planned_rounds": config.dp_rounds_planned if config.dp_epsilon else None,
         # std of the noise on each user's released pair count (its FedAvg weight); 0: every user weighed 1
         "pair_level_count_noise": config.count_noise if config.dp_epsilon else None,
+        # settings a DP run took from the DP defaults because the user left them unset (RunConfig.with_dp_defaults)
+        "dp_defaults_applied": config.dp_defaults_applied or None,
+        # held-out accuracies are user data too: simulated users report them exactly (they are the experiment's
+        # measurement); a device sends them only if its own policy allows (under DP by default it does not)
+        "evaluation_replies": "device policy" if deployment else "exact (simulated users)",
     }
     if config.user_dp_noise > 0:
         summary.update(user_level_report(

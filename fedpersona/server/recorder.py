@@ -11,6 +11,13 @@ and the summary (before the final evaluation a new user has fitted nothing yet: 
 entry is then the global model's accuracy). The final evaluation's extra per-user values are collected too: ``gen-win-rate`` (the
 generation check, summary key ``generation_win_rate``) and ``private-params`` (what each device really
 keeps, summary key ``private_parameters_per_user``).
+
+Every reply goes through the run's ``ReplyScreen`` (``fedpersona.strategies.validation``) before the
+strategy sees it: only accepted replies are aggregated (training) or recorded and averaged (evaluation).
+Rows carry what was set apart, per phase: ``train_rejected`` / ``eval_rejected`` (counts),
+``train_rejected_reasons`` / ``eval_rejected_reasons`` and ``train_declined_reasons`` /
+``eval_declined_reasons`` ({reason: count}), ``eval_declined``; the summary their run totals
+(``rejected_replies``, ``rejected_reasons``, ``declined_reasons``, both phases together).
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
 from fedpersona.io import append_jsonl, atomic_write_json
+from fedpersona.strategies.validation import ReplyScreen, Screened, rejected_count_against
 
 MODELS = ("personalized", "global", "base")
 
@@ -40,8 +48,9 @@ class RoundRecorder:
 
     def __init__(self, *, num_rounds: int, eval_every: int, out_dir: str | Path | None,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 on_phase: Callable[[int, str], None] | None = None) -> None:
+                 on_phase: Callable[[int, str], None] | None = None, screen: ReplyScreen | None = None) -> None:
         self.num_rounds = num_rounds
+        self.screen = screen or ReplyScreen.permissive()  # what may reach the strategy (see module docstring)
         self.eval_every = eval_every
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_round = on_round
@@ -56,6 +65,8 @@ class RoundRecorder:
         self.num_users: int | None = None  # users who train; higher indices are new users (from the config)
         self.last_new: dict[int, dict[str, float]] = {}  # new user index -> accuracies (+ gen_win_rate)
         self.private_params: dict[int, int] = {}  # user index -> private parameters its device keeps
+        self.rejected_reasons: dict[str, int] = {}  # run totals, both phases: reason -> replies rejected
+        self.declined_reasons: dict[str, int] = {}  # run totals, both phases: reason -> replies declined
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
@@ -63,19 +74,20 @@ class RoundRecorder:
     def should_evaluate(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
 
-    def record_train(self, server_round: int, replies: list[Message]) -> None:
-        ok = [m for m in replies if not m.has_error()]
-        contributing = [m for m in ok if not is_declined(m)]
-        sizes = [sum(rec.count_bytes() for rec in m.content.array_records.values()) for m in contributing]
+    def record_train(self, server_round: int, screened: Screened) -> None:
+        """Count a round's training replies as the screen sorted them (bytes up: every reply that sent tensors)."""
+        sent = screened.accepted + [m for m, _ in screened.rejected]
+        sizes = [sum(rec.count_bytes() for rec in m.content.array_records.values()) for m in sent]
         self.bytes_up.extend(sizes)
-        for m in ok:
+        for m in screened.accepted + [m for m, _ in screened.declined]:  # a rejected reply's epsilon is no datum
             eps = _metric(m, "epsilon")
-            if eps is not None:
+            if isinstance(eps, (int, float)) and np.isfinite(eps):
                 self.epsilons.append(float(eps))
         self._train[server_round] = {
-            "train_replies": len(contributing),
-            "train_declined": len(ok) - len(contributing),
-            "train_failures": len(replies) - len(ok),
+            "train_replies": len(screened.accepted),
+            "train_declined": len(screened.declined),
+            "train_failures": len(screened.failures),
+            **self._set_apart("train", screened),
             "bytes_up_mean": float(np.mean(sizes)) if sizes else 0.0,
         }
         if not self.should_evaluate(server_round):
@@ -84,12 +96,20 @@ class RoundRecorder:
     def is_new_user(self, index: int) -> bool:
         return self.num_users is not None and index >= self.num_users
 
-    def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
-        for msg in replies:
-            if msg.has_error():
-                continue
+    def _set_apart(self, phase: str, screened: Screened) -> dict[str, Any]:
+        """Row entries for the replies the screen set apart; adds them to the run totals."""
+        for totals, counts in ((self.rejected_reasons, screened.rejected_reasons),
+                               (self.declined_reasons, screened.declined_reasons)):
+            for reason, n in counts.items():
+                totals[reason] = totals.get(reason, 0) + n
+        return {f"{phase}_rejected": len(screened.rejected), f"{phase}_rejected_reasons": screened.rejected_reasons,
+                f"{phase}_declined_reasons": screened.declined_reasons}
+
+    def record_evaluate(self, server_round: int, screened: Screened) -> None:
+        """Record the accepted evaluation replies (declined and rejected ones are only counted)."""
+        for msg in screened.accepted:
             metrics = msg.content.metric_records.get("metrics")
-            if metrics is None or "user-index" not in metrics:
+            if metrics is None or "user-index" not in metrics or any(f"acc-{m}" not in metrics for m in MODELS):
                 continue
             index = int(metrics["user-index"])
             entry = {m: float(metrics[f"acc-{m}"]) for m in MODELS}
@@ -101,7 +121,8 @@ class RoundRecorder:
             if "epsilon" in metrics:
                 self.last_epsilon[index] = float(metrics["epsilon"])
         users = sorted(self.last_eval)
-        row: dict[str, Any] = {"eval_users": len(users)}
+        row: dict[str, Any] = {"eval_users": len(users), "eval_declined": len(screened.declined),
+                               **self._set_apart("eval", screened)}
         for model in MODELS:
             values = [self.last_eval[u][model] for u in users]
             for stat, value in _stats(values).items():
@@ -165,6 +186,9 @@ class RoundRecorder:
         out.update(self._extra_stats())
         spent = list(self.last_epsilon.values()) + self.epsilons
         out["epsilon_max"] = max(spent) if spent else None
+        out["rejected_replies"] = sum(self.rejected_reasons.values())
+        out["rejected_reasons"] = dict(sorted(self.rejected_reasons.items()))
+        out["declined_reasons"] = dict(sorted(self.declined_reasons.items()))
         return out
 
 
@@ -173,24 +197,25 @@ def _metric(msg: Message, key: str) -> Any:
     return None if metrics is None or key not in metrics else metrics[key]
 
 
-def is_declined(msg: Message) -> bool:
-    """A user whose privacy budget is spent replies ``declined=1`` and no tensors: not aggregated."""
-    return not msg.has_error() and bool(_metric(msg, "declined"))
-
-
 def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
-    """Make ``strategy`` record into ``recorder`` (in place; aggregation logic unchanged)."""
+    """Make ``strategy`` record into ``recorder`` (in place; aggregation logic unchanged) and aggregate only
+    the replies ``recorder.screen`` accepts; with none accepted the global tensors stay as they were."""
     base = type(strategy)
+    sent: dict[str, ArrayRecord | None] = {"arrays": None}  # this round's global tensors (not strategy state)
 
     class Recording(base):  # type: ignore[misc, valid-type]
         def configure_train(self, server_round: int, arrays, config, grid) -> Iterable[Message]:
             recorder.on_phase(server_round, "train")
+            sent["arrays"] = arrays
             return super().configure_train(server_round, arrays, config, grid)
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-            replies = list(replies)
-            recorder.record_train(server_round, replies)
-            return super().aggregate_train(server_round, [m for m in replies if not is_declined(m)])
+            screened = recorder.screen.train(replies, sent["arrays"], server_round)
+            recorder.record_train(server_round, screened)
+            if not screened.accepted:
+                return None, None  # Flower's Strategy.start keeps the current arrays when it gets None
+            with rejected_count_against(self, len(screened.rejected)):
+                return super().aggregate_train(server_round, screened.accepted)
 
         def configure_evaluate(self, server_round: int, arrays, config, grid) -> Iterable[Message]:
             if "num-users" in config:
@@ -206,12 +231,14 @@ def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
             from flwr.serverapp.exception import InconsistentMessageReplies
 
-            replies = list(replies)
             if not recorder.should_evaluate(server_round):
                 return None  # no evaluation this round (eval-every): the training row is already written
-            recorder.record_evaluate(server_round, replies)
+            screened = recorder.screen.evaluate(replies, server_round)
+            recorder.record_evaluate(server_round, screened)
+            if sum(_metric(m, "num-examples") or 0 for m in screened.accepted) <= 0:
+                return None  # nothing to average (Flower's weighted mean would divide by zero)
             try:
-                return super().aggregate_evaluate(server_round, replies)
+                return super().aggregate_evaluate(server_round, screened.accepted)
             except InconsistentMessageReplies:
                 # e.g. with DP, users never sampled yet have no epsilon to report: Flower's metric average
                 # needs identical keys. The recorder has everything; the strategy's average is skipped.

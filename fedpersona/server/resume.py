@@ -44,7 +44,8 @@ def offset_rounds(strategy: Any, done: int) -> Any:
 
 
 # Recorder attributes that carry totals across rounds (the summary is computed from them).
-_RECORDER_TOTALS = ("bytes_up", "epsilons", "last_eval", "last_epsilon")
+_RECORDER_TOTALS = ("bytes_up", "epsilons", "last_eval", "last_epsilon", "rejected_reasons", "declined_reasons")
+_BY_REASON = ("rejected_reasons", "declined_reasons")  # keyed by reason code; the other dicts by user index
 
 
 def recorder_totals(recorder: Any) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def restore_recorder_totals(recorder: Any, totals: dict[str, Any]) -> None:
     for name, value in totals.items():
         current = getattr(recorder, name, None)
         if isinstance(current, dict) and isinstance(value, dict):
-            current.update({int(k): v for k, v in value.items()})
+            current.update({(k if name in _BY_REASON else int(k)): v for k, v in value.items()})
         elif isinstance(current, list) and isinstance(value, list):
             current[:0] = value
 

@@ -48,6 +48,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return client.evaluate(msg, context)
 
 
+@session_client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The roster question (no state involved): which user a node holds, so seeded sampling is stable."""
+    return client.query(msg, context)
+
+
 def simulate_session(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path | None], *,
                      num_cpus: float = 1.0, total_cpus: int | None = None, verbose: bool = False,
                      on_run: Callable[[int, RunConfig, dict[str, Any] | BaseException], None] | None = None

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from fedpersona.client import device_state as ds
-from fedpersona.client.device_state import DeviceState, RefLogpCache, ref_key
+from fedpersona.client.device_state import DeviceState
+from fedpersona.client.ref_cache import RefLogpCache, ref_key
 from fedpersona.data.schema import PreferencePair
 from fedpersona.errors import UsageError
 
@@ -277,7 +278,8 @@ def test_forget_leaves_nothing_of_the_user(state: DeviceState) -> None:
     assert {ds.MEMORY_FILE, ds.PRIVATE_FILE, ds.LEDGER_FILE, ds.REF_CACHE_FILE, ds.COUNTERS_FILE,
             f".{ds.PRIVATE_FILE}.crash123.tmp"} <= set(removed)
     remaining = {p.name for p in state.dir.iterdir()}
-    assert remaining <= {ds.SHARED_FILE, ds.META_FILE, ds.LOCK_FILE}  # none of them holds user data
+    # none of them holds user data; the privacy record holds what the ledger spent and keyed hashes of the pairs
+    assert remaining <= {ds.SHARED_FILE, ds.META_FILE, ds.LOCK_FILE, ds.RECORD_FILE}
     assert not any(b"secret" in p.read_bytes() for p in state.dir.iterdir())
     fresh = DeviceState(state.dir)
     assert fresh.memory.count() == 0 and fresh.memory.user_id() is None

@@ -26,9 +26,11 @@ def server_args(state: Path, certs: Path, port: int, *extra: str) -> list[str]:
 
 
 def client_args(state: Path, certs: Path, port: int, log: Path) -> list[str]:
-    # --heartbeat-interval 10: the SuperLink notices a killed device after 20 s instead of 60 s
+    # --heartbeat-interval 10: the SuperLink notices a killed device after 20 s instead of 60 s;
+    # --share-evaluation: these devices' policies send held-out accuracies (a DP device keeps them by default)
     return ["client", "--server", f"127.0.0.1:{port}", "--state", str(state), "--root-certificates",
-            str(certs / "ca.crt"), "--log", str(log), "--verbose", "--heartbeat-interval", "10"]
+            str(certs / "ca.crt"), "--log", str(log), "--verbose", "--heartbeat-interval", "10",
+            "--share-evaluation"]
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -60,7 +62,8 @@ def test_three_tls_devices_keep_private_state_and_a_killed_one_rejoins(tmp_path,
     logs = [server_log, *client_logs, *node_logs, server_state / "logs" / "superlink.log"]
 
     server = procs.fedpersona(*server_args(server_state, certs, port, "--rounds", "2", "--min-users", "3",
-                                           "--dp", "--target-epsilon", "8", "--set", "eval-every=2"), log=server_log)
+                                           "--dp", "--target-epsilon", "8", "--scheme", "split",
+                                           "--set", "eval-every=2"), log=server_log)
     h.wait_for(lambda: h.port_open(port), timeout=90, what="the SuperLink", alive=[server], logs=logs)
     clients = [procs.fedpersona(*client_args(devices[i], certs, port, node_logs[i]), log=client_logs[i])
                for i in range(3)]
@@ -159,3 +162,7 @@ def test_killed_server_resumes_from_last_finished_round(tmp_path, procs, certs, 
     assert json.loads(latest.read_text())["round"] == 2
     for device in devices:  # the devices trained on after the server came back
         assert json.loads((device / "counters.json").read_text())["last_round"] == 2
+        # and paid for each round once: a round 2 trained for the dead run was answered again from the stored
+        # reply (same run lineage), not trained a second time (max-steps=2: 2 DP-SGD steps a round)
+        history = json.loads((device / "ledger.json").read_text())["history"]
+        assert sum(steps for _, _, steps in history) == 2 * 2, history

@@ -16,17 +16,6 @@ REPO = Path(__file__).resolve().parents[2]
 CUSTOM = "tests.strategies.custom_strategy:DampedFedAvg"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower messages need a task identity; outside a running ServerApp we set one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
 class FakeGrid:
     def __init__(self, n: int) -> None:
         self.ids = list(range(100, 100 + n))
