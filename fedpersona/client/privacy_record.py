@@ -80,6 +80,7 @@ class PrivacyRecord:
         if not phases:
             return  # nothing was spent on them
         data["retired"].append({"pairs": hashes, "phases": phases, "accountant": (ledger or {}).get("accountant", "rdp"),
+                                "delta": float(parsed.delta) if parsed is not None else None,
                                 "epsilon": "inf" if epsilon == float("inf") else epsilon,
                                 "retired": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         write_json_atomically(self.path, data)
@@ -95,6 +96,16 @@ class PrivacyRecord:
             if hashes.intersection(entry.get("pairs", ())):
                 prior.extend((float(n), float(q), int(s)) for n, q, s in entry["phases"])
         return prior
+
+    def reporting_delta(self, pairs: Iterable[PreferencePair]) -> float | None:
+        """The smallest delta a retired ledger covering any of ``pairs`` accounted at (None if none did):
+        the delta at which their prior epsilon is reported, as their ledgers reported it."""
+        if not self.path.exists():
+            return None
+        data = self._load()
+        hashes = {self._hash(data["salt"], p) for p in pairs}
+        deltas = [float(e["delta"]) for e in data["retired"] if e.get("delta") and hashes.intersection(e["pairs"])]
+        return min(deltas) if deltas else None
 
     def entries(self) -> int:
         return len(self._load()["retired"]) if self.path.exists() else 0

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "privacy_attack.py"
 
 TINY = ["--users", "2", "--canary-users", "1", "--canaries", "2", "--candidates", "63", "--canary-length", "6",
         "--rounds", "1", "--max-train-pairs", "6", "--min-steps", "10", "--epsilons", "8", "--permutations", "20",
         "--seed", "0"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("privacy_attack_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, load_benchmark):
     out_dir = tmp_path_factory.mktemp("privacy_attack")
     out, png = out_dir / "attack.json", out_dir / "attack.png"
     threads = torch.get_num_threads()
-    bench = load_script()
+    bench = load_benchmark("privacy_attack")
     try:
         bench.main([*TINY, "--out", str(out), "--plot", str(png)])
     finally:
@@ -39,8 +26,8 @@ def run(tmp_path_factory):
     return bench, json.loads(out.read_text(encoding="utf-8")), png
 
 
-def test_help_lists_the_flags(capsys):
-    bench = load_script()
+def test_help_lists_the_flags(capsys, load_benchmark):
+    bench = load_benchmark("privacy_attack")
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(["--help"])
     assert exit_.value.code == 0

@@ -3,24 +3,14 @@ valid for every strategy, and its table reports what the runs return, failures i
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from fedpersona.strategies.registry import strategy_for
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "robustness.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("robustness_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("robustness")
 
 
 def test_the_default_grid_is_valid_for_every_strategy(bench):

@@ -18,6 +18,16 @@ SENT = {"a": np.zeros((4, 3), dtype=np.float32), "b": np.full(3, 0.5, dtype=np.f
 SPEC = TensorSpec.of(ArrayRecord({k: Array(v) for k, v in SENT.items()}))
 
 
+@pytest.fixture(autouse=True)
+def _no_full_collections(monkeypatch):
+    """Flower's ``ArrayRecord.to_numpy_ndarrays(keep_input=False)`` (QFedAvg, Krum, Bulyan, ...) runs a full
+    ``gc.collect()`` per reply: ~0.1 s here, seconds each in a suite process holding models. It is memory
+    hygiene, not aggregation, so these tests skip it (the strategies' results are the same)."""
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args, **kwargs: 0)
+
+
 def message(content: RecordDict, node: int = 100, kind: str = MessageType.TRAIN) -> Message:
     request = Message(content=RecordDict({}), dst_node_id=node, message_type=kind)
     request.metadata.__dict__["_message_id"] = f"m{node}"
