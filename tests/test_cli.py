@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,16 +43,64 @@ def test_not_json_names_the_line(tmp_path):
     (["simulate", "--set", "colour=blue"], "unknown setting 'colour'"),
     (["simulate", "--rounds", "0"], "rounds=0 is invalid"),
     (["simulate", "--strategy", "FedAvgM", "--strategy-arg", "server_momentum=fast"], "server_momentum"),
-    (["privacy", "--sample-rate", "0.1", "--steps", "10"], "exactly one of --noise"),
+    (["privacy", "--sample-rate", "0.1", "--steps", "10"], "exactly one of --noise-multiplier"),
 ])
 def test_bad_usage_is_one_line_exit_2(args, expected):
     assert expected in one_line_error(fedpersona(*args))
 
 
 def test_privacy_calculator_reproduces_reference_values():
-    result = fedpersona("privacy", "--noise", "1.5", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5",
+    result = fedpersona("privacy", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5",
                         "--json")
     assert result.returncode == 0, result.stderr
     assert abs(json.loads(result.stdout)["epsilon"] - 7.32911117143) < 1e-11  # printed to 11 places
     result = fedpersona("privacy", "--epsilon", "8", "--sample-rate", "0.04", "--steps", "2000", "--json")
     assert round(json.loads(result.stdout)["noise_multiplier"], 4) == 1.3562
+
+
+def test_a_misspelled_command_is_suggested_once():
+    result = fedpersona("simulat")
+    assert result.returncode == 2
+    assert result.stderr.count("Did you mean") == 1, result.stderr
+
+
+def test_outputs_get_the_modes_open_would_give(tmp_path):
+    import os
+
+    from fedpersona.io import atomic_write_json
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "summary.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_help_states_the_real_defaults_and_every_scenario():
+    from fedpersona.config import RunConfig
+    from fedpersona.data.synthetic import SCENARIOS
+
+    import os
+
+    wide = {**os.environ, "COLUMNS": "400"}  # one line per option: no wrapping inside the phrases looked for
+    text = subprocess.run([sys.executable, "-m", "fedpersona.cli", "simulate", "--help"], capture_output=True,
+                          text=True, timeout=120, env=wide).stdout
+    defaults = RunConfig()
+    for phrase in (f"default {defaults.num_users})", f"default {defaults.rounds})", f"default {defaults.fraction_train})",
+                   "--num-users", "--fraction-train"):
+        assert phrase in text, phrase
+    assert all(name in text for name in SCENARIOS)
+
+
+def test_a_strategy_module_in_the_working_directory_is_found(tmp_path):
+    """`fedpersona` (the console script: no working directory on sys.path by itself) finds mymod:MyAvg in
+    the working directory, as `python -m` would; the bad argument then proves the class was imported."""
+    (tmp_path / "mymod.py").write_text("from flwr.serverapp.strategy import FedAvg\n\nclass MyAvg(FedAvg):\n    pass\n")
+    script = Path(sys.executable).with_name("fedpersona")
+    result = subprocess.run([str(script), "simulate", "--strategy", "mymod:MyAvg", "--strategy-arg", "nope=1"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "MyAvg has no such argument" in result.stderr, result.stderr
+    missing = subprocess.run([str(script), "simulate", "--strategy", "nomod:X"], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+    assert missing.returncode == 2 and str(tmp_path) in missing.stderr, missing.stderr

@@ -99,6 +99,13 @@ class ConsoleReporter(QuietReporter):
             self.progress.stop()
 
 
+# Schemes whose "global" model is not a trained shared model, said where the figure is shown.
+GLOBAL_LABELS = {
+    "fedsa": "global (shared A, B at its initial zero: the base model; FedSA shares no B)",
+    "local": "global (nothing is shared: the base model)",
+}
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     """The end-of-run table: accuracy of the three models over users, then the cost of the run."""
     table = Table(title=f"fedpersona: {summary['num_users']} users, {summary['rounds']} rounds, "
@@ -106,8 +113,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("model")
     for column in ("mean acc", "p10 acc", "worst user"):
         table.add_column(column, justify="right")
+    global_label = GLOBAL_LABELS.get(summary.get("scheme", ""), "global (base+shared)")
     for model, label in (("personalized", "personalized (base+shared+private)"),
-                         ("global", "global (base+shared)"), ("base", "base (no adapters)")):
+                         ("global", global_label), ("base", "base (no adapters)")):
         table.add_row(label, *(_pct(summary.get(f"{model}_accuracy_{s}")) for s in ("mean", "p10", "min")))
     if summary.get("new_users"):
         table.add_row(f"new users ({summary['new_users']}, personalized after a few-shot fit)",

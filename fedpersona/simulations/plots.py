@@ -66,6 +66,9 @@ def accuracy_per_round(out: Path, runs: list[dict[str, Any]]) -> Path:
         ax.plot(rounds, [r["personalized_accuracy_mean"] for r in rows], "-o", ms=3, color=colour, label=run["run"])
         ax.plot(rounds, [r["global_accuracy_mean"] for r in rows], "--", color=colour, alpha=0.6)
     ax.set_xlabel("round")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers: no 2.5 tick
     ax.set_ylabel("mean held-out pairwise accuracy")
     ax.set_title("personalized (solid) and global (dashed) accuracy per round")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")

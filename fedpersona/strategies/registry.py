@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from fedpersona.errors import UsageError
@@ -50,10 +52,14 @@ def strategy_class(name: str) -> type:
 
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        cwd = str(Path.cwd())
+        if cwd not in sys.path and "" not in sys.path:  # as `python -m` does: the working directory first
+            sys.path.insert(0, cwd)
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise UsageError(f"--strategy {name}: cannot import it ({err}); {_available()}") from None
+            raise UsageError(f"--strategy {name}: cannot import it ({err}; looked in the working directory {cwd} "
+                             f"and the installed packages); {_available()}") from None
     else:
         match = {b.lower(): b for b in BUILTIN}.get(name.lower())
         if match is None:

@@ -36,3 +36,13 @@ def test_end_table_has_a_line_only_when_replies_were_set_apart():
                   "declined_reasons": {"budget-spent": 1}})
     assert "rejected replies (dropped before aggregation)  2 (wrong-shape 2)" in text
     assert "declined replies" in text and "1 (budget-spent 1)" in text
+
+
+def test_a_global_row_that_is_the_base_model_says_so():
+    def text(scheme: str) -> str:
+        console = Console(width=200, record=True)
+        console.print(summary_table({**SUMMARY, "scheme": scheme, "global_accuracy_mean": 0.5}))
+        return console.export_text()
+
+    assert "FedSA shares no B" in text("fedsa") and "nothing is shared" in text("local")
+    assert "global (base+shared)" in text("split") and "FedSA" not in text("split")
