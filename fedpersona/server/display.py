@@ -7,11 +7,15 @@ terminal (CI logs, pipes): one plain line per round. ``QuietReporter`` prints no
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+
+HEARTBEAT = 30.0  # seconds between progress lines of one phase when the output is not a terminal
 
 
 def _pct(value: float | None) -> str:
@@ -25,7 +29,7 @@ def _reasons(counts: dict[str, int] | None) -> str:
 
 
 def set_apart(row: dict[str, Any]) -> str:
-    """The round's rejected and declined replies, both phases, for the round line ("" when none)."""
+    """The round's rejected, declined and failed replies, both phases, for the round line ("" when none)."""
     parts = []
     for kind in ("rejected", "declined"):
         counts: dict[str, int] = {}
@@ -34,6 +38,9 @@ def set_apart(row: dict[str, Any]) -> str:
                 counts[reason] = counts.get(reason, 0) + n
         if text := _reasons(counts):
             parts.append(f"{kind} {text}")
+    failed = int(row.get("train_failures") or 0) + int(row.get("eval_failures") or 0)
+    if failed:  # a ClientApp error: the reason is in the client's log, the count belongs on the console
+        parts.append(f"failed {failed}")
     return "  ".join(parts)
 
 
@@ -61,6 +68,7 @@ class ConsoleReporter(QuietReporter):
         self.num_rounds = 0
         self.current = (0, "")
         self.accuracy = ""
+        self._last_line = 0.0
 
     def start(self, num_rounds: int) -> None:
         self.num_rounds = num_rounds
@@ -72,13 +80,24 @@ class ConsoleReporter(QuietReporter):
             self.phase_task = self.progress.add_task("  users", total=1, acc="")
 
     def phase(self, server_round: int, phase: str) -> None:
+        if phase == "evaluate" and server_round == self.num_rounds:
+            phase = "final evaluation"  # the longest phase (every user, the generation check): say so
         self.current = (server_round, phase)
 
     def replies(self, done: int, total: int) -> None:
+        server_round, phase = self.current
         if self.progress is not None:
-            server_round, phase = self.current
             self.progress.update(self.phase_task, description=f"  round {server_round} {phase}",
                                  completed=done, total=max(total, 1))
+            return
+        # Off a terminal: a line when a phase starts, then one at most every HEARTBEAT seconds while it runs,
+        # so a log shows what a long round is doing (a round line alone comes only when it ends).
+        now = time.monotonic()
+        if done == 0 or (done < total and now - self._last_line >= HEARTBEAT):
+            prefix = f"{self.label}  " if self.label else ""
+            print(f"{prefix}round {server_round}/{self.num_rounds} {phase}: {done}/{total} users replied",
+                  file=sys.stderr, flush=True)
+            self._last_line = now
 
     def round_done(self, row: dict[str, Any]) -> None:
         if row.get("personalized_accuracy_mean") is not None:

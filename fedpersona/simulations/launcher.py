@@ -69,11 +69,26 @@ def prepare_config(config: RunConfig) -> RunConfig:
     return config
 
 
+class _NotDeprecationBanner(logging.Filter):
+    """Drops Flower's "DEPRECATED FEATURE: run_simulation" banner: we call it on purpose (the only API that
+    runs a ServerApp object we built in-process), and the user can do nothing about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in str(record.getMessage())
+
+
 def _quiet_libraries(verbose: bool) -> None:
     if verbose:
         return
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    flwr = logging.getLogger("flwr")
+    flwr.setLevel(logging.WARNING)
+    flwr.addFilter(_NotDeprecationBanner())
+    # Library deprecation notices (Ray's accelerator tip, transformers' is_gradient_checkpointing, ...) are
+    # for their developers, not for someone running a simulation; --verbose shows them. The environment
+    # variable carries the filter into Ray's worker processes, which start their own interpreters.
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

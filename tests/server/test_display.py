@@ -46,3 +46,20 @@ def test_a_global_row_that_is_the_base_model_says_so():
 
     assert "FedSA shares no B" in text("fedsa") and "nothing is shared" in text("local")
     assert "global (base+shared)" in text("split") and "FedSA" not in text("split")
+
+
+def test_off_a_terminal_each_phase_is_announced_and_the_last_one_named(capsys):
+    reporter = ConsoleReporter(Console(file=None, force_terminal=False))
+    reporter.live = False
+    reporter.start(2)
+    reporter.phase(1, "train")
+    reporter.replies(0, 4)
+    reporter.replies(2, 4)  # within the heartbeat: no line
+    reporter.phase(2, "evaluate")
+    reporter.replies(0, 4)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["round 1/2 train: 0/4 users replied", "round 2/2 final evaluation: 0/4 users replied"]
+
+
+def test_failed_replies_are_on_the_round_line():
+    assert set_apart({"round": 1, "train_replies": 1, "train_failures": 2}) == "failed 2"
