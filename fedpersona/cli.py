@@ -70,7 +70,7 @@ def simulate(
     num_gpus: Annotated[float, Opt(help="GPUs per simulated client; fractions share a GPU.")] = 0.0,
     ray_address: Annotated[Optional[str], Opt(help="Join an existing Ray cluster ('auto' or ray://host:port).")] = None,
     config: Annotated[Optional[Path], Opt("--config", help="TOML file of settings.")] = None,
-    set_: Annotated[list[str], Opt("--set", help="Any setting key=value (see fedpersona/config.py).")] = [],
+    set_: Annotated[list[str], Opt("--set", help="Any setting key=value (`fedpersona settings` lists them).")] = [],
     out: Annotated[Path, Opt("--out", "-o", help="Output folder: metrics.jsonl, summary.json, per_user.json.")] = Path("runs/latest"),
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress display.")] = False,
     verbose: Annotated[bool, Opt("--verbose", help="Flower's and Ray's own logs.")] = False,
@@ -96,6 +96,31 @@ def simulate(
     else:
         Console().print(summary_table(summary))
         Console().print(f"results: {out}/summary.json, {out}/metrics.jsonl, {out}/per_user.json")
+
+
+@app.command()
+def settings(
+    match: Annotated[Optional[str], typer.Argument(help="Show only settings whose name contains this.")] = None,
+    json_out: Annotated[bool, Opt("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Every setting (--set key=value, a --config TOML, flwr run-config) with its default and meaning."""
+    from fedpersona.config import describe_settings
+
+    rows = [r for r in describe_settings() if not match or match.replace("_", "-") in r[0]]
+    if not rows:
+        raise UsageError(f"fedpersona settings {match}: no setting's name contains it; run `fedpersona settings`")
+    if json_out:
+        print(json.dumps([{"setting": n, "default": d, "meaning": m} for n, d, m in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="settings (--set key=value; key-name or key_name)")
+    for column, style in (("setting", "bold"), ("default", None), ("meaning", None)):
+        table.add_column(column, style=style, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 @app.command()

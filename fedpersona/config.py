@@ -42,29 +42,29 @@ AUTO_COUNT_NOISE = 40.0  # dp_count_noise -1: std = this / epsilon (5 pairs at e
 @dataclass(frozen=True)
 class RunConfig:
     # what to run
-    model: str = "embedded"
+    model: str = "embedded"  # base model: embedded, smollm2-135m-instruct, an HF id or folder, a .gguf file
     data: str = "synthetic:conflicting"  # "synthetic:<scenario>" or a JSONL pair file
-    scheme: str = "split"
-    strategy: str = "FedAvg"
+    scheme: str = "split"  # personalization scheme: split, global, local, fedsa, ffa, finetune, pal
+    strategy: str = "FedAvg"  # a Flower strategy name or package.module:Class
     strategy_args: str = ""  # "key=value,key=value", parsed and typed by the strategy registry
     # the federation
-    num_users: int = 32
-    rounds: int = 15
-    fraction_train: float = 0.5
+    num_users: int = 32  # simulated users of a synthetic scenario (a pair file brings its own users)
+    rounds: int = 15  # federated rounds
+    fraction_train: float = 0.5  # fraction of the users trained each round
     eval_every: int = 1  # evaluate every user every k rounds (and always after the last round)
-    min_users: int = 2
-    round_timeout: float = 3600.0
-    seed: int = 0
+    min_users: int = 2  # users (devices) a round needs before it starts
+    round_timeout: float = 3600.0  # seconds a round waits for replies
+    seed: int = 0  # seed of users, sampling and initialisation
     # the data
     dirichlet_alpha: float = -1.0  # < 0: the scenario's own value
     test_fraction: float = 0.2  # for pair files whose rows carry no split
-    min_pairs: int = 4
+    min_pairs: int = 4  # users with fewer pairs are left out (a device: refused)
     # a fixed workload per simulated user on slow hardware: at most this many training / test pairs of each
     # user, a seeded sample (0: all). Applies to simulations; a device always uses its own memory
-    max_train_pairs: int = 0
-    max_test_pairs: int = 0
+    max_train_pairs: int = 0  # at most this many training pairs per simulated user (0: all)
+    max_test_pairs: int = 0  # at most this many test pairs per simulated user (0: all)
     # adapters
-    shared_rank: int = 8
+    shared_rank: int = 8  # LoRA rank of the shared adapter
     private_rank: int = 2  # a small private head generalises from few pairs (rank 8 overfits them)
     pal_prototypes: int = 2  # scheme pal (PAL, arXiv 2406.08469): shared prototype adapters of rank shared-rank
     # std of a pal user's first mixture logits (x10 effective): breaks the prototypes' symmetry; under DP
@@ -73,29 +73,29 @@ class RunConfig:
     # new users (cold start): extra users held out of federated training; at the final evaluation each
     # fits only its private part on its first new-user-shots training pairs (fedpersona.client.local)
     new_users: int = 0
-    new_user_shots: int = 8
+    new_user_shots: int = 8  # training pairs a new user fits its personal part on
     new_user_steps: int = 32  # optimizer steps of that fit (it cycles the k pairs)
     # generation check at the final evaluation (synthetic data only): held-out prompts per user, 0: off
-    gen_prompts: int = 8
-    gen_max_tokens: int = 72
+    gen_prompts: int = 8  # held-out prompts per user of the final generation check (0: off)
+    gen_max_tokens: int = 72  # tokens generated per prompt in that check
     gen_temperature: float = 0.7  # sampling temperature of that check (0: greedy); same seed for both models
     run_tag: str = ""  # label of one run inside a multi-run simulation session (keeps node state apart)
     # local training
-    loss: str = "dpo"
+    loss: str = "dpo"  # preference loss: dpo, ipo or simpo
     beta: float = 0.5  # DPO KL strength; 0.1 drifts far enough from the reference that generations degenerate
-    lr: float = 3e-3
-    shared_lr: float = 1e-3
-    epochs: int = 4
-    min_steps: int = 16
-    max_steps: int = 0
-    batch_size: int = 8
-    max_length: int = 96
+    lr: float = 3e-3  # learning rate of the private tensors (AdamW)
+    shared_lr: float = 1e-3  # learning rate of the shared tensors
+    epochs: int = 4  # passes over the user's training pairs per round
+    min_steps: int = 16  # at least this many optimizer steps per round
+    max_steps: int = 0  # at most this many optimizer steps per round (0: no cap)
+    batch_size: int = 8  # preference pairs per optimizer step (under DP: the expected Poisson batch)
+    max_length: int = 96  # tokens of prompt + response kept per side of a pair
     # pair-level differential privacy (DP-SGD per preference pair, on the device)
     dp_epsilon: float = 0.0  # 0: off; else each user's pair-level target epsilon over the whole run
     dp_delta: float = 0.0  # 0: min(1e-5, 1/(10 n)) per user with n training pairs
     dp_max_grad_norm: float = 0.3  # per-pair DPO gradients are ~0.2-0.7 at the start: a tighter clip keeps signal, cuts noise
     dp_private_clip_share: float = 0.0  # 0: one joint clip; f: private tensors clipped to C*sqrt(f), shared to C*sqrt(1-f)
-    dp_accountant: str = "rdp"
+    dp_accountant: str = "rdp"  # privacy accountant: rdp or prv (Opacus)
     # std (in pairs) of the noise on each user's pair count, released once as its FedAvg weight and counted in its
     # budget (sensitivity 1). -1: auto, 40 / epsilon (5 at epsilon 8): about 1% more DP-SGD noise at any epsilon
     # (a fixed std would cost a growing share of a small budget). 0: no release, every user weighs the same
@@ -103,7 +103,7 @@ class RunConfig:
     # rounds each user's noise is calibrated for; 0: the 90th percentile of its participations when each
     # round samples fraction-train of the users (all rounds at 1.0); the ledger declines what it cannot afford
     dp_planned_rounds: int = 0
-    dp_max_physical_batch: int = 32
+    dp_max_physical_batch: int = 32  # pairs per forward/backward under DP (memory; same result)
     dp_reproducible: bool = False  # simulation only: sampling and noise seeded from the round seed
     # user-level differential privacy (DP-FedAvg over the shared adapter; fedpersona/privacy/user_level.py)
     user_dp_noise: float = 0.0  # 0: off; else the noise multiplier z (std z*C/m on the averaged update)
@@ -125,7 +125,7 @@ class RunConfig:
     max_reply_weight: float = 1e5  # largest num-examples (pairs; under DP the released count) a reply may claim
     # simulated attacks (fedpersona/simulations/attacks.py): the first attack-users users tamper with their replies
     attack: str = ""  # "": none; nan, inf, scale, sign-flip, weight-huge, weight-negative, wrong-shape, ...
-    attack_users: int = 0
+    attack_users: int = 0  # how many users (the first ones) run the attack
     attack_rounds: int = 0  # the attack is made in rounds 1..k only; 0: every round
     attack_scale: float = 1e6  # the factor of the "scale" attack
     # resources
@@ -142,7 +142,12 @@ class RunConfig:
             if key not in known:
                 if key in _IGNORED_KEYS:
                     continue
-                raise UsageError(f"{source}: unknown setting '{raw_key}'; known settings: {', '.join(sorted(known))}")
+                import difflib
+
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = (f"did you mean '{close[0].replace('_', '-')}'?" if close else
+                        "`fedpersona settings` lists every setting with its default and meaning")
+                raise UsageError(f"{source}: unknown setting '{raw_key}'; {hint}")
             values[key] = _convert(raw, known[key].type, f"{source}: setting '{raw_key}'")
         config = cls(**values)
         config.validate(source)
@@ -351,3 +356,29 @@ def _convert(raw: Any, annotation: Any, where: str) -> Scalar:
         return kind(raw) if kind is not int else int(float(raw))
     except (TypeError, ValueError):
         raise UsageError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """``(setting, default, meaning)`` for every RunConfig field, in declaration order, the meaning taken
+    from the comment on (or the comment lines right above) its line in this file: one source of truth."""
+    import inspect
+
+    lines = inspect.getsource(RunConfig).splitlines()
+    out, above = [], []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# ").strip())
+            continue
+        name, sep, rest = text.partition(":")
+        if sep and name.isidentifier() and "=" in rest and not text.startswith(("def ", "@")):
+            comment = rest.split("#", 1)[1].strip() if "#" in rest else ""
+            # the comment lines above, without a section title ("# the federation") heading them
+            meaning = comment or " ".join(t for t in above if len(t.split()) > 4 or any(c in t for c in ":;(),."))
+            default = getattr(RunConfig(), name)
+            out.append((name.replace("_", "-"), repr(default) if isinstance(default, str) else str(default), meaning))
+        above = [] if not text.startswith("#") else above
+        if text.startswith("def "):
+            break
+    return out
+

@@ -104,3 +104,14 @@ def test_a_strategy_module_in_the_working_directory_is_found(tmp_path):
     missing = subprocess.run([str(script), "simulate", "--strategy", "nomod:X"], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
     assert missing.returncode == 2 and str(tmp_path) in missing.stderr, missing.stderr
+
+
+def test_settings_lists_every_setting_with_a_meaning_and_typos_get_a_suggestion():
+    from dataclasses import fields
+
+    from fedpersona.config import RunConfig
+
+    listed = json.loads(fedpersona("settings", "--json").stdout)
+    assert [r["setting"] for r in listed] == [f.name.replace("_", "-") for f in fields(RunConfig)]
+    assert all(len(r["meaning"]) >= 10 for r in listed), [r for r in listed if len(r["meaning"]) < 10]
+    assert "did you mean 'dp-epsilon'?" in one_line_error(fedpersona("simulate", "--set", "dp-epsiln=3"))

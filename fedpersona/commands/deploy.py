@@ -36,7 +36,7 @@ def server(
     dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Ask for pair-level DP-SGD on every device (default: on; devices require it unless their policy says otherwise).")] = True,
     target_epsilon: Annotated[float, typer.Option(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of settings.")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Any setting key=value (see fedpersona/config.py).")] = [],
+    set_: Annotated[list[str], typer.Option("--set", help="Any setting key=value (`fedpersona settings` lists them).")] = [],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Outputs (default STATE/out): metrics.jsonl, summary.json.")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option("--checkpoint-dir", help="Per-round checkpoints (default STATE/checkpoints).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its last finished round.")] = False,
