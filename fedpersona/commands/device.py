@@ -89,6 +89,17 @@ def _quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _check_text(flag: str, text: str) -> None:
+    """Command-line text that is not valid Unicode (bytes the terminal's encoding could not decode arrive
+    as lone surrogates) is refused with one line instead of failing inside SQLite."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UsageError(f"{flag}: not valid text in this terminal's encoding (byte 0x{ord(text[err.start]) & 0xff:02x} "
+                         f"at position {err.start + 1}); use a UTF-8 terminal (LANG=C.UTF-8) or `feedback import` "
+                         "a UTF-8 file") from None
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -107,6 +118,9 @@ def feedback_add(
 ) -> None:
     """Store one preference pair in this device's memory."""
     from fedpersona.data.schema import PreferencePair
+
+    for flag, text in (("--prompt", prompt), ("--chosen", chosen), ("--rejected", rejected), ("--user", user or "")):
+        _check_text(flag, text)
 
     with _open(state, create=True) as st:
         memory = st.memory

@@ -69,17 +69,57 @@ def validate_row(obj: object, where: str) -> PreferencePair:
     return PreferencePair(obj["user_id"], obj["prompt"], obj["chosen"], obj["rejected"], split)
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """One line of a text file as UTF-8 (a leading BOM dropped); anything else is one UsageError line."""
+    try:
+        return raw.decode("utf-8-sig" if where.endswith(":1") else "utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the "
+                         "file as UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT`") from None
+
+
+def parse_json(text: str, where: str, hint: str = "") -> object:
+    """``json.loads`` whose every failure is one UsageError line: bad syntax, nesting too deep, a number
+    too long for Python's int limit, or text with a lone surrogate (not encodable: no valid Unicode)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f"line {err.lineno} column {err.colno}" if err.lineno > 1 else f"column {err.colno}"
+        raise UsageError(f"{where}: not valid JSON ({err.msg} at {at}){hint}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply{hint}") from None
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise UsageError(f"{where}: JSON value out of range ({str(err).split(';')[0]}){hint}") from None
+    return check_encodable(value, where, hint)
+
+
+def check_encodable(value: object, where: str, hint: str = "") -> object:
+    """``value`` (decoded JSON) if all its text is valid Unicode, else one UsageError line."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{where}: JSON text holds a lone surrogate escape (such as \\ud800), which is no "
+                         "character; fix the text") from None
+    except (RecursionError, ValueError):
+        raise UsageError(f"{where}: JSON nested too deeply or out of range{hint}") from None
+    return value
+
+
 def iter_jsonl_objects(path: Path, hint: str = "") -> Iterator[tuple[str, object]]:
-    """Yield ``("FILE:LINE", decoded value)`` for each non-blank line; bad JSON is one UsageError line."""
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """Yield ``("FILE:LINE", decoded value)`` for each non-blank line; bad JSON or text that is not UTF-8
+    is one UsageError line naming the file and line."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(UTF16_BOMS):
+                raise UsageError(f"{path}: UTF-16 text; save the file as UTF-8 (e.g. `iconv -f utf-16 -t utf-8 IN > OUT`)")
+            where = f"{path}:{number}"
+            line = decode_line(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{where}: not valid JSON ({err.msg} at column {err.colno}){hint}") from None
+            yield where, parse_json(line, where, hint)
 
 
 def iter_pairs_jsonl(path: str | Path) -> Iterator[PreferencePair]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpersona.data.schema import iter_jsonl_objects
+from fedpersona.data.schema import check_encodable, iter_jsonl_objects, parse_json
 from fedpersona.errors import UsageError
 
 log = logging.getLogger("fedpersona.data.formats")
@@ -39,11 +39,11 @@ class Row:
 
 
 def _first_char(path: Path) -> str:
-    with path.open("r", encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         while chunk := handle.read(4096):
-            stripped = chunk.lstrip()
+            stripped = chunk.lstrip().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is not content
             if stripped:
-                return stripped[0]
+                return chr(stripped[0]) if stripped[0] < 128 else ""  # JSON starts with an ASCII character
     return ""
 
 
@@ -54,13 +54,18 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
 
 def _iter_json_array(path: Path) -> Iterator[Row]:
     try:
-        with path.open("r", encoding="utf-8") as handle:
-            items = json.load(handle)
+        with path.open("r", encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                         "save the file as UTF-8") from None
+    hint = "; expected a JSON array of objects or one JSON object per line"
+    try:
+        items = check_encodable(json.loads(text), str(path), hint)
     except json.JSONDecodeError as err:
-        raise UsageError(
-            f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
-            "expected a JSON array of objects or one JSON object per line"
-        ) from None
+        raise UsageError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}){hint}") from None
+    except (RecursionError, ValueError):
+        items = parse_json(text, str(path), hint)  # raises its one line for depth or number range
     if not isinstance(items, list):  # pragma: no cover - the first character was "["
         raise UsageError(f"{path}: expected a JSON array of objects")
     for index, obj in enumerate(items, start=1):
