@@ -104,7 +104,8 @@ def epsilon_of_history(history: Iterable[Sequence[float]], delta: float, account
     with warnings.catch_warnings(), np.errstate(divide="ignore", over="ignore"):
         # "optimal order is the largest alpha" (RDP) and log(0) at q=1 (PRV) are expected and harmless.
         warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
+        # the RDP-to-(epsilon, delta) conversion goes below 0 for a large delta (0.5: -0.69); epsilon is >= 0
+        return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:

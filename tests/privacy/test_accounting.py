@@ -179,3 +179,9 @@ def test_ledger_with_a_released_count_accounts_it_and_survives_json():
     assert PrivacyLedger.from_json(old) == plain
     with pytest.raises(UsageError):
         PrivacyLedger.from_json({**ledger.to_json(), "released_count": None})
+
+
+def test_epsilon_is_never_negative_even_at_a_large_delta():
+    from fedpersona.privacy.accountant import epsilon
+
+    assert epsilon(1.0, 0.1, 10, 0.5) == 0.0 <= epsilon(1.0, 0.1, 10, 1e-5)
