@@ -11,6 +11,12 @@ Two formats:
 * **plain**: ``"user : <prompt> assistant :"`` after the BOS token, and a space before the response: the
   format the embedded model was pre-trained on.
 
+User text is text: a prompt or response containing a special token's spelling (``</s>``, ``<pad>``,
+``<|im_end|>``, ...) is tokenized as ordinary characters (``split_special_tokens``), so it can never end
+the scored response, open a turn or become an attended pad. In the chat format the template's own markup
+keeps its special tokens: the messages are rendered with placeholders, and only the text between them is
+the users'.
+
 Prompt and response are tokenized apart, so the prompt/response boundary is exact for any tokenizer
 (a joint tokenization could merge tokens across it). Too long a sequence keeps its response (up to
 ``max_length - 1`` tokens, or half the length when the prompt needs it in chat format), drops whole
@@ -23,6 +29,19 @@ import re
 from dataclasses import dataclass
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+_SLOT = re.compile("\ue000(\\d+)\ue001")  # a message's place in a rendered template (private-use characters)
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Ids of user text: special tokens' spellings in it stay characters (never control tokens)."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def _holds_special(tokenizer, texts: list[str]) -> bool:
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    specials += [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                 if getattr(t, "special", False) and t.content]
+    return any(s in text for s in set(specials) for text in texts)
 
 
 def format_prompt(prompt: str) -> str:
@@ -68,16 +87,33 @@ class PromptFormat:
         tok = self.tokenizer
         if self.chat:
             messages = chat_messages(prompt)[first_turn:]
+            if _holds_special(tok, [m["content"] for m in messages]):
+                return self._chat_ids_with_text_slots(messages)
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return list(tok(text, add_special_tokens=False)["input_ids"])
-        ids = tok(format_prompt(prompt), add_special_tokens=False)["input_ids"]
+        ids = text_ids(tok, format_prompt(prompt))
         return [tok.bos_token_id, *ids] if tok.bos_token_id is not None else list(ids)
+
+    def _chat_ids_with_text_slots(self, messages: list[dict[str, str]]) -> list[int]:
+        """The template rendered around placeholders: its markup tokenized with special tokens, each
+        message's text in its slot tokenized as text (for contents that spell a special token)."""
+        tok = self.tokenizer
+        slotted = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        rendered = tok.apply_chat_template(slotted, tokenize=False, add_generation_prompt=True)
+        ids: list[int] = []
+        parts = _SLOT.split(rendered)  # [markup, index, markup, index, ..., markup]
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids += text_ids(tok, messages[int(part)]["content"])
+            elif part:
+                ids += list(tok(part, add_special_tokens=False)["input_ids"])
+        return ids
 
     def response_ids(self, response: str) -> list[int]:
         """Token ids of the response and the end-of-sequence token (what is scored)."""
         tok = self.tokenizer
         text = response.strip() if self.chat else " " + response.strip()
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        ids = text_ids(tok, text)
         return [*ids, tok.eos_token_id] if tok.eos_token_id is not None else ids
 
     def encode(self, prompt: str, response: str, max_length: int,
