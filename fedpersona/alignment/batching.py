@@ -37,7 +37,7 @@ def encode_pairs(prompt_format: PromptFormat, pairs: Sequence[PreferencePair], m
         raise TypeError("encode_pairs takes a PromptFormat (resident.prompt_format), not a tokenizer")
     encoded = []
     for p in pairs:
-        prompt_ids = prompt_format.prompt_ids(p.prompt)  # rendered once: both sides share it
+        prompt_ids = prompt_format.prompt_ids(p.prompt, max_tokens=max_length)  # rendered once: both sides share it
         chosen = prompt_format.encode(p.prompt, p.chosen, max_length, prompt_ids)
         rejected = prompt_format.encode(p.prompt, p.rejected, max_length, prompt_ids)
         encoded.append(EncodedPair(_key(chosen, rejected), chosen, rejected))

@@ -111,3 +111,29 @@ def test_ordinary_text_keeps_its_ids(bpe_tokenizer):
     prompt = "How do I boil an egg?"
     rendered = bpe_tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
     assert fmt.prompt_ids(prompt) == bpe_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_long_text_is_bounded_before_tokenizing_with_the_same_ids(bpe_tokenizer, chat):
+    """A 2 MB response (and plain prompt) is cut to what can fill max_length tokens before the tokenizer
+    sees it; the encoded ids are those of encoding the whole text."""
+    long_text = "Put it in boiling water for seven minutes, then cool it. " * 36_000
+    seen: list[int] = []
+
+    class Recording:  # the tokenizer, recording how much text it is given
+        def __getattr__(self, name):
+            return getattr(bpe_tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return bpe_tokenizer(text, **kwargs)
+
+    bounded = PromptFormat(Recording(), use_chat_template=chat)
+    prompt = "How?" if chat else long_text
+    ids, prompt_len = bounded.encode(prompt, long_text, 96)
+    assert max(seen) <= bounded.text_bound(96) + 64 < len(long_text)  # + the plain format's "user : ... assistant :"
+
+    whole = PromptFormat(bpe_tokenizer, use_chat_template=chat)
+    response = whole.response_ids(long_text)  # all 2 MB tokenized
+    assert ids[prompt_len:] == response[: len(ids) - prompt_len]
+    assert ids[:prompt_len] == whole.prompt_ids(prompt)[-prompt_len:]
