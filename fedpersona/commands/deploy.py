@@ -59,6 +59,7 @@ def server(
              "scheme": scheme, "strategy": strategy, "strategy-args": ",".join(strategy_arg) if strategy_arg else None,
              "model": model, "seed": seed, "dp-epsilon": target_epsilon if dp else None}
     cfg = _config_from(config, set_, flags)
+    _refuse_simulation_only(cfg)
     options = ServerOptions(state=state, host=host, port=port, certificates=certificates, insecure=insecure,
                             enable_supernode_auth=enable_supernode_auth, auth_keys=tuple(auth_key), out=out,
                             checkpoint_dir=checkpoint_dir, resume=resume, fresh=fresh, verbose=verbose)
@@ -131,6 +132,19 @@ def client(
               + (f"; with --auth-key: is {auth_key}.pub registered on the server?" if auth_key else ""),
               file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _refuse_simulation_only(config) -> None:
+    """Settings no device would accept (seeded noise, simulated attacks) stop the server before it starts;
+    the other simulation-only settings (data, workload caps, ...) are simply not sent to devices."""
+    from fedpersona.config import RunConfig
+    from fedpersona.errors import UsageError
+
+    defaults = RunConfig()
+    for key in ("dp_reproducible", "attack", "attack_users"):
+        if getattr(config, key) != getattr(defaults, key):
+            raise UsageError(f"{key.replace('_', '-')}={getattr(config, key)!r}: a simulation-only setting; every "
+                             "device would decline the rounds (fedpersona simulate takes it)")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -209,6 +209,12 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, capsys):
     assert run_cli("client", "--server", "h:1", "--state", str(tmp_path / "none"), "--insecure") == 2
     err = capsys.readouterr().err
     assert "fedpersona feedback import" in err and len(err.strip().splitlines()) == 1
+    # settings every device would decline stop the server before anything starts
+    for setting in ("dp-reproducible=true", "attack=nan"):
+        assert run_cli("server", "--state", str(tmp_path / "s"), "--insecure", "--set", setting,
+                       *(("--set", "attack-users=1") if setting.startswith("attack") else ())) == 2
+        err = capsys.readouterr().err
+        assert "simulation-only" in err and len(err.strip().splitlines()) == 1
 
 
 # ---- docker --------------------------------------------------------------------------------------
