@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from fedpersona.errors import UsageError
+from fedpersona.errors import RunFailed, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated, privacy-preserving personalized preference alignment of language models.")
@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as err:
         print(f"fedpersona: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as err:
+        print(f"fedpersona: run failed: {err}", file=sys.stderr)
+        sys.exit(1)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except typer.Abort:

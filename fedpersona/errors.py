@@ -8,3 +8,8 @@ class UsageError(Exception):
 
     The message names what is wrong, where (file, line, option) and how to fix it.
     """
+
+
+class RunFailed(Exception):
+    """A run that could not do its work (e.g. every client call failed): the CLI prints ``str(error)`` on
+    one line and exits with code 1; the outputs written so far stay for inspection."""

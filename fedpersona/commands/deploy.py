@@ -76,6 +76,9 @@ def server(
     except KeyboardInterrupt:
         print("fedpersona: server stopped; continue later with --resume", file=sys.stderr)
         raise typer.Exit(130) from None
+    from fedpersona.server.federation import check_clients_answered
+
+    check_clients_answered(summary, options.out_dir)
     if json_out:
         print(json.dumps(summary, indent=2))
     else:

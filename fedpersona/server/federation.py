@@ -23,7 +23,7 @@ from fedpersona.model.memory import release_free_memory
 from fedpersona.config import SIMULATION_ONLY, RunConfig
 from fedpersona.protocol import RUN_LINEAGE
 from fedpersona.data.sources import count_users
-from fedpersona.errors import UsageError
+from fedpersona.errors import RunFailed, UsageError
 from fedpersona.model.adapters import Role
 from fedpersona.server.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
@@ -192,3 +192,12 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     if out_dir:
         write_outputs(out_dir, summary, recorder.per_user())
     return summary
+
+
+def check_clients_answered(summary: dict[str, Any], out_dir: str | Path | None) -> None:
+    """A run in which every training call failed trained nothing (declines are decisions, not failures):
+    ``RunFailed`` with the first client error, so the exit code says so."""
+    if summary.get("client_failures") and not summary.get("train_answers"):
+        where = f" (outputs in {out_dir})" if out_dir else ""
+        raise RunFailed(f"every client training call failed ({summary['client_failures']} client errors); the first: "
+                        f"{summary.get('first_client_error')}{where}")

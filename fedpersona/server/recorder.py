@@ -61,6 +61,9 @@ class RoundRecorder:
         self.last_eval: dict[int, dict[str, float]] = {}  # user index -> accuracies
         self._train: dict[int, dict[str, Any]] = {}
         self.epsilons: list[float] = []  # pair-level epsilon reported with training replies
+        self.train_answers = 0  # training replies a ClientApp produced (accepted, declined or rejected)
+        self.client_failures = 0  # replies carrying a ClientApp error, both phases
+        self.first_client_error: str | None = None  # the first one's reason, one line
         self.last_epsilon: dict[int, float] = {}  # user index -> pair-level epsilon spent
         self.num_users: int | None = None  # users who train; higher indices are new users (from the config)
         self.last_new: dict[int, dict[str, float]] = {}  # new user index -> accuracies (+ gen_win_rate)
@@ -74,8 +77,17 @@ class RoundRecorder:
     def should_evaluate(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
 
+    def _count_outcomes(self, screened: Screened, train: bool) -> None:
+        if train:
+            self.train_answers += len(screened.accepted) + len(screened.declined) + len(screened.rejected)
+        self.client_failures += len(screened.failures)
+        if screened.failures and self.first_client_error is None:
+            reason = str(screened.failures[0].error.reason or "no reason given").strip()
+            self.first_client_error = (reason.splitlines() or ["no reason given"])[-1][:500]
+
     def record_train(self, server_round: int, screened: Screened) -> None:
         """Count a round's training replies as the screen sorted them (bytes up: every reply that sent tensors)."""
+        self._count_outcomes(screened, train=True)
         sent = screened.accepted + [m for m, _ in screened.rejected]
         sizes = [sum(rec.count_bytes() for rec in m.content.array_records.values()) for m in sent]
         self.bytes_up.extend(sizes)
@@ -107,6 +119,7 @@ class RoundRecorder:
 
     def record_evaluate(self, server_round: int, screened: Screened) -> None:
         """Record the accepted evaluation replies (declined and rejected ones are only counted)."""
+        self._count_outcomes(screened, train=False)
         for msg in screened.accepted:
             metrics = msg.content.metric_records.get("metrics")
             if metrics is None or "user-index" not in metrics or any(f"acc-{m}" not in metrics for m in MODELS):
@@ -180,6 +193,9 @@ class RoundRecorder:
                 out[f"{model}_accuracy_{stat}"] = value
         out["bytes_up_per_client_round"] = float(np.mean(self.bytes_up)) if self.bytes_up else 0.0
         out["new_users"] = len(self.last_new)
+        out["train_answers"] = self.train_answers  # training replies ClientApps produced (accepted, declined, rejected)
+        out["client_failures"] = self.client_failures  # ClientApp errors, both phases
+        out["first_client_error"] = self.first_client_error
         out.update({"new_user_accuracy_mean": None, "new_user_accuracy_p10": None, "new_user_accuracy_min": None,
                     "new_user_global_accuracy_mean": None, "generation_win_rate": None,
                     "new_user_generation_win_rate": None})

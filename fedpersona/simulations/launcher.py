@@ -125,4 +125,8 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
     )
     if not RESULT:
         raise RuntimeError("the simulation ended without a summary; rerun with --verbose to see Flower's log")
+    from fedpersona.server.federation import check_clients_answered
+
+    check_clients_answered(RESULT, out_dir)
     return dict(RESULT)
+

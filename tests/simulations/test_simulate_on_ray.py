@@ -106,3 +106,18 @@ def test_same_seed_samples_the_same_users_and_gives_the_same_results(run, tmp_pa
     # and, replies aggregated in the order sent, the same results to the last bit
     _, out, _ = run
     assert (tmp_path / "again" / "per_user.json").read_text() == (out / "per_user.json").read_text()
+
+
+def test_a_run_whose_clients_all_fail_exits_1_with_the_first_error(tmp_path, capsys):
+    """Every training call raises (the strategy sends an invalid setting): exit 1, one line naming the
+    first client error; summary.json is still written, with the failure count."""
+    from fedpersona.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--users", "2", "--rounds", "1", "--strategy", "tests.strategies.custom_strategy:BadSettingFedAvg",
+              "--set", "gen-prompts=0", "--set", "max-test-pairs=4", "--quiet", "--out", str(out)])
+    assert done.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("fedpersona: run failed: every client training call failed") and "batch-size" in last, last
+    assert json.loads((out / "summary.json").read_text())["client_failures"] >= 2

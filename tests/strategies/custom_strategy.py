@@ -31,3 +31,12 @@ class DampedFedAvg(FedAvg):
         self.aggregations += 1
         mixed = {k: Array(self.previous[k] + self.damping * (v.numpy() - self.previous[k])) for k, v in arrays.items()}
         return ArrayRecord(mixed), metrics
+
+
+class BadSettingFedAvg(FedAvg):
+    """FedAvg that sends every client an invalid setting in training: every training call fails (a test of
+    a run that trains nothing)."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        config["batch-size"] = "lots"
+        return super().configure_train(server_round, arrays, config, grid)
