@@ -28,16 +28,9 @@ def _config_from(config_file: Optional[Path], settings: list[str], flags: dict[s
     settings none of these set take the DP defaults (``RunConfig.with_dp_defaults``)."""
     from fedpersona.config import RunConfig
 
-    explicit: set[str] = set()
-    if config_file:
-        import tomllib
-
-        try:
-            table = tomllib.loads(config_file.read_text(encoding="utf-8"))
-            explicit |= set(table.get("fedpersona", table))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            pass  # from_toml below reports it in one line
-    config = RunConfig.from_toml(config_file) if config_file else RunConfig()
+    table = RunConfig.read_toml(config_file) if config_file else {}
+    explicit = set(table)
+    config = RunConfig.from_flat(table, source=str(config_file)) if config_file else RunConfig()
     pairs = {}
     for item in settings:
         key, sep, value = item.partition("=")

@@ -171,16 +171,23 @@ class RunConfig:
         config, extras = cls.from_message({k: v for k, v in flat.items() if k not in sim})
         return config, extras, sim
 
-    @classmethod
-    def from_toml(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    @staticmethod
+    def read_toml(path: str | Path) -> dict[str, Any]:
+        """The settings table of a TOML file (its ``[fedpersona]`` table, else the whole file), unvalidated."""
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UsageError(f"--config {path}: file not found") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--config {path}: not UTF-8 text; save it as UTF-8") from None
         except tomllib.TOMLDecodeError as err:
             raise UsageError(f"--config {path}: not valid TOML ({err})") from None
-        return cls.from_flat(data.get("fedpersona", data), base, source=str(path))
+        return data.get("fedpersona", data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:
+        return cls.from_flat(cls.read_toml(path), base, source=str(path))
 
     def with_dp_defaults(self, explicit: set[str]) -> RunConfig:
         """Under pair-level DP, every ``DP_DEFAULTS`` setting not in ``explicit`` (keys the user set, any

@@ -25,7 +25,6 @@ from fedpersona.client.device_state import DeviceState
 from fedpersona.client.local import RoundResult
 from fedpersona.client.policy import Decline, DevicePolicy
 from fedpersona.data.schema import UserData
-from fedpersona.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -102,14 +101,6 @@ def readiness_problem(state: DeviceState, min_pairs: int = 2) -> str | None:
                 "of each; add "
                 f"feedback with `fedpersona feedback import FILE --state {state.dir}`")
     return None
-
-
-def device_user(state: DeviceState, config: RunConfig) -> UserData:
-    """The user's pairs for this round (one consistent snapshot of the memory)."""
-    problem = readiness_problem(state, config.min_pairs)
-    if problem:
-        raise UsageError(problem)
-    return state.memory.user_data()
 
 
 def _as_device(config: RunConfig, index: int) -> RunConfig:

@@ -42,7 +42,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpersona.client.memory import MEMORY_FILE, PreferenceMemory
+from fedpersona.client.memory import MEMORY_FILE, SQLITE_SIDECARS, PreferenceMemory
+from fedpersona.client.policy import POLICY_FILE
+from fedpersona.client.privacy_record import RECORD_FILE
 from fedpersona.errors import UsageError
 from fedpersona.io import acquire_pid_lock, fsync_dir, release_pid_lock
 
@@ -61,11 +63,8 @@ COUNTERS_FILE = "counters.json"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 LAST_REPLY_FILE = "last_reply.safetensors"
-POLICY_FILE = "policy.json"
-RECORD_FILE = "privacy_record.json"
 FORMAT_VERSION = 1
 
-_SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 PURPOSES: dict[str, str] = {
     MEMORY_FILE: "preference memory (your feedback pairs)",
     PRIVATE_FILE: "your private adapter",
@@ -122,9 +121,6 @@ def write_json_atomically(path: Path, obj: Any) -> None:
     """``obj`` as indented UTF-8 JSON at ``path``, replaced atomically (``replace_atomically``)."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-_write_json = write_json_atomically
 
 
 def _read_json_object(path: Path, what: str) -> dict[str, Any] | None:
@@ -347,7 +343,7 @@ class DeviceState:
         counters.update(rounds_trained=int(rounds_trained), updated=_now())
         if server_round is not None:
             counters["last_round"] = int(server_round)
-        _write_json(self.counters_path, counters)
+        write_json_atomically(self.counters_path, counters)
 
     def rounds_trained(self) -> int:
         metadata = _read_metadata(self.private_path, "private adapter")
@@ -377,8 +373,8 @@ class DeviceState:
     def save_ledger(self, ledger: Mapping[str, Any]) -> None:
         meta = self.meta()
         if meta is not None and not meta.get(LEDGER_STARTED):  # before the ledger: a crash leaves the flag set
-            _write_json(self.meta_path, {**meta, LEDGER_STARTED: True})
-        _write_json(self.ledger_path, dict(ledger))
+            write_json_atomically(self.meta_path, {**meta, LEDGER_STARTED: True})
+        write_json_atomically(self.ledger_path, dict(ledger))
 
     def ledger_problem(self) -> str | None:
         """Why this state must not start a fresh ledger (None if it may): the ledger is missing or empty
@@ -454,7 +450,7 @@ class DeviceState:
             current = None
         if current is None:
             current = {"model_id": model_id, "scheme": scheme, "created": _now(), "format": FORMAT_VERSION}
-            _write_json(self.meta_path, current)
+            write_json_atomically(self.meta_path, current)
         return current
 
     # ------------------------------------------------------------------ listing and forgetting
@@ -464,7 +460,7 @@ class DeviceState:
         for path in sorted(self.dir.iterdir()):
             if path.is_file():
                 base = path.name
-                for suffix in _SQLITE_SIDECARS:
+                for suffix in SQLITE_SIDECARS:
                     base = base.removesuffix(suffix)
                 purpose = PURPOSES.get(base, "temporary file of an interrupted write"
                                        if base.startswith(".") and base.endswith(".tmp") else "")
@@ -497,7 +493,7 @@ class DeviceState:
                     removed.append(name)
             meta = self.meta()
             if meta is not None:
-                _write_json(self.meta_path, {**meta, LEDGER_STARTED: False, "budget_reset": _now()})
+                write_json_atomically(self.meta_path, {**meta, LEDGER_STARTED: False, "budget_reset": _now()})
             fsync_dir(self.dir)
         return removed
 
@@ -518,7 +514,7 @@ class DeviceState:
             self._retire_ledger(PrivacyRecord(self.dir))
             meta = self.meta() if self.meta_path.exists() else None
             if meta and meta.get(LEDGER_STARTED):
-                _write_json(self.meta_path, {**meta, LEDGER_STARTED: False})
+                write_json_atomically(self.meta_path, {**meta, LEDGER_STARTED: False})
             if self.memory_path.exists():
                 try:
                     self.memory.forget()
@@ -526,7 +522,7 @@ class DeviceState:
                     pass  # a damaged database is deleted below all the same
             self.close_pieces()
             for name in USER_FILES:
-                for suffix in ("", *_SQLITE_SIDECARS):
+                for suffix in ("", *SQLITE_SIDECARS):
                     path = self.dir / f"{name}{suffix}"
                     if path.exists():
                         path.unlink()

@@ -37,6 +37,7 @@ from fedpersona.data.schema import PreferencePair, UserData, assign_split, iter_
 from fedpersona.errors import UsageError
 
 MEMORY_FILE = "memory.sqlite"
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")  # files SQLite keeps beside a database
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 _USER_KEY = "user_id"

@@ -85,27 +85,25 @@ class PrivacyRecord:
                                 "retired": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         write_json_atomically(self.path, data)
 
-    def prior_for(self, pairs: Iterable[PreferencePair]) -> list[tuple[float, float, int]]:
-        """Phases retired ledgers spent on any of ``pairs`` (every overlapping entry, composed)."""
+    def _covering(self, pairs: Iterable[PreferencePair]) -> list[dict[str, Any]]:
+        """The retired entries whose pairs include any of ``pairs``."""
         if not self.path.exists():
             return []
         data = self._load()
         hashes = {self._hash(data["salt"], p) for p in pairs}
-        prior: list[tuple[float, float, int]] = []
-        for entry in data["retired"]:
-            if hashes.intersection(entry.get("pairs", ())):
-                prior.extend((float(n), float(q), int(s)) for n, q, s in entry["phases"])
-        return prior
+        return [entry for entry in data["retired"] if hashes.intersection(entry.get("pairs", ()))]
 
-    def reporting_delta(self, pairs: Iterable[PreferencePair]) -> float | None:
-        """The smallest delta a retired ledger covering any of ``pairs`` accounted at (None if none did):
-        the delta at which their prior epsilon is reported, as their ledgers reported it."""
-        if not self.path.exists():
-            return None
-        data = self._load()
-        hashes = {self._hash(data["salt"], p) for p in pairs}
-        deltas = [float(e["delta"]) for e in data["retired"] if e.get("delta") and hashes.intersection(e["pairs"])]
-        return min(deltas) if deltas else None
+    def prior_for(self, pairs: Iterable[PreferencePair]) -> list[tuple[float, float, int]]:
+        """Phases retired ledgers spent on any of ``pairs`` (every overlapping entry, composed)."""
+        return self.spent_on(pairs)[0]
+
+    def spent_on(self, pairs: Iterable[PreferencePair]) -> tuple[list[tuple[float, float, int]], float | None]:
+        """``(prior_for(pairs), delta)``: the phases and the smallest delta their ledgers accounted at (None
+        if none recorded one), the delta at which their epsilon is reported as those ledgers reported it."""
+        entries = self._covering(pairs)
+        deltas = [float(e["delta"]) for e in entries if e.get("delta")]
+        phases = [(float(n), float(q), int(s)) for entry in entries for n, q, s in entry["phases"]]
+        return phases, (min(deltas) if deltas else None)
 
     def entries(self) -> int:
         return len(self._load()["retired"]) if self.path.exists() else 0

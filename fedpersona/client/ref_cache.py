@@ -14,11 +14,10 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from fedpersona.client.memory import SQLITE_SIDECARS
 from fedpersona.data.schema import PreferencePair
 
 log = logging.getLogger(__name__)
-
-_SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 
 
 
@@ -55,7 +54,7 @@ class RefLogpCache:
     def _discard_damaged(self, err: Exception) -> None:
         log.warning("%s: reference log-prob cache unreadable (%s); recomputing and rewriting it", self.path, err)
         self.close()
-        for suffix in ("", *_SQLITE_SIDECARS):
+        for suffix in ("", *SQLITE_SIDECARS):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, tuple[float, float]]:

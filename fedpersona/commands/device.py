@@ -234,9 +234,9 @@ def _privacy_stats(st: DeviceState) -> dict[str, Any]:
         from fedpersona.client.privacy_record import PrivacyRecord
         from fedpersona.privacy.accountant import epsilon_of_history
 
-        record, pairs = PrivacyRecord(st.dir), (st.memory.list(None, 0) if st.memory_path.exists() else [])
-        prior = record.prior_for(pairs)
-        delta = record.reporting_delta(pairs) or policy.max_delta
+        pairs = st.memory.list(None, 0) if st.memory_path.exists() else []
+        prior, delta = PrivacyRecord(st.dir).spent_on(pairs)
+        delta = delta or policy.max_delta
         epsilon = epsilon_of_history(prior, delta, "rdp") if prior else None
     return {"epsilon_spent": epsilon, "policy": policy.describe()}
 

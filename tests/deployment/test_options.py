@@ -182,8 +182,7 @@ def test_device_readiness_and_stable_index(tmp_path: Path):
         assert dev.device_user_index(state, {}) == dev.stable_index("alice") == dev.stable_index("alice")
         assert dev.device_user_index(state, {"user-index": 7}) == 7
         assert 0 <= dev.stable_index("bob") < 2**31
-        with pytest.raises(UsageError, match="min-pairs"):
-            dev.device_user(state, RunConfig(min_pairs=4))
+        assert "min-pairs" in dev.readiness_problem(state, min_pairs=4)
 
 
 def test_device_mode_only_with_a_state_dir(tmp_path: Path):
