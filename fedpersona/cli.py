@@ -142,16 +142,21 @@ def data_inspect(
     file: Annotated[Path, typer.Argument(help="A pair file or a dataset file in a known format.")],
     format_: Annotated[str, Opt("--format", help="auto, pairs, personalllm, psoups, prism, hh-rlhf.")] = "auto",
     users: Annotated[Optional[int], Opt(help="Users to form (hh-rlhf, personalllm).")] = None,
+    model: Annotated[str, Opt(help="The model whose tokenizer checks the pairs (as in simulate --model).")] = "embedded",
+    max_length: Annotated[int, Opt("--max-length", help="Tokens kept per pair (as in simulate --set max-length=N).")] = 96,
+    check: Annotated[bool, Opt("--check/--no-check", help="Encode a sample of pairs with the model's tokenizer: pairs that carry no signal, text it cannot read.")] = True,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
-    """Users, pairs per user (spread) and disagreement between users."""
+    """Users, pairs per user (spread), disagreement between users, and how the model encodes the pairs."""
     from fedpersona.data.formats import load_format
     from fedpersona.data.formats.inspect import format_inspection, inspect_pairs
 
+    if max_length < 8:
+        raise UsageError(f"--max-length {max_length}: need at least 8 tokens per pair")
     options: dict[str, Any] = {}
     if users is not None:
         options["num_users" if format_ == "personalllm" else "users"] = users
-    info = inspect_pairs(load_format(file, format_, **options))
+    info = inspect_pairs(load_format(file, format_, **options), model=model if check else None, max_length=max_length)
     print(json.dumps(info, indent=2) if json_out else format_inspection(info))
 
 

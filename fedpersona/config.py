@@ -19,6 +19,7 @@ from typing import Any
 from fedpersona.alignment.losses import LOSSES
 from fedpersona.alignment.trainer import TrainSettings
 from fedpersona.errors import UsageError
+from fedpersona.privacy.accountant import MAX_DELTA
 
 Scalar = str | int | float | bool
 GENERATED_PREFIX = "generated:"  # pair files the run's own model writes once (fedpersona/simulations/styles.py)
@@ -309,8 +310,8 @@ class RunConfig:
         need(0.0 <= self.dp_private_clip_share < 1.0, "dp_private_clip_share", "must be in [0, 1) (0: one joint clip)")
         need(self.user_dp_noise >= 0, "user_dp_noise", "must be >= 0 (0: no user-level DP)")
         need(self.user_dp_clip > 0, "user_dp_clip", "must be > 0")
-        need(0.0 <= self.user_dp_delta < 1.0, "user_dp_delta", "must be in [0, 1) (0: 1/N^1.1)")
-        need(0.0 <= self.dp_delta < 1.0, "dp_delta", "must be in [0, 1) (0: default)")
+        need(0.0 <= self.user_dp_delta <= MAX_DELTA, "user_dp_delta", f"must be in [0, {MAX_DELTA:g}] (0: 1/N^1.1)")
+        need(0.0 <= self.dp_delta <= MAX_DELTA, "dp_delta", f"must be in [0, {MAX_DELTA:g}] (0: default)")
         need(self.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0")
         need(self.dp_count_noise == -1 or 0.0 <= self.dp_count_noise < math.inf, "dp_count_noise",
              "must be -1 (auto: 40 / epsilon) or a finite number >= 0 (0: no count released)")

@@ -44,6 +44,8 @@ DECLINE_REASONS: dict[str, str] = {
     "not-enough-pairs": "the device's preference memory holds too few pairs for a round",
     "evaluation-private": "the device's policy keeps its evaluation results to itself under DP",
     "stale-round": "the device already answered this round of this run",
+    "bad-shared": "the server's shared adapter holds NaN or Inf; the device neither stores nor trains on it",
+    "diverged": "local training produced NaN or Inf (learning rate too high?); nothing was kept or sent",
 }
 
 

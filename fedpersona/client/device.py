@@ -114,12 +114,18 @@ def _as_device(config: RunConfig, index: int) -> RunConfig:
     return config.replace(num_users=index + 1)
 
 
-def _open_round(state: DeviceState, config: RunConfig, simulation_keys: Mapping[str, Any]) -> tuple[DevicePolicy, Decline | None]:
+def _open_round(state: DeviceState, config: RunConfig, simulation_keys: Mapping[str, Any],
+                shared: Mapping[str, torch.Tensor] | None) -> tuple[DevicePolicy, Decline | None]:
     """Every state file readable (damage is a UsageError before anything is spent), the user's policy,
-    and the checks every message passes (simulation settings, model and scheme)."""
+    and the checks every message passes (simulation settings, model and scheme, finite shared tensors)."""
+    from fedpersona.client.local import first_non_finite
+
     state.check_files()
     policy = DevicePolicy.load(state.dir) or DevicePolicy()
-    return policy, policy.check_common(config, simulation_keys, state.meta(), state.private_path.exists())
+    decline = policy.check_common(config, simulation_keys, state.meta(), state.private_path.exists())
+    if decline is None and shared is not None and (bad := first_non_finite(shared)) is not None:
+        decline = Decline("bad-shared", f"the server's {bad} holds NaN or Inf")
+    return policy, decline
 
 
 def prepare_ledger(state: DeviceState, policy: DevicePolicy, config: RunConfig, user: UserData,
@@ -169,7 +175,7 @@ def train_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, 
 
     server_round = int(extras.get("server-round", 0))
     with state.lock():  # one training at a time on this directory, across processes
-        policy, decline = _open_round(state, config, simulation_keys or {})
+        policy, decline = _open_round(state, config, simulation_keys or {}, shared)
         decline = decline or policy.check_train(config, extras)
         if decline is None and (config.dp_epsilon > 0 or policy.require_dp) and (problem := state.ledger_problem()):
             decline = Decline("ledger-missing", problem)
@@ -211,7 +217,7 @@ def evaluate_on_device(state: DeviceState, config: RunConfig, extras: Mapping[st
 
     server_round = int(extras.get("server-round", 0))
     with state.lock():
-        policy, decline = _open_round(state, config, simulation_keys or {})
+        policy, decline = _open_round(state, config, simulation_keys or {}, shared)
         if decline is not None:
             return decline
         state.bind(config.model, config.scheme)

@@ -150,7 +150,9 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dic
 
 
 def _load_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """(tensors, metadata) of a safetensors file, None if absent; unreadable -> UsageError naming it."""
+    """(tensors, metadata) of a safetensors file, None if absent; unreadable or holding NaN/Inf ->
+    UsageError naming it."""
+    import torch
     from safetensors import safe_open
 
     try:
@@ -164,6 +166,10 @@ def _load_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[
             return None
         raise UsageError(f"{path}: {what} is unreadable ({err}); restore it from a backup, or delete it "
                          "to start afresh") from None
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # trained on, such a tensor would turn every later reply and answer into NaN
+        raise UsageError(f"{path}: {what} holds NaN or Inf values ({len(bad)} of {len(tensors)} tensors, e.g. "
+                         f"{bad[0]}); restore it from a backup, or delete it to start afresh") from None
     return tensors, metadata
 
 
@@ -396,7 +402,8 @@ class DeviceState:
 
     def check_files(self) -> None:
         """Read every state file a round depends on, so damage is a UsageError naming the file *before*
-        anything is trained or spent (not after the ledger has paid for a round that cannot be sent)."""
+        anything is trained or spent (not after the ledger has paid for a round that cannot be sent):
+        JSON files parse, adapters load and hold only finite values, every database page reads."""
         from fedpersona.client.policy import DevicePolicy
         from fedpersona.privacy.ledger import PrivacyLedger
 
@@ -408,9 +415,12 @@ class DeviceState:
                 PrivacyLedger.from_json(ledger)
             except UsageError as err:
                 raise UsageError(f"{self.ledger_path}: {err}; restore it from a backup") from None
-        _read_metadata(self.private_path, "private adapter")
-        _read_metadata(self.dir / LAST_REPLY_FILE, "last reply")
+        self.load_private()
+        self.load_shared()
+        _load_tensors(self.dir / LAST_REPLY_FILE, "last reply")
         DevicePolicy.load(self.dir)
+        if self.memory_path.exists():
+            self.memory.check()
 
     # ------------------------------------------------------------------ the last reply (idempotent rounds)
     def save_reply(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, str | int | float]) -> None:

@@ -251,11 +251,26 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
         else:
             stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed), None
             weight = len(user.train)
-    store.save_private(resident.adapters.tensors(Role.PRIVATE), store.rounds_trained() + 1)
+    private = resident.adapters.tensors(Role.PRIVATE)
     sent = resident.adapters.tensors(Role.SHARED)
     if scheme.shape_update is not None and shared is not None:
         sent = scheme.shape_update(resident.adapters, shared, sent)  # e.g. PAL's responsibility weighting
+    if (bad := first_non_finite(private, sent)) is not None:
+        # Kept, a NaN private adapter would poison every later round and answer; the (DP) ledger keeps
+        # the round's spending all the same (over-counting is the safe side).
+        return declined_result("diverged", f"{bad} holds NaN or Inf after {stats.steps} steps at lr "
+                                           f"{config.lr:g}; lower the learning rate", epsilon=epsilon)
+    store.save_private(private, store.rounds_trained() + 1)
     return RoundResult(sent, weight, stats, epsilon=epsilon, metrics=metrics)
+
+
+def first_non_finite(*groups: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or Inf, None if all are finite."""
+    for tensors in groups:
+        for name, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                return name
+    return None
 
 
 def current_epsilon(store: PrivateStore) -> float | None:

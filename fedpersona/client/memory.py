@@ -148,8 +148,7 @@ class PreferenceMemory:
         except sqlite3.DatabaseError as err:
             if conn is not None:
                 conn.close()
-            raise UsageError(f"{self.path}: not a readable preference memory ({err}); move the file aside, "
-                             "or run `fedpersona feedback forget` to start an empty one") from None
+            raise self.damaged(err) from None
         self._conn = conn
 
     @property
@@ -170,35 +169,63 @@ class PreferenceMemory:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def damaged(self, err: sqlite3.DatabaseError) -> UsageError:
+        """The one line for a database SQLite cannot read (a damaged page, a truncated file, a busy lock)."""
+        if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+            return UsageError(f"{self.path}: preference memory is busy (another process held it for "
+                              f"{BUSY_TIMEOUT_S:.0f} s); retry when it has finished")
+        return UsageError(f"{self.path}: preference memory is damaged ({err}); restore it from a backup, "
+                          f"salvage its pairs with `sqlite3 {self.path} .recover`, or run "
+                          "`fedpersona feedback forget` to start an empty one")
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the lock; SQLite's errors become one UsageError naming the file."""
+        with self._lock:
+            try:
+                yield self.conn
+            except sqlite3.DatabaseError as err:
+                raise self.damaged(err) from None
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
-        with self._lock:
-            conn = self.conn
+        with self._db() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """One read transaction: every SELECT inside sees the same snapshot, even while another process writes."""
-        with self._lock:
-            conn = self.conn
+        with self._db() as conn:
             conn.execute("BEGIN")
             try:
                 yield conn
             finally:
-                conn.execute("COMMIT")
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+
+    def check(self) -> None:
+        """Read every page (``PRAGMA quick_check``): damage is a UsageError now, not in the middle of a round.
+
+        Costs one pass over the file (milliseconds for the thousands of pairs a device holds).
+        """
+        with self._db() as conn:
+            found = [str(row[0]) for row in conn.execute("PRAGMA quick_check").fetchall()]
+        if found != ["ok"]:
+            raise self.damaged(sqlite3.DatabaseError(found[0] + (f" (+{len(found) - 1} more)" if len(found) > 1 else "")))
 
     # ------------------------------------------------------------------ user id
     def user_id(self) -> str | None:
         """The device's user id, or None before the first pair is stored (and after ``forget``)."""
-        with self._lock:
-            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (_USER_KEY,)).fetchone()
+        with self._db() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (_USER_KEY,)).fetchone()
             return None if row is None else str(row[0])
 
     def _claim(self, conn: sqlite3.Connection, user_id: str, where: str) -> None:
@@ -233,6 +260,7 @@ class PreferenceMemory:
         Use ``contains`` first if the caller needs to tell "added" from "already there".
         """
         pair = validate_row(pair.to_json(), "feedback")
+        self.check()  # never write new feedback into a damaged file
         with self._write() as conn:
             self._claim(conn, pair.user_id, "feedback")
             return self._insert(conn, pair, source, _now())[0]
@@ -260,6 +288,7 @@ class PreferenceMemory:
             return 0, 0
         added = 0
         created_at = _now()
+        self.check()
         with self._write() as conn:
             self._claim(conn, users[0], str(path))
             for pair in pairs:
@@ -281,27 +310,27 @@ class PreferenceMemory:
             deleted = conn.execute("DELETE FROM pairs").rowcount
             conn.execute("DELETE FROM meta")
             conn.execute("DELETE FROM sqlite_sequence WHERE name = 'pairs'")
-        with self._lock:
+        with self._db() as conn:
             try:
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.OperationalError:
                 pass  # a reader still holds an old snapshot; its pages go at a later checkpoint
         return int(deleted)
 
     # ------------------------------------------------------------------ reads
     def count(self) -> int:
-        with self._lock:
-            return int(self.conn.execute("SELECT COUNT(*) FROM pairs").fetchone()[0])
+        with self._db() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM pairs").fetchone()[0])
 
     def contains(self, pair: PreferencePair) -> int | None:
         """The id of the stored pair with the same prompt/chosen/rejected, or None."""
-        with self._lock:
-            row = self.conn.execute("SELECT id FROM pairs WHERE content_key = ?", (content_key(pair),)).fetchone()
+        with self._db() as conn:
+            row = conn.execute("SELECT id FROM pairs WHERE content_key = ?", (content_key(pair),)).fetchone()
             return None if row is None else int(row[0])
 
     def get(self, pair_id: int) -> MemoryRow | None:
-        with self._lock:
-            row = self.conn.execute(f"SELECT {_COLUMNS} FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+        with self._db() as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM pairs WHERE id = ?", (pair_id,)).fetchone()
             return None if row is None else MemoryRow(**dict(row))
 
     def list(self, limit: int | None = 50, offset: int = 0, *, newest_first: bool = False) -> builtins.list[MemoryRow]:
@@ -311,8 +340,8 @@ class PreferenceMemory:
         if offset < 0:
             raise UsageError(f"--offset must be 0 or more, got {offset}")
         order = "DESC" if newest_first else "ASC"
-        with self._lock:
-            rows = self.conn.execute(f"SELECT {_COLUMNS} FROM pairs ORDER BY id {order} LIMIT ? OFFSET ?",
+        with self._db() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM pairs ORDER BY id {order} LIMIT ? OFFSET ?",
                                      (-1 if limit is None else limit, offset)).fetchall()
         return [MemoryRow(**dict(r)) for r in rows]
 

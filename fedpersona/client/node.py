@@ -69,6 +69,10 @@ class ClientOptions:
             raise UsageError(f"--heartbeat-interval {self.heartbeat_interval}: the SuperLink accepts 10 to 1800 seconds")
         if self.runtime_port is not None and not 0 < self.runtime_port < 65536:
             raise UsageError(f"--runtime-port {self.runtime_port}: not a TCP port")
+        from fedpersona.client.policy import DevicePolicy
+
+        given = {k: v for k, v in self.policy if v is not None}  # the flags alone, before any state is read
+        DevicePolicy(**given).validate("fedpersona client")
 
 
 def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
@@ -141,6 +145,25 @@ def check_device(options: ClientOptions):
         return policy_for(state.dir, **dict(options.policy))
 
 
+def signal_warnings(state_dir: Path) -> list[str]:
+    """How the state's model encodes the stored pairs at the default max-length (pairs that carry no
+    signal, text it cannot read; ``fedpersona.model.signal``), as warning lines; none before the state
+    is bound to a model or when its tokenizer cannot be loaded here."""
+    from fedpersona.client.device_state import DeviceState
+    from fedpersona.model.signal import check_data
+
+    with DeviceState(state_dir, create=False) as state:
+        model = (state.meta() or {}).get("model_id")
+        if not model:
+            return []
+        user = state.memory.user_data()
+    try:
+        report = check_data([*user.train, *user.test], str(model))
+    except UsageError:
+        return []
+    return report.warnings("the server's --set max-length={n}")
+
+
 AUTH_RETRY_SECONDS = 10.0  # flwr exits with status 1 for every error, so any early exit is retried
 
 
@@ -154,10 +177,17 @@ def run_client(options: ClientOptions, *, log: IO[bytes] | None = None) -> int:
     refused while the SuperLink still counts its previous self as online (until that one's heartbeat
     lapses, at most twice the heartbeat interval); so a refusal is retried for that long, plus a margin.
     """
+    from fedpersona.client.tls_probe import tls_problem
+
     options.validate()
     policy = check_device(options)
+    host, port = parse_address(options.server, "--server")
+    if (problem := tls_problem(host, port, insecure=options.insecure, root_certificates=options.root_certificates)):
+        raise UsageError(problem)  # the SuperNode would retry it forever without a word
     print(f"fedpersona: device policy: {policy.describe()} ({options.state / 'policy.json'})", file=sys.stderr,
           flush=True)
+    for line in signal_warnings(options.state):
+        print(f"fedpersona: warning: {line}", file=sys.stderr, flush=True)
     interrupted = threading.Event()
     stop_event = threading.Event()
 

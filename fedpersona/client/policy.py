@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpersona.errors import UsageError
+from fedpersona.privacy.accountant import MAX_DELTA
 
 POLICY_FILE = "policy.json"
 
@@ -58,8 +59,8 @@ class DevicePolicy:
     def validate(self, where: str = "device policy") -> DevicePolicy:
         if not (0 < self.max_epsilon < math.inf):
             raise UsageError(f"{where}: max-epsilon {self.max_epsilon!r} must be a finite number > 0")
-        if not (0 < self.max_delta < 1):
-            raise UsageError(f"{where}: max-delta {self.max_delta!r} must be in (0, 1); 1e-5 is customary")
+        if not (0 < self.max_delta <= MAX_DELTA):
+            raise UsageError(f"{where}: max-delta {self.max_delta!r} must be in (0, {MAX_DELTA:g}]; 1e-5 is customary")
         if not (0 <= self.min_noise_multiplier < math.inf):
             raise UsageError(f"{where}: min-noise-multiplier {self.min_noise_multiplier!r} must be >= 0")
         return self

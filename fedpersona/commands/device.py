@@ -2,7 +2,8 @@
 
 All of them work on one device state directory (``--state DIR``, or ``$FEDPERSONA_STATE``); see
 ``fedpersona.client.device_state``. The ``feedback`` commands touch only the preference memory and
-import no torch, so they stay fast. ``generate`` and ``export`` rebuild the model the state belongs to
+import no torch, so they stay fast; ``feedback import`` alone loads the state's tokenizer (not its
+weights) to check how the pairs encode (``--no-check`` skips it). ``generate`` and ``export`` rebuild the model the state belongs to
 (``meta.json``: model id and scheme; adapter ranks from meta.json if recorded, else read off the stored
 tensors) and load the stored shared and private tensors into it.
 """
@@ -143,17 +144,49 @@ def feedback_import(
     file: Annotated[Path, typer.Argument(help="JSONL pair file: user_id, prompt, chosen, rejected[, split].")],
     state: StateOpt,
     as_user: Annotated[Optional[str], Opt("--as-user", help="File every row under this user id.")] = None,
+    check: Annotated[bool, Opt("--check/--no-check", help="Check how the model encodes the pairs (loads its tokenizer, not its weights): pairs that become identical token ids, text it cannot read.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Import a JSONL pair file: validated whole first, then all rows in one transaction (or none)."""
     with _open(state, create=True) as st:
         added, duplicates = st.memory.import_file(file, as_user=as_user)
         total = st.memory.count()
+        try:
+            model = str((st.meta() or {}).get("model_id") or "embedded")  # the state's model, else the default
+        except UsageError:  # a damaged meta.json is `fedpersona client`'s to report, not the import's
+            model = "embedded"
+    if check and added + duplicates:
+        _import_check(file, model)
     if json_out:
         _print_json({"file": str(file), "added": added, "duplicates": duplicates, "pairs": total})
     else:
         dup = f", {duplicates} already stored" if duplicates else ""
         print(f"imported {added} pairs from {file}{dup}; {total} pairs in {state}")
+
+
+def _import_check(file: Path, model: str) -> None:
+    """How ``model`` encodes the file's pairs (a sample) at the default max-length: one warning line on
+    stderr per problem (no-signal pairs, unreadable text; also with --json, whose object stays as it was).
+    The pairs are imported either way; a model that cannot be loaded here is one note line, not a failed
+    import."""
+    from fedpersona.data.schema import iter_pairs_jsonl
+    from fedpersona.model.embedded import EMBEDDED_NAME, embedded_path
+    from fedpersona.model.signal import DEFAULT_MAX_LENGTH, check_data
+
+    name, _, seed = model.partition(":")
+    if name == EMBEDDED_NAME and (seed or "0").isdigit():
+        if not (embedded_path(int(seed or 0)) / "config.json").exists():  # building takes a while: not here
+            print(f"fedpersona: note: pairs not checked against model {model} (not built yet on this device; "
+                  "`fedpersona client` builds it)", file=sys.stderr)
+            return
+    try:
+        with _quiet_loading():
+            report = check_data(iter_pairs_jsonl(file), model, DEFAULT_MAX_LENGTH)
+    except UsageError as err:
+        print(f"fedpersona: note: pairs not checked against model {model} ({err})", file=sys.stderr)
+        return
+    for line in report.warnings("the server's --set max-length={n}"):
+        print(f"fedpersona: warning: {line}", file=sys.stderr)
 
 
 @feedback_app.command("list")
@@ -250,12 +283,15 @@ def feedback_forget(
     from fedpersona.client.device_state import USER_FILES
 
     with _open(state, create=False) as st:
-        pairs = st.memory.count() if st.memory_path.exists() else 0
+        try:
+            pairs: int | None = st.memory.count() if st.memory_path.exists() else 0
+        except UsageError:
+            pairs = None  # a damaged database: what forget exists for, so it is deleted all the same
         present = [f.name for f in st.files() if any(f.name.startswith(n) for n in USER_FILES)]
         if not present:
             print(f"nothing to forget in {state}")
             return
-        parts = [f"{pairs} feedback pairs"]
+        parts = [f"{pairs} feedback pairs" if pairs is not None else "the damaged feedback memory"]
         parts += [label for path, label in ((st.private_path, "your private adapter"),
                                             (st.ledger_path, "the privacy ledger")) if path.exists()]
         what = f"{', '.join(parts)} and caches in {state}"
@@ -268,7 +304,7 @@ def feedback_forget(
                 # SystemExit, not typer.Exit: cli.main drops the code of a typer.Exit (standalone_mode=False)
                 raise SystemExit(1)
         removed = st.forget()
-    print(f"forgot {pairs} pairs; deleted {', '.join(removed) or 'nothing'} from {state}"
+    print(f"forgot {'the damaged memory' if pairs is None else f'{pairs} pairs'}; deleted {', '.join(removed) or 'nothing'} from {state}"
           + ("; what they cost in privacy stays in privacy_record.json (hashes, no text), so importing them again "
              "continues their budget" if "ledger.json" in removed else ""))
 
@@ -318,7 +354,7 @@ def state_config(st: DeviceState, shared: Mapping[str, torch.Tensor] | None,
                  private: Mapping[str, torch.Tensor] | None, device: str = "auto") -> RunConfig:
     """The RunConfig whose resident model fits this state: meta.json's model and scheme; ranks and seed
     from meta.json when recorded, else read off the tensors (adapter 'private' -> private_rank, any
-    other adapter -> shared_rank), else RunConfig's defaults."""
+    other adapter -> shared_rank, pal's adapters 'protoK' -> pal_prototypes), else RunConfig's defaults."""
     from fedpersona.config import RunConfig
 
     meta = st.meta()
@@ -338,9 +374,11 @@ def state_config(st: DeviceState, shared: Mapping[str, torch.Tensor] | None,
                              "fix or remove it")
         return value
 
+    prototypes = sum(1 for name in ranks if re.fullmatch(r"proto\d+", name))  # pal: one adapter per prototype
     return RunConfig(model=str(meta["model_id"]), scheme=str(meta["scheme"]), device=device,
                      shared_rank=setting("shared_rank", others[0] if others else None, defaults.shared_rank),
                      private_rank=setting("private_rank", ranks.get("private"), defaults.private_rank),
+                     pal_prototypes=setting("pal_prototypes", prototypes or None, defaults.pal_prototypes),
                      seed=setting("seed", None, defaults.seed, least=0))
 
 
@@ -422,7 +460,7 @@ def generate(
 
 def export(
     state: StateOpt,
-    out: Annotated[Path, Opt("--out", "-o", help="Folder to write (one PEFT adapter folder per adapter).")],
+    out: Annotated[Path, Opt("--out", "-o", help="Folder to write: PEFT adapter folders that reproduce your personal model (pal: one merged adapter), README.txt, a manifest.")],
     strength: Annotated[float, Opt("--strength", "-s", help="Private adapter scaled as in `generate`.")] = 1.0,
     force: Annotated[bool, Opt("--force", help="Overwrite an earlier export in --out.")] = False,
 ) -> None:

@@ -9,6 +9,7 @@ place that decides what is sent; the client packs its reply from ``tensors(Role.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,27 @@ class Role(str, enum.Enum):
 
 
 SplitPolicy = Callable[[str], Role]
+
+# PEFT's LoRA modules are named ``lora_A``/``lora_B``, and PEFT warns ("should not be contained in the
+# prefix 'lora_' ... reinitialization") for an adapter name that is a substring of that prefix: such a
+# name could be confused with the prefix when PEFT matches saved keys. Layouts never use one.
+PEFT_LORA_PREFIX = "lora_"
+SINGLE_ADAPTER = "single"  # the adapter of one-adapter layouts (fedsa, ffa)
+# adapter names of earlier releases -> today's: stored tensors (device state) under an old name still load
+LEGACY_ADAPTER_NAMES = {"lora": SINGLE_ADAPTER}
+_LEGACY_TENSOR = re.compile(r"\.(lora_[A-Za-z_]+?)\.(" + "|".join(map(re.escape, LEGACY_ADAPTER_NAMES)) + r")\.")
+
+
+def current_tensor_name(name: str) -> str:
+    """``name`` with an earlier release's adapter name replaced: ``...lora_B.lora.weight`` -> ``...lora_B.single.weight``."""
+    return _LEGACY_TENSOR.sub(lambda m: f".{m.group(1)}.{LEGACY_ADAPTER_NAMES[m.group(2)]}.", name)
+
+
+def check_adapter_name(name: str) -> None:
+    """Refuse an adapter name PEFT would warn about (one contained in its prefix ``lora_``)."""
+    if not name or name in PEFT_LORA_PREFIX:
+        raise ValueError(f"adapter name {name!r} is contained in PEFT's prefix {PEFT_LORA_PREFIX!r}: PEFT warns "
+                         "that its weights may be reinitialised on loading; choose another name")
 
 
 def by_adapter_name(roles: Mapping[str, Role]) -> SplitPolicy:
@@ -67,6 +89,8 @@ def attach_adapters(base: torch.nn.Module, layout: AdapterLayout, seed: int, tar
                           fan_in_fan_out=getattr(base.config, "model_type", "") in CONV1D_FAMILIES)
 
     names = list(layout.ranks)
+    for name in names:
+        check_adapter_name(name)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # LoRA A initialisation is the same on every process: a shared seed
         try:
@@ -113,8 +137,15 @@ class AdapterState:
 
     @torch.no_grad()
     def load(self, tensors: Mapping[str, torch.Tensor | np.ndarray], role: Role) -> None:
-        """Copy values into this role's tensors; every name must match exactly (no silent partial load)."""
+        """Copy values into this role's tensors; every name must match exactly (no silent partial load).
+
+        Names stored under an earlier release's adapter name (``LEGACY_ADAPTER_NAMES``) are read as
+        today's, so device states written before a rename still load."""
         expected = set(self.names(role))
+        if set(tensors) != expected:
+            renamed = {current_tensor_name(n): v for n, v in tensors.items()}
+            if len(renamed) == len(tensors) and set(renamed) == expected:
+                tensors = renamed
         if set(tensors) != expected:
             missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise ValueError(f"{role.value} tensors do not match the layout: missing {missing[:3]}, unknown {unknown[:3]}")

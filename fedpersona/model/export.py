@@ -1,11 +1,15 @@
 """Export a resident model's adapters in PEFT's own format, loadable with no fedpersona code.
 
-One folder per adapter of the layout (``OUT/shared``, ``OUT/private``; ``OUT/lora`` for one-adapter
-schemes such as fedsa), each holding what ``PeftModel.save_pretrained`` writes: ``adapter_config.json``
-(the adapter's LoraConfig, with ``base_model_name_or_path`` set to the base model's id or absolute
-folder) and ``adapter_model.safetensors`` (tensor names from ``peft.get_peft_model_state_dict``, i.e.
-without the adapter name). ``OUT/README.txt`` says how to load them; ``OUT/fedpersona_export.json``
-records what was exported for tools.
+One folder per adapter of the layout (``OUT/shared``, ``OUT/private``; ``OUT/single`` for one-adapter
+schemes such as fedsa and ffa), each holding what ``PeftModel.save_pretrained`` writes:
+``adapter_config.json`` (the adapter's LoraConfig, with ``base_model_name_or_path`` set to the base
+model's id or absolute folder) and ``adapter_model.safetensors`` (tensor names from
+``peft.get_peft_model_state_dict``, i.e. without the adapter name). ``OUT/README.txt`` says how to load
+them and what they reproduce; ``OUT/fedpersona_export.json`` records what was exported for tools.
+
+Adapters whose forward fedpersona changes with hooks PEFT knows nothing of (PAL: a private mixture
+scales every prototype's ``lora_B`` by the user's gain) are materialized as ONE merged LoRA adapter,
+``OUT/personal``, that plain PEFT computes exactly (:mod:`fedpersona.model.merge`).
 
 Each adapter folder is written to a temp folder and renamed into place, so an interrupted export never
 leaves a half-written adapter under its final name. Adapter folders and README are owner-only (0700 /
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 
 from fedpersona.errors import UsageError
+from fedpersona.model.merge import merged_adapter, mixed_adapters
 from fedpersona.model.prompting import format_prompt
 from fedpersona.model.resident import ResidentModel
 
@@ -35,6 +41,29 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 README_NAME = "README.txt"
 MANIFEST_NAME = "fedpersona_export.json"
+EXACT = "bit-identical tensors"
+MERGED_EXACT = "equal up to float rounding (the merged adapter adds the same products in another order)"
+MERGED_ADAPTER = "personal"  # the one adapter that materializes hooked (mixed) adapters, e.g. PAL's prototypes
+
+# What the export of each scheme holds and reproduces (README.txt and the manifest's "notes").
+SCHEME_NOTES: dict[str, str] = {
+    "split": "The shared adapter (aggregated by the server) and your private adapter, active together: "
+             "your personal model.",
+    "global": "One shared adapter; this scheme has no private part, so your personal model is the global one.",
+    "local": "Your private adapter alone; this scheme shares nothing.",
+    "fedsa": "One adapter: its A matrices are shared (from the server), its B matrices are yours (private). "
+             "At --strength 0 B is at its initial zero, i.e. the base model (FedSA has no global B).",
+    "ffa": "One adapter: A frozen from the run's shared seed, B shared; this scheme has no private part, so "
+           "your personal model is the global one.",
+    "finetune": "The shared adapter only. NOT in this export: the fine-tuned personal copy that finetune fits "
+                "in a simulation's final evaluation; it is never kept in a device state (only private tensors "
+                "are), so neither `fedpersona generate` nor this export can use it. This is the global model.",
+    "pal": "ONE merged adapter, 'personal': your mixture of the K shared prototype adapters, materialized "
+           "(A = the prototypes' A stacked, B = each prototype's B times your mixture gain g_k, side by side; "
+           "rank K*r). Loaded alone it computes base + sum_k g_k B_k A_k x as fedpersona's mixture does. The "
+           "prototypes are not exported separately; `fedpersona export --strength 0` gives the global model "
+           "(the uniform mixture, every g_k = 1).",
+}
 
 
 def adapter_state_dict(resident: ResidentModel, adapter: str) -> dict[str, torch.Tensor]:
@@ -57,6 +86,16 @@ def _roles(resident: ResidentModel, adapter: str) -> list[str]:
     return sorted(roles)
 
 
+def _outside_roles(resident: ResidentModel) -> set[str]:
+    """Roles of tensors that belong to no LoRA adapter of the layout (PAL's private mixture logits)."""
+    adapters = list(resident.layout.ranks)
+    return {role.value for name, role in resident.adapters.roles.items()
+            if not any(f".{a}." in name for a in adapters)}
+
+
+# ---------------------------------------------------------------------------- writing
+
+
 def _check_out_dir(out_dir: Path, adapters: list[str], force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir}: exists and is not a folder; pass a new or empty folder")
@@ -71,19 +110,19 @@ def _check_out_dir(out_dir: Path, adapters: list[str], force: bool) -> None:
                              "or choose another --out")
 
 
-def _write_adapter(resident: ResidentModel, adapter: str, out_dir: Path, base_ref: str) -> Path:
+def _write_adapter(name: str, config: Any, tensors: Mapping[str, torch.Tensor], out_dir: Path,
+                   base_ref: str) -> Path:
     """Write one adapter folder (config + safetensors) atomically; returns its final path."""
     from safetensors.torch import save_file
 
-    tensors = adapter_state_dict(resident, adapter)
-    config = copy.deepcopy(resident.model.peft_config[adapter])
+    config = copy.deepcopy(config)
     config.base_model_name_or_path = base_ref
     config.inference_mode = True
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter}.", suffix=".tmp", dir=out_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(dict(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
-        target = out_dir / adapter
+        target = out_dir / name
         if target.exists():
             shutil.rmtree(target)  # checked by _check_out_dir: an earlier export's adapter folder
         os.replace(tmp, target)
@@ -94,7 +133,8 @@ def _write_adapter(resident: ResidentModel, adapter: str, out_dir: Path, base_re
 
 
 def readme_text(adapters: list[str], base_ref: str, info: Mapping[str, Any]) -> str:
-    """How to load this export with plain transformers + PEFT (the exact adapter names and order)."""
+    """How to load this export with plain transformers + PEFT (the exact adapter names and order), and
+    what it reproduces."""
     first, rest = adapters[0], adapters[1:]
     loads = "".join(f'    model.load_adapter(os.path.join(OUT, "{a}"), adapter_name="{a}")\n' for a in rest)
     names = ", ".join(f'"{a}"' for a in adapters)
@@ -118,17 +158,28 @@ def readme_text(adapters: list[str], base_ref: str, info: Mapping[str, Any]) -> 
             f"\nPrivacy: {', '.join(personal)} holds your private tensors, trained on your own feedback; they never\n"
             "left your device during federated training. Anyone you give them to can learn something about\n"
             f"your preferences. {keep}\n")
+    together = "All adapters are meant to be active TOGETHER on the frozen base model.\n" if rest else ""
+    strength = info.get("strength")
+    exact = info.get("exact", EXACT)
+    same = (f"Greedy decoding this way gives the same text as `fedpersona generate --strength {strength}` "
+            f"(the same model: {exact}).")
+    if exact != EXACT:
+        same = (f"This is the same model as `fedpersona generate --strength {strength}`, {exact}; greedy "
+                "decoding gives the same text unless two tokens nearly tie.")
+    same = textwrap.fill(same, 100)
+    notes = "".join(f"- {_wrap(note)}\n" for note in info.get("notes", []))
     return f"""fedpersona adapter export
 =========================
 
 Model:    {info.get("model_id")} (base model folder or id: {base_ref})
 Scheme:   {info.get("scheme")}
 Adapters: {", ".join(f"{a} ({'/'.join(roles.get(a, []))})" for a in adapters)}
-Strength: {info.get("strength")} (private tensors scaled from global 0 to personal 1 at export time)
+Strength: {strength} (private tensors scaled from global 0 to personal 1 at export time)
 
+What this export holds ({info.get("scheme")} scheme):
+{notes}
 Each subfolder is a regular PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
-All adapters are meant to be active TOGETHER on the frozen base model. Load them with plain
-transformers + peft (no fedpersona needed):
+{together}Load with plain transformers + peft (no fedpersona needed):
 
     import os, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,7 +190,7 @@ transformers + peft (no fedpersona needed):
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, os.path.join(OUT, "{first}"), adapter_name="{first}")
-{loads}    model.base_model.set_adapter([{names}], inference_mode=True)  # all active at once
+{loads}    model.base_model.set_adapter([{names}], inference_mode=True){"  # all active at once" if rest else ""}
     model.eval()
 
 Prompt format used in training (use the same for generation):
@@ -148,39 +199,58 @@ Prompt format used in training (use the same for generation):
                          max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
 
-Greedy decoding this way gives the same text as `fedpersona generate --strength {info.get("strength")}`.
+{same}
 {private_note}"""
+
+
+def _wrap(text: str, width: int = 100) -> str:
+    return "\n  ".join(textwrap.wrap(text, width - 2))
 
 
 def export_adapters(resident: ResidentModel, out_dir: str | Path, *, base_model: str, strength: float = 1.0,
                     force: bool = False, info: Mapping[str, Any] | None = None) -> list[Path]:
-    """Write every adapter of ``resident`` (with its current tensors) to ``out_dir`` in PEFT's format.
+    """Write ``resident``'s model (with its current tensors) to ``out_dir`` as PEFT adapters that plain
+    PEFT loads into the same model as ``fedpersona generate --strength strength``.
 
-    ``base_model`` is the base model's resolved local folder or hub id (recorded as
-    ``base_model_name_or_path``). ``strength`` (0..1) scales the private tensors as
-    ``fedpersona generate --strength`` does. Returns the adapter folders written.
+    Every adapter of the layout gets its folder, except adapters run through hooks (PAL's prototypes,
+    ``mixed_adapters``), which are materialized into ONE merged adapter, ``personal``. ``base_model`` is
+    the base model's resolved local folder or hub id (recorded as ``base_model_name_or_path``).
+    ``strength`` (0..1) scales the private tensors as ``fedpersona generate --strength`` does. Returns
+    the adapter folders written.
     """
     if not 0.0 <= strength <= 1.0:
         raise UsageError(f"--strength {strength}: must be between 0 (global) and 1 (fully personal)")
     out_dir = Path(out_dir)
-    adapters = list(resident.layout.ranks)
+    mixed = mixed_adapters(resident)
+    plain = [a for a in resident.layout.ranks if a not in mixed]
+    adapters = plain + ([MERGED_ADAPTER] if mixed else [])
     _check_out_dir(out_dir, adapters, force)
+    scheme = (info or {}).get("scheme")
+    roles = {a: _roles(resident, a) for a in plain}
+    notes = [SCHEME_NOTES.get(str(scheme), "The adapters of the layout, active together.")]
+    details: dict[str, Any] = {}
+    contents: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
+    # strength 1: the stored tensors bit for bit (initial + 1 * (x - initial) is not always x in floats)
+    with nullcontext() if strength == 1.0 else resident.adapters.private_strength(strength):
+        for adapter in plain:
+            contents[adapter] = (resident.model.peft_config[adapter], adapter_state_dict(resident, adapter))
+        if mixed:
+            config, tensors, merged = merged_adapter(resident, mixed)
+            contents[MERGED_ADAPTER] = (config, tensors)
+            roles[MERGED_ADAPTER] = sorted({r for a in mixed for r in _roles(resident, a)} | _outside_roles(resident))
+            details["merged"] = {MERGED_ADAPTER: merged}
     out_dir.mkdir(parents=True, exist_ok=True)
     base_ref = base_model_reference(base_model)
-    details = {**(info or {}), "base_model_name_or_path": base_ref, "strength": strength,
-               "adapters": adapters, "roles": {a: _roles(resident, a) for a in adapters},
-               "prompt_format": resident.prompt_format.name,
-               "out_dir": str(out_dir.resolve())}
-    written = []
-    # strength 1: the stored tensors bit for bit (initial + 1 * (x - initial) is not always x in floats)
-    scaled = nullcontext() if strength == 1.0 else resident.adapters.private_strength(strength)
-    with scaled:
-        for adapter in adapters:
-            written.append(_write_adapter(resident, adapter, out_dir, base_ref))
+    details = {**(info or {}), "base_model_name_or_path": base_ref, "strength": strength, "adapters": adapters,
+               "roles": roles, "prompt_format": resident.prompt_format.name,
+               "reproduces": f"fedpersona generate --strength {strength}",
+               "exact": MERGED_EXACT if mixed else EXACT,
+               "notes": notes, **details, "out_dir": str(out_dir.resolve())}
+    written = [_write_adapter(name, config, tensors, out_dir, base_ref)
+               for name, (config, tensors) in contents.items()]
     from fedpersona.io import atomic_write_text
 
     manifest = {k: v for k, v in details.items() if k != "out_dir"}
     atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     atomic_write_text(out_dir / README_NAME, readme_text(adapters, base_ref, details))
     return written
-

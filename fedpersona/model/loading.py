@@ -45,7 +45,55 @@ def resolve_model_path(model: str) -> str:
         raise UsageError(f"--model {model}: a file, but not a .gguf checkpoint; pass {_CHOICES}")
     if looks_local and not (local / "config.json").exists():
         raise UsageError(f"--model {model}: no config.json (nor a .gguf file) in that folder; pass {_CHOICES}")
-    return str(local) if looks_local else model
+    return str(local) if looks_local else _hub_model(model)
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here (one probe per process), None if it can or
+    if a proxy decides (``HTTPS_PROXY``). ``HF_HUB_OFFLINE=1`` counts as unreachable."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{host} cannot be reached: {err.strerror or err}"
+    return None
+
+
+def _hub_model(model_id: str) -> str:
+    """An HF id as ``from_pretrained`` should get it: the cached snapshot folder when the Hub cannot be
+    reached (no retries against a network that is not there), else the id (downloaded or refreshed).
+
+    Raises UsageError at once for a malformed id, and for an id that is neither cached nor downloadable
+    (instead of a minute of retries in transformers)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError as err:
+        raise UsageError(f"--model {model_id}: not a local path nor an HF id ({err}); pass {_CHOICES}") from None
+    offline = hub_unreachable()
+    if offline is None:
+        return model_id
+    cached = try_to_load_from_cache(model_id, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    raise UsageError(f"--model {model_id}: not in the local Hugging Face cache and the Hub is out of reach "
+                     f"({offline}); download it where there is a network (`hf download {model_id}`), "
+                     f"or pass {_CHOICES}")
 
 
 @functools.cache

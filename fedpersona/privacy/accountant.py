@@ -50,9 +50,19 @@ def check_rate(rate: float) -> float:
     return float(rate)
 
 
+MAX_DELTA = 0.01  # above it (epsilon, delta)-DP may leak a whole record with that probability: no guarantee
+
+
 def check_delta(delta: float) -> float:
+    """``delta`` as a float if it is in (0, ``MAX_DELTA``]; UsageError otherwise (a larger delta states
+    a guarantee that allows publishing some records outright, and the epsilon printed beside it misleads)."""
     if not _is_number(delta) or not (0.0 < delta < 1.0):
-        raise UsageError(f"delta {delta!r} is invalid: it must be in (0, 1), and well below 1/number of pairs")
+        raise UsageError(f"delta {delta!r} is invalid: it must be in (0, {MAX_DELTA:g}], and well below "
+                         "1/number of pairs (e.g. 1e-5)")
+    if delta > MAX_DELTA:
+        raise UsageError(f"delta {delta!r} is too large to mean anything: (epsilon, delta)-DP lets a record leak "
+                         f"outright with probability delta; use at most {MAX_DELTA:g}, well below 1/number of "
+                         "pairs (e.g. 1e-5)")
     return float(delta)
 
 

@@ -27,7 +27,8 @@ from fedpersona.errors import RunFailed, UsageError
 from fedpersona.model.adapters import Role
 from fedpersona.server.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
-from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy_state, sound_checkpoint
+from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, sound_checkpoint
+from fedpersona.server.strategy_state import restore_strategy_state
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
 from fedpersona.server.roster import roster_query
 from fedpersona.server.sampling import round_seed_sampling
@@ -60,7 +61,9 @@ def sampled_per_round(config: RunConfig, num_users: int) -> int:
 
 
 def resume_point(config: RunConfig, checkpoint_dir: str | Path | None, resume: bool) -> Checkpoint | None:
-    """The checkpoint to continue from (None for a fresh run); refuses one that cannot be continued."""
+    """The checkpoint to continue from (None for a fresh run): the newest round that loads, past damaged
+    ones (``load_checkpoint``, one warning line). Raises UsageError when there is none, or it cannot be
+    continued (``check_resumable``)."""
     if not resume:
         return None
     if not checkpoint_dir:
@@ -68,15 +71,21 @@ def resume_point(config: RunConfig, checkpoint_dir: str | Path | None, resume: b
     checkpoint = load_checkpoint(checkpoint_dir)
     if checkpoint is None:
         raise UsageError(f"checkpoint-dir {checkpoint_dir}: no checkpoint to resume from; start without --resume")
+    check_resumable(config, checkpoint_dir, checkpoint)
+    return checkpoint
+
+
+def check_resumable(config: RunConfig, checkpoint_dir: str | Path, checkpoint: Checkpoint) -> None:
+    """UsageError unless ``config`` can continue ``checkpoint``: rounds left, same model, scheme, strategy
+    and adapter ranks."""
     if checkpoint.round >= config.rounds:
         raise UsageError(f"checkpoint-dir {checkpoint_dir}: already at round {checkpoint.round} of {config.rounds}; "
                          "raise --rounds to continue training")
-    saved = checkpoint.config
+    saved, flat = checkpoint.config, config.to_flat()
     for key in ("model", "scheme", "strategy", "shared-rank", "private-rank"):
-        if key in saved and saved[key] != config.to_flat()[key]:
+        if key in saved and saved[key] != flat[key]:
             raise UsageError(f"checkpoint-dir {checkpoint_dir}: was made with {key}={saved[key]!r}, not "
-                             f"{config.to_flat()[key]!r}; resume with the same {key}, or start afresh")
-    return checkpoint
+                             f"{flat[key]!r}; resume with the same {key}, or start afresh")
 
 
 def run_lineage(checkpoint: Checkpoint | None) -> str:
@@ -182,6 +191,7 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         # measurement); a device sends them only if its own policy allows (under DP by default it does not)
         "evaluation_replies": "device policy" if deployment else "exact (simulated users)",
     }
+    summary.update(signal_keys(config, deployment))
     if config.user_dp_noise > 0:
         summary.update(user_level_report(
             noise_multiplier=config.user_dp_noise, num_sampled=sampled_per_round(config, num_users),
@@ -192,6 +202,23 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     if out_dir:
         write_outputs(out_dir, summary, recorder.per_user())
     return summary
+
+
+def signal_keys(config: RunConfig, deployment: bool) -> dict[str, Any]:
+    """summary.json's ``signal_*`` keys: of a sample of the run's pairs, how many encode to the same token
+    ids (cut at max-length / same at any length), the max-length that keeps them apart and the share of
+    ``<unk>`` tokens (:mod:`fedpersona.model.signal`; cached, so a simulation checks once). None where
+    nothing was checked: synthetic data, or a deployment (the pairs are on the devices)."""
+    from fedpersona.model.signal import SignalReport, check_pair_file
+
+    unchecked = {key: None for key in SignalReport("", 0, 0, 0).summary_keys()}
+    if deployment or config.is_synthetic or not Path(config.data).is_file():
+        return unchecked
+    try:
+        return check_pair_file(config.data, config.model, config.max_length, config.chat_template,
+                               test_fraction=config.test_fraction, min_pairs=config.min_pairs).summary_keys()
+    except UsageError:  # the run trained on this data and model: a failed check must not lose its summary
+        return unchecked
 
 
 def check_clients_answered(summary: dict[str, Any], out_dir: str | Path | None) -> None:

@@ -17,7 +17,6 @@ without one (failed or stopped), in which case the run's log says why.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,10 +26,11 @@ from typing import IO, Any
 from fedpersona.config import RunConfig
 from fedpersona.errors import UsageError
 from fedpersona.io import atomic_write_json
-from fedpersona.server.checkpoint import latest_info
+from fedpersona.server.checkpoint import (LATEST, Checkpoint, discard_checkpoints, has_rounds, load_checkpoint,
+                                          read_pointer)
 from fedpersona.server.control import Control, ControlError, write_app
 from fedpersona.server.display import QuietReporter
-from fedpersona.server.federation import resume_point
+from fedpersona.server.federation import check_resumable
 from fedpersona.server.resume import finished_rows, restore_rows
 from fedpersona.server.superlink import SuperLink, SuperLinkOptions, TLSFiles
 
@@ -76,6 +76,13 @@ class ServerOptions:
         return TLSFiles.from_dir(self.certificates)
 
     def validate(self, config: RunConfig) -> TLSFiles | None:
+        """The TLS files (None with ``--insecure``); UsageError for any contradiction (see ``check``)."""
+        return self.check(config)[0]
+
+    def check(self, config: RunConfig) -> tuple[TLSFiles | None, Checkpoint | None]:
+        """(TLS files, the checkpoint ``--resume`` continues: None without it). Raises UsageError on
+        contradicting options, a resume with nothing (valid) to continue, or an unfinished or damaged
+        earlier run's checkpoint met without --resume or --fresh. Reads and writes nothing else."""
         tls = self.tls()
         if not 0 < self.port < 65536:
             raise UsageError(f"--port {self.port}: not a TCP port")
@@ -88,19 +95,32 @@ class ServerOptions:
         for key in self.auth_keys:
             if not key.is_file():
                 raise UsageError(f"--auth-key {key}: file not found; give a SuperNode's public key (.pub)")
-        info = latest_info(self.checkpoints)
         where = f"--checkpoint-dir {self.checkpoints}"
+        if self.checkpoints.exists() and not self.checkpoints.is_dir():
+            raise UsageError(f"{where}: a file, not a folder; point --checkpoint-dir at a folder")
         if self.resume:
-            if info is None:
+            checkpoint = load_checkpoint(self.checkpoints)  # past damaged rounds to the newest that loads
+            if checkpoint is None:
                 raise UsageError(f"--resume: {where} holds no checkpoint; start without --resume")
-            if int(info["round"]) >= config.rounds:
-                raise UsageError(f"--resume: {where} is at round {info['round']} of {config.rounds} already; raise "
+            if checkpoint.round >= config.rounds:
+                raise UsageError(f"--resume: {where} is at round {checkpoint.round} of {config.rounds} already; raise "
                                  "--rounds to train further")
-            resume_point(config, self.checkpoints, True)  # same model, scheme, strategy, ranks (the ServerApp checks too)
-        elif info is not None and not self.fresh and not _finished(info):
+            check_resumable(config, self.checkpoints, checkpoint)  # the ServerApp checks too
+            return tls, checkpoint
+        if self.fresh:
+            return tls, None
+        info, problem = read_pointer(self.checkpoints)
+        if problem is not None:
+            raise UsageError(f"{self.checkpoints / LATEST}: checkpoint pointer damaged ({problem}); add --resume to "
+                             "continue from the newest round that loads, or --fresh to discard the checkpoints and "
+                             "start over")
+        if info is None and has_rounds(self.checkpoints):
+            raise UsageError(f"{where} holds round folders but no {LATEST}; add --resume to continue from the newest "
+                             "round that loads, or --fresh to discard them and start over")
+        if info is not None and not _finished(info):
             raise UsageError(f"{where} holds round {info['round']} of {info.get('num_rounds')} of an unfinished run; "
                              "add --resume to continue it, or --fresh to discard it and start over")
-        return tls
+        return tls, None
 
 
 def _finished(info: dict[str, Any]) -> bool:
@@ -193,13 +213,16 @@ def run_server(config: RunConfig, options: ServerOptions, *, reporter: Any = Non
                say: Any = print) -> dict[str, Any]:
     """Start the SuperLink, submit the run, follow it; returns the run's summary."""
     reporter = reporter or QuietReporter()
-    tls = options.validate(config)
+    tls, checkpoint = options.check(config)
     state = options.state.resolve()
     state.mkdir(parents=True, exist_ok=True)
-    info = latest_info(options.checkpoints)
-    done = int(info["round"]) if (options.resume and info) else 0
-    if info is not None and not options.resume:  # --fresh, or an earlier run that finished
-        shutil.rmtree(options.checkpoints)
+    done = checkpoint.round if checkpoint else 0
+    if not options.resume:  # --fresh, or an earlier run that finished: its checkpoints only, never a user's files
+        removed, kept = discard_checkpoints(options.checkpoints)
+        if removed:
+            say(f"the earlier run's checkpoints ({removed} round folder{'s' if removed > 1 else ''}) removed from "
+                f"{options.checkpoints}"
+                + (f"; {len(kept)} other entries there kept as they were" if kept else ""))
     archived = prepare_out(options, done)
     if archived:
         say(f"the earlier run's outputs moved to {archived}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,31 @@ def prepare_config(config: RunConfig) -> RunConfig:
     config = config.replace(num_users=users, min_users=min(config.min_users, users))
     strategy_for(config)  # name, arguments and their fit to this run: checked before Ray starts
     resolve_model_path(config.model)  # builds the embedded model once, before many workers want it
+    warn_no_signal(config)  # pairs that train nothing, text the model cannot read: said before Ray starts
     return config
+
+
+_WARNED: set[tuple] = set()  # (data, model, max-length, chat template) already warned about in this process
+
+
+def warn_no_signal(config: RunConfig) -> None:
+    """Before Ray starts: one stderr line per problem of how the model encodes the run's pair file (pairs
+    whose sides become the same token ids, text the model cannot read), checked on a sample of at most
+    ``model.signal.SAMPLE_PAIRS`` pairs (:func:`fedpersona.model.signal.check_pair_file`, cached: the run's
+    summary reuses it). Synthetic data is the embedded model's own vocabulary: nothing to check. A
+    benchmark's runs over the same data and model warn once."""
+    if config.is_synthetic:
+        return
+    from fedpersona.model.signal import check_pair_file
+
+    key = (config.data, config.model, config.max_length, config.chat_template)
+    report = check_pair_file(config.data, config.model, config.max_length, config.chat_template,
+                             test_fraction=config.test_fraction, min_pairs=config.min_pairs)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    for line in report.warnings("--set max-length={n}"):
+        print(f"fedpersona: warning: {line}", file=sys.stderr, flush=True)
 
 
 class _NotDeprecationBanner(logging.Filter):

@@ -40,7 +40,7 @@ from typing import Protocol
 import torch
 
 from fedpersona.errors import UsageError
-from fedpersona.model.adapters import AdapterLayout, AdapterState, Role, SplitPolicy, by_adapter_name
+from fedpersona.model.adapters import SINGLE_ADAPTER, AdapterLayout, AdapterState, Role, SplitPolicy, by_adapter_name
 from fedpersona.strategies import pal
 
 
@@ -122,11 +122,11 @@ def _local(s: LayoutSettings) -> AdapterLayout:
 
 
 def _fedsa(s: LayoutSettings) -> AdapterLayout:
-    return AdapterLayout({"lora": s.shared_rank}, _by_matrix(Role.SHARED, Role.PRIVATE))
+    return AdapterLayout({SINGLE_ADAPTER: s.shared_rank}, _by_matrix(Role.SHARED, Role.PRIVATE))
 
 
 def _ffa(s: LayoutSettings) -> AdapterLayout:
-    return AdapterLayout({"lora": s.shared_rank}, _by_matrix(Role.FROZEN, Role.SHARED))
+    return AdapterLayout({SINGLE_ADAPTER: s.shared_rank}, _by_matrix(Role.FROZEN, Role.SHARED))
 
 
 def _pal(s: LayoutSettings) -> AdapterLayout:

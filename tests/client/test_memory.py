@@ -252,7 +252,7 @@ def test_training_reads_while_another_process_adds(tmp_path: Path) -> None:
 def test_damaged_database_is_usage_error(tmp_path: Path) -> None:
     path = tmp_path / MEMORY_FILE
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(UsageError, match=rf"{path}: not a readable preference memory"):
+    with pytest.raises(UsageError, match=rf"{path}: preference memory is damaged"):
         PreferenceMemory(path)
 
 

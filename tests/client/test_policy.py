@@ -217,3 +217,60 @@ def test_policy_file_round_trip_and_damage(tmp_path):
         DevicePolicy.load(tmp_path)
     with pytest.raises(UsageError, match="max-epsilon"):
         DevicePolicy(max_epsilon=float("inf")).validate()
+
+
+def test_a_non_finite_shared_adapter_from_the_server_is_neither_stored_nor_trained_on(device, shared):
+    import torch
+
+    send(device, shared, **{"dp-epsilon": 8.0})
+    before = {p.name: p.read_bytes() for p in device.iterdir() if p.suffix in (".json", ".safetensors")}
+    poisoned = {name: torch.full_like(t, float("nan")) if i == 0 else t for i, (name, t) in enumerate(shared.items())}
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        content = send(device, poisoned, kind=kind, server_round=2, **{"dp-epsilon": 8.0})
+        assert decline_reason(content) == "bad-shared"
+    after = {p.name: p.read_bytes() for p in device.iterdir() if p.suffix in (".json", ".safetensors")}
+    assert after == before  # no NaN shared adapter kept for `generate`, nothing spent
+
+
+def test_a_round_that_diverges_keeps_the_old_private_adapter_and_sends_nothing(device, shared):
+    import torch
+
+    policy_for(device, require_dp=False)
+    send(device, shared)  # a first round creates the private adapter
+    with DeviceState(device) as st:
+        kept = st.load_private()
+    # finite but huge shared values: the forward overflows, the loss and every gradient turn NaN
+    huge = {name: torch.full_like(t, 3e38) for name, t in shared.items()}
+    content = send(device, huge, server_round=2)
+    assert decline_reason(content) == "diverged"
+    assert len(content.array_records["arrays"]) == 0
+    with DeviceState(device) as st:
+        assert all(torch.equal(kept[k], v) for k, v in st.load_private().items())
+
+
+def test_forget_and_new_feedback_while_the_client_runs(device, shared, tmp_path):
+    """Issue 12 kind 4: `feedback forget` from another process while this process (the long-lived
+    client) holds the state open; the next round trains on the newly imported pairs, not on 0 pairs."""
+    import subprocess
+    import sys
+
+    from fedpersona.data.synthetic import PreferenceSimulator
+
+    policy_for(device, require_dp=False)
+    first = send(device, shared)
+    assert first.metric_records["metrics"]["num-examples"] == 12
+    cli = [sys.executable, "-m", "fedpersona.cli"]
+    done = subprocess.run([*cli, "feedback", "forget", "--state", str(device), "--yes"], capture_output=True, text=True)
+    assert done.returncode == 0 and "forgot 16 pairs" in done.stdout, done.stderr
+    # the running process sees the forgotten memory as empty, never the old rows
+    assert send(device, shared, server_round=2).metric_records["metrics"]["num-examples"] == 0
+    user = PreferenceSimulator("conflicting", 3, 0).user_data(1)
+    pairs = tmp_path / "new.jsonl"
+    pairs.write_text("".join(json.dumps({"user_id": p.user_id, "prompt": p.prompt, "chosen": p.chosen,
+                                         "rejected": p.rejected, "split": p.split}) + "\n"
+                             for p in [*user.train[:7], *user.test[:2]]),
+                     encoding="utf-8")
+    done = subprocess.run([*cli, "feedback", "import", str(pairs), "--state", str(device)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    content = send(device, shared, server_round=3)
+    assert decline_reason(content) is None and content.metric_records["metrics"]["num-examples"] == 7

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,43 +142,6 @@ def test_forget_needs_confirmation(tmp_path: Path, cli, monkeypatch) -> None:
 # ---------------------------------------------------------------------------- generate
 
 
-def train_state(state_dir: Path) -> None:
-    """A device state after one brief local round: memory, private adapter, shared adapter, meta."""
-    from fedpersona.client.local import resident_for, train_round
-    from fedpersona.config import RunConfig
-    from fedpersona.data.schema import UserData
-    from fedpersona.data.synthetic import PreferenceSimulator
-    from fedpersona.model.adapters import Role
-
-    # Default model/scheme/ranks/seed: the same resident model `generate` rebuilds (one per process).
-    config = RunConfig(epochs=1, max_steps=4, batch_size=4, lr=2e-2, shared_lr=1e-2, device="cpu")
-    data = PreferenceSimulator("conflicting", 2, 0).user_data(0)
-    user = UserData(data.user_id, data.train[:12], data.test[:4])
-    with DeviceState(state_dir) as st:
-        st.bind(config.model, config.scheme)
-        for pair in user.train + user.test:
-            st.memory.add(pair)
-        resident = resident_for(config)
-        resident.adapters.reset(Role.SHARED)
-        result = train_round(config, user, 0, 1, resident.adapters.tensors(Role.SHARED), st)
-        st.save_shared(result.shared, server_round=1)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Iterator[Path]:
-    """A trained state; the process's resident model is reset afterwards for other tests."""
-    from fedpersona.client.local import resident_for
-    from fedpersona.config import RunConfig
-    from fedpersona.model.adapters import Role
-
-    state = tmp_path_factory.mktemp("device") / "state"
-    train_state(state)
-    yield state
-    resident = resident_for(RunConfig(device="cpu"))
-    resident.adapters.reset(Role.SHARED)
-    resident.adapters.reset(Role.PRIVATE)
-
-
 def test_generate_text_and_strength_zero_is_global(trained: Path, cli) -> None:
     from fedpersona.alignment.generation import generate
     from fedpersona.client.local import resident_for
@@ -267,3 +229,17 @@ def test_state_config_prefers_meta_then_tensors_then_defaults(tmp_path: Path) ->
         st.meta_path.write_text(json.dumps({**meta, "private_rank": 0}))
         with pytest.raises(UsageError, match="private_rank"):
             state_config(st, shared, private)
+
+
+def test_state_config_reads_the_pal_prototype_count_off_the_tensors(tmp_path: Path) -> None:
+    """A pal state trained with K != the default loads with K prototypes (was: the default, then a mismatch)."""
+    import torch
+
+    from fedpersona.commands.device import state_config
+
+    shared = {f"m.q.lora_{m}.proto{k}.weight": torch.zeros((4, 64) if m == "A" else (64, 4))
+              for k in range(3) for m in "AB"}
+    with DeviceState(tmp_path / "s") as st:
+        st.bind("embedded", "pal")
+        config = state_config(st, shared, {"mixture": torch.zeros(3)}, "cpu")
+    assert (config.scheme, config.pal_prototypes, config.shared_rank) == ("pal", 3, 4)

@@ -1,4 +1,5 @@
-"""Data-set inspection: exact numbers on a hand-made set with one disagreement, and the text table."""
+"""Data-set inspection: exact numbers on a hand-made set with one disagreement, and the text table;
+how the default model encodes the pairs (tests/model/test_signal.py tests the counting itself)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def hand_made() -> list[PreferencePair]:
 
 
 def test_inspect_exact_numbers() -> None:
-    info = inspect_pairs(hand_made(), min_pairs=2)
+    info = inspect_pairs(hand_made(), min_pairs=2, model=None)
     assert info == {
         "users": 4,
         "pairs": 10,
@@ -49,26 +50,26 @@ def test_inspect_exact_numbers() -> None:
 
 def test_inspect_uses_the_training_split_rule_for_pairs_without_split() -> None:
     pairs = [P(f"u{i % 3}", f"prompt {i}", f"c{i}", f"r{i}") for i in range(50)]
-    info = inspect_pairs(pairs, test_fraction=0.3)
+    info = inspect_pairs(pairs, test_fraction=0.3, model=None)
     expected_test = sum(assign_split(p, 0.3) == "test" for p in pairs)
     assert (info["train"], info["test"], info["split_given"]) == (50 - expected_test, expected_test, 0)
 
 
 def test_inspect_without_overlap_has_a_note() -> None:
-    info = inspect_pairs([P("u1", "p", "a", "b"), P("u2", "q", "a", "b"), P("u2", "p", "a", "c")])
+    info = inspect_pairs([P("u1", "p", "a", "b"), P("u2", "q", "a", "b"), P("u2", "p", "a", "c")], model=None)
     assert (info["shared_comparisons"], info["disagreement"], info["note"]) == (0, None, NO_OVERLAP_NOTE)
     text = format_inspection(info)
     assert "user disagreement   n/a" in text and text.endswith(f"note: {NO_OVERLAP_NOTE}")
 
 
 def test_inspect_empty() -> None:
-    info = inspect_pairs([])
+    info = inspect_pairs([], model=None)
     assert (info["users"], info["pairs"], info["pairs_per_user"]["median"]) == (0, 0, None)
     assert "min -  p10 -  median -  p90 -  max -" in format_inspection(info)
 
 
 def test_format_inspection_table() -> None:
-    text = format_inspection(inspect_pairs(hand_made(), min_pairs=2))
+    text = format_inspection(inspect_pairs(hand_made(), min_pairs=2, model=None))
     assert text.splitlines() == [
         "users               4",
         "pairs               10",
@@ -86,3 +87,30 @@ def test_percentile_matches_numpy(values: list[int]) -> None:
     ordered = sorted(values)
     for q in (0, 10, 50, 90, 100):
         assert percentile(ordered, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_inspect_empty_with_encoding() -> None:
+    info = inspect_pairs([])
+    assert (info["encoding"]["pairs_checked"], info["encoding"]["unknown_share"], info["warnings"]) == (0, None, [])
+    assert "no-signal pairs     0 of 0 pairs checked" in format_inspection(info)
+
+
+def test_inspect_encoding_rows_and_warnings() -> None:
+    """By default the pairs are encoded as `simulate` would (embedded model, max-length 96): two table rows,
+    then one warning line per problem; --json carries the same numbers."""
+    from fedpersona.model.signal import SAMPLE_PAIRS
+
+    words = " ".join(["you can start with a short habit"] * 16)
+    pairs = [P(f"u{i % 3}", f"how should i start {i} ?", words + " yoga", words + " chess")
+             for i in range(SAMPLE_PAIRS + 5)]
+    pairs += [P("u0", "how should i start ?", "i like 😀", "i like 😢")]
+    info = inspect_pairs(pairs)
+    encoding = info["encoding"]
+    assert (encoding["pairs_total"], encoding["pairs_checked"]) == (SAMPLE_PAIRS + 6, SAMPLE_PAIRS)
+    assert encoding["identical_after_truncation"] + encoding["identical_ids"] == SAMPLE_PAIRS  # no pair has signal
+    lines = format_inspection(info).splitlines()
+    assert lines[8].startswith("no-signal pairs     ") and f"(a sample of {SAMPLE_PAIRS + 6})" in lines[8]
+    assert lines[9].startswith("unknown tokens      ") and "<unk> to model embedded" in lines[9]
+    warned = [line for line in lines if line.startswith("warning: ")]
+    assert warned == [f"warning: {w}" for w in info["warnings"]] and 1 <= len(warned) <= 2
+    assert "max-length" in warned[0] and "(simulate --set max-length=" in warned[0]

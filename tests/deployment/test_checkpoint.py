@@ -1,8 +1,13 @@
-"""Checkpoints and resume, without processes: strategy state round trips, atomic layout, round offsets."""
+"""Checkpoints and resume: strategy state round trips, atomic layout, round offsets (without processes);
+damaged checkpoints through the real ``fedpersona server`` command (the end of this file; the damage
+cases one by one are unit tests in tests/server/test_checkpoint_damage.py).
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,7 @@ from fedpersona.server import checkpoint as ck
 from fedpersona.server.federation import resume_point
 from fedpersona.server.resume import (finished_rows, offset_rounds, recorder_totals, restore_recorder_totals,
                                       restore_rows)
+from fedpersona.server.strategy_state import restore_strategy_state, strategy_state
 
 
 def shared(value: float) -> ArrayRecord:
@@ -32,13 +38,13 @@ def adam_with_state() -> FedAdam:
 
 
 def test_strategy_state_finds_array_attributes_only():
-    state = ck.strategy_state(adam_with_state())
+    state = strategy_state(adam_with_state())
     assert set(state) == {"current_arrays", "m_t", "v_t"}  # eta, beta_1, ... are hyperparameters: not state
     momentum = FedAvgM(server_momentum=0.9)
     momentum.momentum_vector = [np.ones(3), np.zeros(2)]
     momentum.current_arrays = shared(1.0)
-    assert set(ck.strategy_state(momentum)) == {"momentum_vector", "current_arrays"}
-    assert ck.strategy_state(FedAvg()) == {}
+    assert set(strategy_state(momentum)) == {"momentum_vector", "current_arrays"}
+    assert strategy_state(FedAvg()) == {}
 
 
 def test_save_and_load_round_trip(tmp_path: Path):
@@ -55,7 +61,7 @@ def test_save_and_load_round_trip(tmp_path: Path):
     np.testing.assert_array_equal(loaded.arrays["layer.lora_A.shared.weight"].numpy(), np.full((2, 3), 1.5))
 
     fresh = FedAdam()
-    assert ck.restore_strategy_state(fresh, loaded.strategy_state)
+    assert restore_strategy_state(fresh, loaded.strategy_state)
     np.testing.assert_array_equal(fresh.m_t["a"], strategy.m_t["a"])
     np.testing.assert_array_equal(fresh.v_t["a"], strategy.v_t["a"])
     np.testing.assert_array_equal(fresh.current_arrays["a"], strategy.current_arrays["a"])
@@ -67,7 +73,7 @@ def test_arrayrecord_and_list_state_round_trip(tmp_path: Path):
     momentum.current_arrays = shared(2.0)
     ck.save_checkpoint(tmp_path, 1, shared(2.0), momentum, config={})
     fresh = FedAvgM(server_momentum=0.9)
-    ck.restore_strategy_state(fresh, ck.load_checkpoint(tmp_path).strategy_state)
+    restore_strategy_state(fresh, ck.load_checkpoint(tmp_path).strategy_state)
     assert isinstance(fresh.current_arrays, ArrayRecord)
     assert list(fresh.current_arrays.keys()) == list(shared(2.0).keys())
     assert [v.tolist() for v in fresh.momentum_vector] == [[1, 1, 1], [0, 0]]
@@ -153,3 +159,82 @@ def test_recorder_totals_round_trip():
     new.bytes_up.append(9)
     restore_recorder_totals(new, totals)
     assert new.bytes_up == [5, 6, 9] and new.last_eval == {7: {"personalized": 0.5}} and new.last_epsilon == {7: 1.5}
+
+
+# ------------------------------------------------------------------ damaged checkpoints, real command and processes
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _server(state: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedpersona.cli", "server", "--state", str(state), "--insecure",
+                           "--port", "1", "--rounds", "3", *args], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=state.parent)
+
+
+def test_server_cli_refuses_damaged_checkpoints_in_one_line_and_touches_nothing(tmp_path: Path, h):
+    """Every round damaged: ``--resume`` exits 2 with one line naming the damaged file and what to do, before
+    anything starts; without --resume or --fresh a damaged pointer is refused the same way."""
+    state = tmp_path / "server"
+    checkpoints = state / "checkpoints"
+    for server_round in (1, 2):
+        ck.save_checkpoint(checkpoints, server_round, shared(server_round), FedAdam(), config={}, num_rounds=3)
+    (checkpoints / "notes.txt").write_text("a user's file")
+    (checkpoints / "latest.json").write_bytes(b"\xff\xfe not UTF-8")  # the pointer, and every round, damaged
+    (checkpoints / "round-00002" / "state.json").write_text('{"round": 2, "conf')
+    (checkpoints / "round-00001" / "shared.safetensors").write_bytes(b"")
+    before = _tree(state)
+    resumed = _server(state, "--resume", env=h.child_env())
+    assert resumed.returncode == 2, resumed.stderr
+    lines = resumed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert lines[0] == (f"fedpersona: error: {checkpoints / 'latest.json'}: checkpoint cannot be resumed (not UTF-8 "
+                        f"text) and no round under {checkpoints} loads; start afresh (without --resume; fedpersona "
+                        "server: --fresh), or restore the folder from a backup")
+    plain = _server(state, env=h.child_env())
+    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    assert "latest.json: checkpoint pointer damaged (not UTF-8 text); add --resume" in plain.stderr
+    assert "--fresh to discard the checkpoints" in plain.stderr
+    assert _tree(state) == before  # nothing written, nothing deleted
+
+
+@pytest.mark.e2e
+def test_server_resumes_a_damaged_checkpoint_from_the_newest_round_that_loads(tmp_path: Path, procs, h):
+    """``fedpersona server --resume`` with round 2's shared.safetensors truncated: the server says so in one
+    line, submits the run resuming after round 1, and its ServerApp starts the 2 remaining rounds from round 1.
+    (No device joins: a resumed run training to its end is test_deployment's kill-and-resume test.)"""
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedpersona.client.local import resident_for
+    from fedpersona.model.adapters import Role
+
+    config = RunConfig(rounds=3)  # the server's run below: same model, scheme and ranks, so its shapes
+    tensors = ArrayRecord(resident_for(config, keep=False).adapters.tensors(Role.SHARED))
+    state = tmp_path / "server"
+    checkpoints = state / "checkpoints"
+    for server_round in (1, 2):
+        ck.save_checkpoint(checkpoints, server_round, tensors, FedAvg(), config=config.to_flat(), num_rounds=3)
+    damaged = checkpoints / "round-00002" / "shared.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (checkpoints / "notes.txt").write_text("a user's file")
+    before = _tree(checkpoints)
+    port = h.free_port()
+    log = tmp_path / "server.log"
+    server = procs.fedpersona("server", "--state", str(state), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                              "--rounds", "3", "--scheme", "split", "--min-users", "2", "--resume", log=log)
+    run_logs = state / "logs"
+    h.wait_for(lambda: any("Number of rounds: 2" in p.read_text(errors="replace") for p in run_logs.glob("run-*.log")),
+               timeout=180, what="the ServerApp to start the remaining rounds", alive=[server],
+               logs=[log, *run_logs.glob("*.log")])
+    warning = (f"checkpoint {damaged} cannot be resumed (truncated or not a safetensors file; SafetensorError: "
+               "Error while deserializing header:")
+    fallback = f"; resuming from round 1 ({checkpoints / 'round-00001'}) instead"
+    said = [line for line in log.read_text().splitlines() if "cannot be resumed" in line]
+    assert len(said) == 1 and said[0].startswith(warning) and said[0].endswith(fallback), said
+    assert "submitted: 3 rounds (resuming after round 1)" in log.read_text()
+    assert json.loads((state / "run.json").read_text())["resume_from_round"] == 1
+    run_log = next(run_logs.glob("run-*.log")).read_text(errors="replace")
+    assert warning in run_log and fallback in run_log  # the ServerApp chose the same round, and said so
+    assert "Traceback" not in log.read_text() + run_log
+    assert _tree(checkpoints) == before  # the damaged round stays for inspection until round 2 is saved anew

@@ -39,3 +39,35 @@ def test_private_strength_interpolates_and_restores(split_resident):
         assert torch.allclose(state.params[n], state.initial[n] + 0.5 * (trained[n] - state.initial[n]))
     assert all(torch.equal(state.params[n], trained[n]) for n in trained)
     state.load({n: np.asarray(t) for n, t in trained.items()}, Role.PRIVATE)  # numpy in works too
+
+
+def test_no_adapter_name_is_contained_in_peft_prefix():
+    """PEFT warns ("should not be contained in the prefix 'lora_' ... reinitialization") for such names."""
+    from fedpersona.model.adapters import PEFT_LORA_PREFIX, check_adapter_name
+    from fedpersona.strategies.schemes import _PROBE, SCHEMES
+
+    for scheme in SCHEMES.values():
+        for name in scheme.layout(_PROBE).ranks:
+            assert name not in PEFT_LORA_PREFIX, (scheme.name, name)
+    for bad in ("lora", "lora_", "ra", ""):
+        with pytest.raises(ValueError, match="contained in PEFT's prefix"):
+            check_adapter_name(bad)
+
+
+def test_tensors_stored_under_the_old_adapter_name_still_load():
+    """fedsa/ffa states written when their one adapter was named 'lora' load into today's 'single'."""
+    from fedpersona.client.local import resident_for
+    from fedpersona.config import RunConfig
+    from fedpersona.model.adapters import current_tensor_name
+
+    assert current_tensor_name("m.q_proj.lora_B.lora.weight") == "m.q_proj.lora_B.single.weight"
+    assert current_tensor_name("m.q_proj.lora_B.shared.weight") == "m.q_proj.lora_B.shared.weight"
+    resident = resident_for(RunConfig(scheme="fedsa", shared_rank=2), keep=False)
+    state = resident.adapters
+    private = state.tensors(Role.PRIVATE)
+    assert private and all(".lora_B.single." in n for n in private)
+    values = {n: torch.randn_like(t) for n, t in private.items()}
+    state.load({n.replace(".single.", ".lora."): v for n, v in values.items()}, Role.PRIVATE)
+    assert all(torch.equal(state.params[n], v) for n, v in values.items())
+    with pytest.raises(ValueError, match="do not match"):  # a partial old-name set is still refused
+        state.load({n.replace(".single.", ".lora."): v for n, v in list(values.items())[1:]}, Role.PRIVATE)

@@ -48,7 +48,6 @@ def test_local_paths_are_checked_before_loading(tmp_path, tiny_model_dir):
     with pytest.raises(UsageError, match="a file, but not a .gguf checkpoint"):
         resolve_model_path(str(weights))
     assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
-    assert resolve_model_path("org/some-model") == "org/some-model"  # an HF id passes through untouched
 
 
 def test_embedded_build_is_deterministic(tmp_path):
@@ -67,3 +66,61 @@ def test_embedded_default_generates_readable_text(split_resident):
     text = generate(split_resident, ["how do i get better at chess ?"], strength=0.0)[0]
     assert "<unk>" not in text and len(text.split()) >= 4
     assert text.split()[0] in {"certainly", "good", "hey", "sure"}  # a simulator-style opening
+
+
+@pytest.fixture
+def hub_out_of_reach(monkeypatch, tmp_path):
+    """A Hub endpoint nothing listens on, and an empty HF cache of our own (no network involved)."""
+    from fedpersona.model import loading
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    loading.hub_unreachable.cache_clear()
+    yield cache
+    loading.hub_unreachable.cache_clear()
+
+
+def test_an_uncached_hub_id_fails_at_once_when_the_hub_is_out_of_reach(hub_out_of_reach, cli):
+    """Issue 14: an unreachable HF id used to cost ten retry lines and about a minute; now one line, before
+    any model work or Ray (a closed port, so no network is needed to run the test)."""
+    for argv in (["simulate", "--model", "someorg/no-such-model", "--rounds", "1"],
+                 ["simulate", "--model", "bad id!!", "--rounds", "1"]):
+        code, out, err = cli(*argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and argv[2] in lines[0], err
+    assert "out of reach" in cli("simulate", "--model", "someorg/no-such-model")[2]
+
+
+def test_a_cached_hub_id_loads_from_its_snapshot_offline(hub_out_of_reach, tiny_model_dir, monkeypatch):
+    import shutil
+
+    from fedpersona.model import loading
+
+    snapshot = hub_out_of_reach / "models--someorg--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (hub_out_of_reach / "models--someorg--tiny" / "refs").mkdir()
+    (hub_out_of_reach / "models--someorg--tiny" / "refs" / "main").write_text("0" * 40)
+    assert resolve_model_path("someorg/tiny") == str(snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # same answer, without even a probe
+    loading.hub_unreachable.cache_clear()
+    assert loading.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    assert resolve_model_path("someorg/tiny") == str(snapshot)
+    with pytest.raises(UsageError, match="not in the local Hugging Face cache"):
+        resolve_model_path("someorg/other")
+
+
+def test_a_hub_id_passes_through_untouched_when_the_hub_answers(hub_out_of_reach, monkeypatch):
+    import socket
+
+    from fedpersona.model import loading
+
+    with socket.socket() as listener:  # a local stand-in for the Hub's port: reachable is all that is probed
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        loading.hub_unreachable.cache_clear()
+        assert resolve_model_path("org/some-model") == "org/some-model"  # transformers downloads it

@@ -184,4 +184,20 @@ def test_ledger_with_a_released_count_accounts_it_and_survives_json():
 def test_epsilon_is_never_negative_even_at_a_large_delta():
     from fedpersona.privacy.accountant import epsilon
 
-    assert epsilon(1.0, 0.1, 10, 0.5) == 0.0 <= epsilon(1.0, 0.1, 10, 1e-5)
+    assert 0.0 <= epsilon(1000.0, 0.01, 1, 0.01) <= epsilon(1.0, 0.1, 10, 1e-5)
+    with pytest.raises(UsageError, match="too large"):
+        epsilon(1.0, 0.1, 10, 0.5)
+
+
+@pytest.mark.parametrize("argv", [
+    ["privacy", "--delta", "0.5", "--noise-multiplier", "1.0", "--sample-rate", "0.1", "--steps", "100"],
+    ["privacy", "--delta", "0.05", "--epsilon", "2.0", "--sample-rate", "0.1", "--steps", "100"],
+    ["simulate", "--set", "dp-delta=0.5"],
+    ["client", "--state", "nowhere", "--server", "127.0.0.1:9", "--insecure", "--max-delta", "0.2"],
+])
+def test_a_delta_that_guarantees_nothing_is_refused(cli, argv) -> None:
+    """Issue 12 kind 9: `--delta 0.5` used to print a negative epsilon; a delta above 0.01 is refused."""
+    code, out, err = cli(*argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "delta" in lines[0] and "0.01" in lines[0], err
+    assert "epsilon" not in out
