@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -66,13 +68,13 @@ def simulate(
     set_: Annotated[list[str], Opt("--set", help="Any setting key=value (`fedpersona settings` lists them).")] = [],
     out: Annotated[Path, Opt("--out", "-o", help="Output folder: metrics.jsonl, summary.json, per_user.json.")] = Path("runs/latest"),
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress display.")] = False,
-    verbose: Annotated[bool, Opt("--verbose", help="Flower's and Ray's own logs.")] = False,
+    verbose: Annotated[bool, Opt("--verbose", help="Show the run's log (OUT/fedpersona.log: Flower's, Ray's and the libraries' records and warnings) on the terminal too.")] = False,
     json_out: Annotated[bool, Opt("--json", help="Print summary.json to stdout instead of the table.")] = False,
 ) -> None:
     """Simulate many users with Flower's simulation engine on Ray, then print a summary table."""
     from rich.console import Console
 
-    from fedpersona.server.display import ConsoleReporter, QuietReporter, summary_table
+    from fedpersona.server.display import LOG_NAME, ConsoleReporter, QuietReporter, RunLog, summary_table
     from fedpersona.simulations.launcher import Resources, simulate as run
 
     flags = {"num-users": users, "rounds": rounds, "fraction-train": fraction, "seed": seed, "model": model,
@@ -82,13 +84,16 @@ def simulate(
              "dp-accountant": accountant}
     cfg = _config_from(config, set_, flags)
     reporter = QuietReporter() if quiet else ConsoleReporter()
-    summary = run(cfg, out_dir=out, resources=Resources(num_cpus, num_gpus, ray_address), reporter=reporter,
-                  verbose=verbose)
+    stop_cleanly(out)
+    with RunLog(out / LOG_NAME, verbose=verbose) as log:
+        summary = run(cfg, out_dir=out, resources=Resources(num_cpus, num_gpus, ray_address), reporter=reporter,
+                      verbose=verbose)
     if json_out:
         print(json.dumps(summary, indent=2))
     else:
         Console().print(summary_table(summary))
         Console().print(f"results: {out}/summary.json, {out}/metrics.jsonl, {out}/per_user.json")
+    say_log(log)
 
 
 @app.command()
@@ -184,15 +189,77 @@ def data_styles(
 from fedpersona.commands import deploy as _deploy, research as _research  # noqa: E402
 
 _deploy.register(app)
-from fedpersona.commands import device as _device  # noqa: E402
+from fedpersona.commands import chat as _chat, device as _device  # noqa: E402
 
 _device.register(app)
+_chat.register(app)
 _research.register(app)
+
+
+# ---- stopping a run: SIGTERM and SIGINT ----------------------------------------------------------------
+STOP_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as a shell reports it
+_STOP: dict[str, Any] = {"out": None}
+
+
+def _stop_now(signum: int, frame: object) -> None:
+    """One line, the run's log closed with a note, and out at once with 143 (SIGTERM) or 130 (SIGINT).
+
+    ``os._exit``: no interpreter shutdown while Ray's, gRPC's and torch's native threads still run (their
+    C++ destructors abort with "terminate called without an active exception"). The Ray processes this
+    run started are killed first (``launcher.kill_ray``); what the run wrote so far (metrics.jsonl's
+    finished rounds, the log) stays."""
+    display = sys.modules.get("fedpersona.server.display")  # not imported yet: no display, no log
+    name = signal.Signals(signum).name
+    out, log = _STOP["out"], display.RunLog.active if display is not None else None
+    where = ""
+    if out is not None and Path(out).is_dir():
+        where = f"; partial outputs in {out}" + (f" (log: {log.path})" if log is not None and log.committed else "")
+    try:
+        if display is not None:
+            display.stop_live_displays()  # its last frame, the cursor shown again
+        print(f"fedpersona: stopped ({name}){where}", file=sys.stderr, flush=True)
+        if log is not None:
+            log.note("stopped by %s", name)
+        sys.stdout.flush()
+        if (launcher := sys.modules.get("fedpersona.simulations.launcher")) is not None:
+            launcher.kill_ray()  # Ray's processes of this run, none left behind
+    finally:
+        os._exit(STOP_CODES.get(signum, 128 + signum))
+
+
+def stop_cleanly(out: Path | None) -> None:
+    """For commands that run a simulation: SIGTERM and SIGINT end the run with one line (``_stop_now``).
+    ``main`` puts the previous handlers back when the command returns."""
+    _STOP["out"] = out
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_CODES:
+            signal.signal(sig, _stop_now)
+
+
+def say_log(log: Any) -> None:
+    """The run's last line: where its log is (stderr: stdout keeps the results, --json stays parseable)."""
+    if log is not None and log.committed:
+        sys.stdout.flush()
+        print(f"log: {log.path}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: UsageError -> one line on stderr and exit 2; anything else unexpected -> exit 1."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_CODES} if main_thread else {}
+    try:
+        _main(argv)
+    finally:  # in-process callers (tests) get their own signal handling back
+        _STOP["out"] = None
+        if (display := sys.modules.get("fedpersona.server.display")) is not None:
+            display.RunLog.last = None
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         # standalone_mode=False hands typer.Exit(code) back as the return value instead of exiting
         code = app(args=argv, standalone_mode=False)
@@ -200,7 +267,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fedpersona: error: {err}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as err:
-        print(f"fedpersona: run failed: {err}", file=sys.stderr)
+        from fedpersona.server.display import RunLog
+
+        log = RunLog.last
+        print(f"fedpersona: run failed: {err}" + (f" (log: {log.path})" if log is not None and log.committed else ""),
+              file=sys.stderr)
         sys.exit(1)
     except typer.Exit as done:
         sys.exit(done.exit_code)

@@ -9,7 +9,8 @@ remain; nothing reads it and ``forget`` removes it).
 
 Files:
 
-- ``memory.sqlite``: the preference pairs (``PreferenceMemory``; SQLite in WAL mode, its own journal).
+- ``memory.sqlite``: the preference pairs and the conversations of ``fedpersona chat``
+  (``PreferenceMemory``; SQLite in WAL mode, its own journal).
 - ``private_adapter.safetensors``: the user's private adapter, with ``rounds_trained`` in its
   metadata, so tensors and counter are replaced together by one rename.
 - ``shared_adapter.safetensors``: the last shared tensors received, so generation works offline.
@@ -66,7 +67,7 @@ LAST_REPLY_FILE = "last_reply.safetensors"
 FORMAT_VERSION = 1
 
 PURPOSES: dict[str, str] = {
-    MEMORY_FILE: "preference memory (your feedback pairs)",
+    MEMORY_FILE: "preference memory (your feedback pairs and chats)",
     PRIVATE_FILE: "your private adapter",
     SHARED_FILE: "last shared adapter received from the server",
     LEDGER_FILE: "privacy ledger",

@@ -17,6 +17,12 @@ Policy on user ids (a device holds ONE user's feedback):
 Splits: each pair is stored with its split, taken from the pair or assigned on insert with
 ``assign_split(pair, test_fraction)`` (a stable content hash), so training and evaluation see the
 same held-out pairs every run.
+
+Chats (``fedpersona chat``, schema version 2): conversations and their messages live in the same file
+(tables ``chats`` and ``chat_messages``), so ``forget`` deletes them with the pairs and nothing of them is
+kept anywhere else. Training never reads them: only the pairs a user made with ``/compare`` (source
+``chat:<id>``) are feedback. Schema versions are upgraded in place, one step at a time, inside one
+transaction (a version 1 memory gains the chat tables, its pairs untouched).
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ from fedpersona.errors import UsageError
 
 MEMORY_FILE = "memory.sqlite"
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")  # files SQLite keeps beside a database
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
 _USER_KEY = "user_id"
+CHAT_SOURCE = "chat"  # pairs made in a chat are stored with source "chat:<conversation id>"
+ROLES = ("user", "assistant")
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS pairs (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id     TEXT NOT NULL,
@@ -59,6 +67,24 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 """
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS chats (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chat_messages (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat_id     INTEGER NOT NULL,
+    role        TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content     TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    info        TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS chat_messages_by_chat ON chat_messages (chat_id, id);
+"""
+# what upgrades a memory from version N-1 to N (all statements idempotent: CREATE ... IF NOT EXISTS)
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 _COLUMNS = "id, user_id, prompt, chosen, rejected, split, created_at, source"
 
 
@@ -83,6 +109,38 @@ class MemoryRow:
         return {"id": self.id, "user_id": self.user_id, "prompt": self.prompt, "chosen": self.chosen,
                 "rejected": self.rejected, "split": self.split, "created_at": self.created_at,
                 "source": self.source}
+
+
+@dataclass(frozen=True)
+class ChatSummary:
+    """One stored conversation as ``feedback list --chats`` shows it."""
+
+    id: int
+    started_at: str
+    updated_at: str
+    messages: int
+    first_message: str
+    pairs: int  # pairs made from it with /compare
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "started_at": self.started_at, "updated_at": self.updated_at,
+                "messages": self.messages, "first_message": self.first_message, "pairs": self.pairs}
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a stored conversation; ``info``: how an answer was made (method, strength, ...)."""
+
+    id: int
+    chat_id: int
+    role: str
+    content: str
+    created_at: str
+    info: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "chat_id": self.chat_id, "role": self.role, "content": self.content,
+                "created_at": self.created_at, "info": self.info}
 
 
 def content_key(pair: PreferencePair) -> str:
@@ -137,9 +195,12 @@ class PreferenceMemory:
             if version < SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
+                    # read again under the write lock: another process may have upgraded it meanwhile
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    for step in range(version + 1, SCHEMA_VERSION + 1):
+                        for statement in _MIGRATIONS[step].split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                     conn.execute("COMMIT")
                 except BaseException:
@@ -301,21 +362,116 @@ class PreferenceMemory:
             return conn.execute("DELETE FROM pairs WHERE id = ?", (pair_id,)).rowcount == 1
 
     def forget(self) -> int:
-        """Delete every pair and the device's user id; returns how many pairs were deleted.
+        """Delete every pair, every chat and the device's user id; returns how many pairs were deleted.
 
         ``secure_delete`` zeroes the freed pages and the WAL is checkpointed and truncated, so the text
         does not linger in the file (best effort while another process holds a read snapshot).
         """
         with self._write() as conn:
             deleted = conn.execute("DELETE FROM pairs").rowcount
+            conn.execute("DELETE FROM chat_messages")
+            conn.execute("DELETE FROM chats")
             conn.execute("DELETE FROM meta")
-            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'pairs'")
+            conn.execute("DELETE FROM sqlite_sequence WHERE name IN ('pairs', 'chats', 'chat_messages')")
+        self._checkpoint()
+        return int(deleted)
+
+    def _checkpoint(self) -> None:
+        """Move the WAL into the file and truncate it, so deleted text does not linger in the WAL."""
         with self._db() as conn:
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.OperationalError:
                 pass  # a reader still holds an old snapshot; its pages go at a later checkpoint
+
+    # ------------------------------------------------------------------ chats
+    def start_chat(self) -> int:
+        """A new, empty conversation; returns its id."""
+        now = _now()
+        self.check()
+        with self._write() as conn:
+            cursor = conn.execute("INSERT INTO chats (started_at, updated_at) VALUES (?, ?)", (now, now))
+            assert cursor.lastrowid is not None
+            return int(cursor.lastrowid)
+
+    def add_message(self, chat_id: int, role: str, content: str, info: dict[str, Any] | None = None) -> int:
+        """Append a message to conversation ``chat_id``; returns its id. A conversation that no longer
+        exists (forgotten meanwhile, e.g. by `feedback forget` in another process) is a UsageError."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        now = _now()
+        with self._write() as conn:
+            if conn.execute("UPDATE chats SET updated_at = ? WHERE id = ?", (now, chat_id)).rowcount != 1:
+                raise UsageError(f"{self.path}: conversation #{chat_id} no longer exists (forgotten)")
+            cursor = conn.execute(
+                "INSERT INTO chat_messages (chat_id, role, content, created_at, info) VALUES (?, ?, ?, ?, ?)",
+                (chat_id, role, content, now, json.dumps(info or {}, ensure_ascii=False)))
+            assert cursor.lastrowid is not None
+            return int(cursor.lastrowid)
+
+    def update_message(self, message_id: int, content: str, info: dict[str, Any] | None = None) -> bool:
+        """Replace a stored message's text (and info); False if it no longer exists."""
+        with self._write() as conn:
+            return conn.execute("UPDATE chat_messages SET content = ?, info = ? WHERE id = ?",
+                                (content, json.dumps(info or {}, ensure_ascii=False), message_id)).rowcount == 1
+
+    def chats(self, limit: int | None = 50, offset: int = 0) -> builtins.list[ChatSummary]:
+        """A page of conversations, oldest first: id, times, message count, first message, pairs made."""
+        if limit is not None and limit < 0:
+            raise UsageError(f"--limit must be 0 or more, got {limit}")
+        if offset < 0:
+            raise UsageError(f"--offset must be 0 or more, got {offset}")
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT c.id, c.started_at, c.updated_at, "
+                "(SELECT COUNT(*) FROM chat_messages m WHERE m.chat_id = c.id) AS messages, "
+                "COALESCE((SELECT content FROM chat_messages m WHERE m.chat_id = c.id AND m.role = 'user' "
+                "ORDER BY m.id LIMIT 1), '') AS first_message, "
+                "(SELECT COUNT(*) FROM pairs p WHERE p.source = ? || ':' || c.id) AS pairs "
+                "FROM chats c ORDER BY c.id LIMIT ? OFFSET ?",
+                (CHAT_SOURCE, -1 if limit is None else limit, offset)).fetchall()
+        return [ChatSummary(**dict(r)) for r in rows]
+
+    def chat_messages(self, chat_id: int) -> builtins.list[ChatMessage] | None:
+        """The messages of conversation ``chat_id`` in order; None if there is no such conversation."""
+        with self._read() as conn:
+            if conn.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
+                return None
+            rows = conn.execute("SELECT id, chat_id, role, content, created_at, info FROM chat_messages "
+                                "WHERE chat_id = ? ORDER BY id", (chat_id,)).fetchall()
+        return [ChatMessage(r["id"], r["chat_id"], r["role"], r["content"], r["created_at"], json.loads(r["info"]))
+                for r in rows]
+
+    def last_chat(self) -> int | None:
+        """The id of the most recently updated conversation, None if there is none."""
+        with self._db() as conn:
+            row = conn.execute("SELECT id FROM chats ORDER BY updated_at DESC, id DESC LIMIT 1").fetchone()
+            return None if row is None else int(row[0])
+
+    def remove_chat(self, chat_id: int) -> bool:
+        """Delete one conversation and its messages (pairs made from it stay: they are feedback); False if
+        there was none."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM chat_messages WHERE chat_id = ?", (chat_id,))
+            removed = conn.execute("DELETE FROM chats WHERE id = ?", (chat_id,)).rowcount == 1
+        self._checkpoint()
+        return removed
+
+    def forget_chats(self) -> int:
+        """Delete every conversation (the pairs stay); returns how many were deleted."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM chat_messages")
+            deleted = conn.execute("DELETE FROM chats").rowcount
+        self._checkpoint()
         return int(deleted)
+
+    def chat_stats(self) -> dict[str, int]:
+        """``chats`` (conversations), ``chat_messages``, ``chat_pairs`` (pairs made with /compare)."""
+        with self._read() as conn:
+            chats = conn.execute("SELECT COUNT(*) FROM chats").fetchone()[0]
+            messages = conn.execute("SELECT COUNT(*) FROM chat_messages").fetchone()[0]
+            pairs = conn.execute("SELECT COUNT(*) FROM pairs WHERE source LIKE ?", (f"{CHAT_SOURCE}:%",)).fetchone()[0]
+        return {"chats": int(chats), "chat_messages": int(messages), "chat_pairs": int(pairs)}
 
     # ------------------------------------------------------------------ reads
     def count(self) -> int:

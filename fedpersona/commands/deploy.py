@@ -42,17 +42,20 @@ def server(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from its last finished round.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard an earlier run's checkpoint and start over.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Flower's own log on stderr (else STATE/logs/).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the server's log (STATE/logs/fedpersona.log: the ServerApp's and Flower's records) and the SuperLink's own output on the terminal too.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of the table.")] = False,
 ) -> None:
-    """Run a Flower SuperLink (TLS, persistent state) and one fedpersona run on it; print its summary."""
+    """Run a Flower SuperLink (TLS, persistent state) and one fedpersona run on it; print its summary.
+
+    The terminal shows what happens (devices connected, each round's training and evaluation as they go,
+    a line per round); everything else goes to STATE/logs/fedpersona.log, named at the end."""
     import json
     import signal
 
     from rich.console import Console
 
-    from fedpersona.cli import _config_from
-    from fedpersona.server.display import ConsoleReporter, QuietReporter, summary_table
+    from fedpersona.cli import _config_from, say_log
+    from fedpersona.server.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog, summary_table
     from fedpersona.server.launch import RunFailed, ServerOptions, run_server
 
     flags = {"rounds": rounds, "min-users": min_users, "fraction-train": fraction, "round-timeout": round_timeout,
@@ -64,18 +67,28 @@ def server(
                             enable_supernode_auth=enable_supernode_auth, auth_keys=tuple(auth_key), out=out,
                             checkpoint_dir=checkpoint_dir, resume=resume, fresh=fresh, verbose=verbose)
     signal.signal(signal.SIGTERM, _interrupt)  # e.g. `docker stop`: clean up the SuperLink like Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)
+
     def say(text: str) -> None:
         if not quiet:
             print(text, file=sys.stderr, flush=True)
+        PROGRESS.info("%s", text)  # the log's copy (never echoed twice)
 
+    log = RunLog(state.resolve() / "logs" / LOG_NAME, verbose=verbose, append=True)
     try:
-        summary = run_server(cfg, options, reporter=QuietReporter() if quiet else ConsoleReporter(), say=say)
+        with log:
+            summary = run_server(cfg, options, say=say,
+                                 reporter=QuietReporter() if quiet else ConsoleReporter(unit="devices"))
     except RunFailed as failure:
-        print(f"fedpersona: run failed: {failure}", file=sys.stderr)
+        print(f"fedpersona: run failed: {failure}" + (f" (log: {log.path})" if log.committed else ""),
+              file=sys.stderr)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        print("fedpersona: server stopped; continue later with --resume", file=sys.stderr)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:
+        number = getattr(stop, "signum", signal.SIGINT)
+        where = f"; partial outputs in {options.out_dir} (log: {log.path})" if log.committed else ""
+        print(f"fedpersona: stopped ({signal.Signals(number).name}); continue later with --resume{where}",
+              file=sys.stderr)
+        raise typer.Exit(128 + number) from None
     from fedpersona.server.federation import check_clients_answered
 
     check_clients_answered(summary, options.out_dir)
@@ -84,6 +97,7 @@ def server(
     else:
         Console().print(summary_table(summary))
         Console().print(f"results: {options.out_dir}/summary.json, metrics.jsonl, per_user.json")
+    say_log(log)
 
 
 def client(
@@ -150,5 +164,13 @@ def _refuse_simulation_only(config) -> None:
                              "device would decline the rounds (fedpersona simulate takes it)")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT: unwinds like Ctrl-C (the SuperLink is stopped on the way out), exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Stopped(signum)

@@ -192,14 +192,21 @@ def _import_check(file: Path, model: str) -> None:
 @feedback_app.command("list")
 def feedback_list(
     state: StateOpt,
-    limit: Annotated[int, Opt("--limit", "-n", help="Pairs to show (0: all).")] = 20,
-    offset: Annotated[int, Opt("--offset", help="Skip this many pairs first.")] = 0,
+    limit: Annotated[int, Opt("--limit", "-n", help="Pairs (or conversations) to show (0: all).")] = 20,
+    offset: Annotated[int, Opt("--offset", help="Skip this many first.")] = 0,
+    chats: Annotated[bool, Opt("--chats", help="List your stored conversations (`fedpersona chat`) instead of pairs.")] = False,
+    chat: Annotated[Optional[int], Opt("--chat", help="Show the messages of one stored conversation.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """List stored pairs, oldest first, one page at a time."""
+    """List stored pairs, oldest first, one page at a time (or your conversations: --chats, --chat ID)."""
+    if chat is not None:
+        return _show_chat(state, chat, json_out)
+    if chats:
+        return _list_chats(state, limit, offset, json_out)
     with _open(state, create=False) as st:
         rows = st.memory.list(None if limit == 0 else limit, offset)
         total = st.memory.count()
+        conversations = st.memory.chat_stats()["chats"]
     if json_out:
         _print_json([r.to_json() for r in rows])
         return
@@ -219,6 +226,57 @@ def feedback_list(
     end = offset + len(rows)
     more = f"; --offset {end} for more" if end < total else ""
     console.print(f"pairs {offset + 1 if rows else 0}-{end} of {total}{more}", markup=False)
+    if conversations:
+        console.print(f"{conversations} conversation{'s' if conversations != 1 else ''} stored (`fedpersona chat`); "
+                      "--chats lists them", markup=False)
+
+
+def _list_chats(state: Path, limit: int, offset: int, json_out: bool) -> None:
+    with _open(state, create=False) as st:
+        rows = st.memory.chats(None if limit == 0 else limit, offset)
+        total = st.memory.chat_stats()["chats"]
+    if json_out:
+        _print_json([r.to_json() for r in rows])
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for column, style in (("id", "bold"), ("started", "dim"), ("last", "dim"), ("messages", None),
+                          ("pairs", None), ("first message", None)):
+        table.add_column(column, style=style, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.id), r.started_at[:16].replace("T", " "), r.updated_at[:16].replace("T", " "),
+                      str(r.messages), str(r.pairs), escape(_short(r.first_message)))
+    console = _console()
+    console.print(f"conversations in {state} (they never leave this device; `feedback forget --chat ID` "
+                  "deletes one)", markup=False)
+    console.print(table)
+    end = offset + len(rows)
+    more = f"; --offset {end} for more" if end < total else ""
+    console.print(f"conversations {offset + 1 if rows else 0}-{end} of {total}{more}; --chat ID shows one",
+                  markup=False)
+
+
+def _show_chat(state: Path, chat_id: int, json_out: bool) -> None:
+    with _open(state, create=False) as st:
+        messages = st.memory.chat_messages(chat_id)
+    if messages is None:
+        raise UsageError(f"--chat {chat_id}: no conversation #{chat_id} in {state}; --chats lists them")
+    if json_out:
+        _print_json([m.to_json() for m in messages])
+        return
+    console = _console()
+    console.print(f"conversation #{chat_id} in {state}", markup=False)
+    for m in messages:
+        how = m.info
+        detail = ""
+        if m.role == "assistant" and how.get("method"):
+            detail = f"  [{how['method']} {how.get('strength', '')}" + (
+                f", your pick over the {how['picked_over']} answer (pair #{how.get('pair_id')})" if how.get("picked_over")
+                else "") + "]"
+        console.print(f"{'you' if m.role == 'user' else 'assistant'}> {m.content}{detail}", markup=False,
+                      highlight=False)
 
 
 @feedback_app.command("stats")
@@ -278,20 +336,26 @@ def _privacy_stats(st: DeviceState) -> dict[str, Any]:
 def feedback_forget(
     state: StateOpt,
     yes: Annotated[bool, Opt("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    chats: Annotated[bool, Opt("--chats", help="Delete only your stored conversations (your pairs and adapters stay).")] = False,
+    chat: Annotated[Optional[int], Opt("--chat", help="Delete one stored conversation (pairs you made in it stay).")] = None,
 ) -> None:
-    """Delete all your feedback, your private adapter, privacy ledger and caches from this device."""
+    """Delete all your feedback, conversations, private adapter, privacy ledger and caches from this device."""
     from fedpersona.client.device_state import USER_FILES
 
+    if chats or chat is not None:
+        return _forget_chats(state, chat, yes)
     with _open(state, create=False) as st:
         try:
             pairs: int | None = st.memory.count() if st.memory_path.exists() else 0
+            conversations = st.memory.chat_stats()["chats"] if st.memory_path.exists() else 0
         except UsageError:
-            pairs = None  # a damaged database: what forget exists for, so it is deleted all the same
+            pairs, conversations = None, 0  # a damaged database: what forget is for, so it is deleted all the same
         present = [f.name for f in st.files() if any(f.name.startswith(n) for n in USER_FILES)]
         if not present:
             print(f"nothing to forget in {state}")
             return
         parts = [f"{pairs} feedback pairs" if pairs is not None else "the damaged feedback memory"]
+        parts += [f"{conversations} conversation{'s' if conversations != 1 else ''}"] if conversations else []
         parts += [label for path, label in ((st.private_path, "your private adapter"),
                                             (st.ledger_path, "the privacy ledger")) if path.exists()]
         what = f"{', '.join(parts)} and caches in {state}"
@@ -304,9 +368,43 @@ def feedback_forget(
                 # SystemExit, not typer.Exit: cli.main drops the code of a typer.Exit (standalone_mode=False)
                 raise SystemExit(1)
         removed = st.forget()
-    print(f"forgot {'the damaged memory' if pairs is None else f'{pairs} pairs'}; deleted {', '.join(removed) or 'nothing'} from {state}"
+    chats_gone = f" and {conversations} conversation{'s' if conversations != 1 else ''}" if conversations else ""
+    print(f"forgot {'the damaged memory' if pairs is None else f'{pairs} pairs'}{chats_gone}; deleted {', '.join(removed) or 'nothing'} from {state}"
           + ("; what they cost in privacy stays in privacy_record.json (hashes, no text), so importing them again "
              "continues their budget" if "ledger.json" in removed else ""))
+
+
+def _forget_chats(state: Path, chat_id: int | None, yes: bool) -> None:
+    """``feedback forget --chats`` / ``--chat ID``: conversations only; pairs made in them are feedback and stay."""
+    with _open(state, create=False) as st:
+        if not st.memory_path.exists():
+            print(f"nothing to forget in {state}")
+            return
+        memory = st.memory
+        if chat_id is not None:
+            if memory.chat_messages(chat_id) is None:
+                raise UsageError(f"--chat {chat_id}: no conversation #{chat_id} in {state}; "
+                                 "`feedback list --chats` lists them")
+            what = f"conversation #{chat_id}"
+        else:
+            count = memory.chat_stats()["chats"]
+            if not count:
+                print(f"no conversations to forget in {state}")
+                return
+            what = f"{count} conversation{'s' if count != 1 else ''}"
+        if not yes:
+            if not _interactive():
+                raise UsageError(f"feedback forget: would delete {what} from {state}; no terminal to confirm on, "
+                                 "pass --yes to delete without asking")
+            if not typer.confirm(f"Delete {what} from {state}? Pairs you made in them stay. This cannot be undone.",
+                                 default=False):
+                print("fedpersona: nothing deleted", file=sys.stderr)
+                raise SystemExit(1)
+        if chat_id is not None:
+            memory.remove_chat(chat_id)
+        else:
+            memory.forget_chats()
+    print(f"forgot {what} from {state}; your pairs, adapters and ledger stay")
 
 
 @feedback_app.command("reset-budget")
@@ -424,16 +522,21 @@ def load_state_resident(st: DeviceState, device: str = "auto") -> tuple[Resident
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt to answer.")],
     state: StateOpt,
-    strength: Annotated[float, Opt("--strength", "-s", help="Private adapter: 0 global ... 1 fully personal.")] = 1.0,
+    strength: Annotated[float, Opt("--strength", "-s", help="How personal: 0 global ... 1 fully personal (--method logits: up to 4, above 1 extrapolates).")] = 1.0,
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Most tokens to generate.")] = 64,
     temperature: Annotated[float, Opt("--temperature", "-t", help="0: greedy (deterministic); > 0 samples.")] = 0.0,
     seed: Annotated[int, Opt("--seed", help="Sampling seed (with --temperature > 0).")] = 0,
     device: Annotated[str, Opt("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    method: Annotated[str, Opt("--method", "-m", help="weights: scale your private adapter's tensors (one forward per token); logits: mix the personal and global models' next-token log-probs (Decoding-time Realignment, two forwards per token).")] = "weights",
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a prompt with base + shared + your private adapter."""
-    if not 0.0 <= strength <= 1.0:
-        raise UsageError(f"--strength {strength}: must be between 0 (global) and 1 (fully personal)")
+    if method not in ("weights", "logits"):
+        raise UsageError(f"--method {method}: must be one of weights, logits")
+    limit = 4.0 if method == "logits" else 1.0  # fedpersona.alignment.mixing.MAX_MIX_WEIGHT (no torch import here)
+    if not 0.0 <= strength <= limit:
+        raise UsageError(f"--strength {strength}: must be between 0 (global) and 1 (fully personal)"
+                         + (" or up to 4 with --method logits (above 1 extrapolates)" if method == "logits" else ""))
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if temperature < 0:
@@ -450,10 +553,10 @@ def generate(
         print("fedpersona: note: no private adapter in this state yet; answering with the global model",
               file=sys.stderr)
     text = run(resident, [prompt], strength=strength, max_new_tokens=max_new_tokens, temperature=temperature,
-               seed=seed)[0]
+               seed=seed, method=method)[0]
     if json_out:
-        _print_json({"prompt": prompt, "text": text, "strength": strength, "model_id": config.model,
-                     "scheme": config.scheme})
+        _print_json({"prompt": prompt, "text": text, "strength": strength, "method": method,
+                     "model_id": config.model, "scheme": config.scheme})
     else:
         print(text)
 

@@ -40,11 +40,11 @@ def benchmark(
     = Path("runs/benchmark"),
     no_plots: Annotated[bool, Opt("--no-plots", help="Skip the PNG figures.")] = False,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No live progress (one line per run still).")] = False,
-    verbose: Annotated[bool, Opt("--verbose", help="Flower's and Ray's own logs.")] = False,
+    verbose: Annotated[bool, Opt("--verbose", help="Show the benchmark's log (OUT/fedpersona.log: Flower's, Ray's and the libraries' records and warnings) on the terminal too.")] = False,
 ) -> None:
     """Run several schemes x strategies on one scenario with the same seed; write a table and plots."""
-    from fedpersona.cli import _config_from
-    from fedpersona.server.display import ConsoleReporter, QuietReporter
+    from fedpersona.cli import _config_from, say_log, stop_cleanly
+    from fedpersona.server.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog
     from fedpersona.simulations.benchmark import parse_strategies, plan, run_benchmark
     from fedpersona.simulations.launcher import Resources
 
@@ -56,20 +56,24 @@ def benchmark(
 
     def log(line: str) -> None:
         print(f"fedpersona benchmark: {line}", file=sys.stderr, flush=True)
+        PROGRESS.info("benchmark: %s", line)  # the log's copy
 
     log(f"{len(specs)} runs -> {out}")
-    result = run_benchmark(
-        base, specs, out, resources=Resources(num_cpus, num_gpus, ray_address), verbose=verbose,
-        reporter_for=(lambda label: QuietReporter()) if quiet else (lambda label: ConsoleReporter(label=label)),
-        command=f"fedpersona benchmark --schemes {schemes} --strategies '{strategies}' --out {out} "
-                "(full configuration in benchmark.json)",
-        log=log, plots=not no_plots,
-    )
+    stop_cleanly(out)
+    with RunLog(out / LOG_NAME, verbose=verbose) as run_log:  # every run's records, one file
+        result = run_benchmark(
+            base, specs, out, resources=Resources(num_cpus, num_gpus, ray_address), verbose=verbose,
+            reporter_for=(lambda label: QuietReporter()) if quiet else (lambda label: ConsoleReporter(label=label)),
+            command=f"fedpersona benchmark --schemes {schemes} --strategies '{strategies}' --out {out} "
+                    "(full configuration in benchmark.json)",
+            log=log, plots=not no_plots,
+        )
     print((out / "benchmark.md").read_text(encoding="utf-8"))
     failed = [r["run"] for r in result["runs"] if r.get("error")]
     if failed:
-        log(f"{len(failed)} run(s) failed: {', '.join(failed)} (see runs/*/error.txt)")
+        log(f"{len(failed)} run(s) failed: {', '.join(failed)} (see runs/*/error.txt and {run_log.path})")
         raise typer.Exit(1)
+    say_log(run_log)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,13 +1,18 @@
-"""The embedded default model: a small Llama and a word-level tokenizer, built here with no download.
+"""The embedded default model: a small Llama and a word-level tokenizer, made here with no download.
 
 Built deterministically from a seed, briefly pre-trained on the preference simulator's text (so it
-writes readable answers in every style), then saved as an ordinary Hugging Face folder under the cache
-directory. After the first build it loads through the same ``from_pretrained`` path as any user model.
+writes readable answers in every style), then saved as an ordinary Hugging Face folder. The default seed's
+folder ships inside the package (``shipped/embedded-v{BUILD_VERSION}-seed0``, with a ``SHA256SUMS``; made by
+``scripts/build_embedded_model.py``), so the first run starts at once and every machine starts from the
+same bits. Other seeds (``--model embedded:SEED``) are built once (~10 CPU-minutes) into the cache
+directory. Either folder loads through the same ``from_pretrained`` path as any user model.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -21,16 +26,68 @@ from fedpersona.model.prompting import format_prompt
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "embedded"
-BUILD_VERSION = 1  # bump when the recipe changes: a new cache folder is built
+BUILD_VERSION = 1  # bump when the recipe changes: a new cache folder is built (and the shipped one re-made)
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
+SHIPPED_SEED = 0  # the seed whose folder ships in the package (the default ``--model embedded``)
+SUMS_NAME = "SHA256SUMS"  # in the shipped folder, `sha256sum` format: "<hex>  <file name>" a line
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("FEDPERSONA_CACHE", Path.home() / ".cache" / "fedpersona"))
 
 
+def shipped_path() -> Path:
+    """The package's own folder of the embedded model for ``SHIPPED_SEED`` (read-only is fine)."""
+    return Path(__file__).with_name("shipped") / f"embedded-v{BUILD_VERSION}-seed{SHIPPED_SEED}"
+
+
 def embedded_path(seed: int = 0) -> Path:
+    """Where the embedded model for ``seed`` lies: the shipped folder for ``SHIPPED_SEED``, else the cache's."""
+    if seed == SHIPPED_SEED:
+        return shipped_path()
     return cache_root() / "models" / f"embedded-v{BUILD_VERSION}-seed{seed}"
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_sums(folder: Path) -> dict[str, str]:
+    """``{file name: sha256}`` as recorded in ``folder/SHA256SUMS``."""
+    sums = {}
+    for line in (folder / SUMS_NAME).read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            sums[name.lstrip("*")] = digest
+    return sums
+
+
+def write_sums(folder: Path) -> dict[str, str]:
+    """Record the sha256 of every file in ``folder`` (but the record itself) in ``folder/SHA256SUMS``."""
+    sums = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != SUMS_NAME}
+    (folder / SUMS_NAME).write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    return sums
+
+
+@functools.cache
+def shipped_sums() -> dict[str, str]:
+    """The shipped folder's recorded hashes, checked once per process against its files (~1 ms).
+
+    Raises RuntimeError when the folder is missing or a file differs from its record (a damaged install)."""
+    path = shipped_path()
+    if not (path / SUMS_NAME).is_file():
+        raise RuntimeError(f"the embedded model that ships with fedpersona is missing ({path}); reinstall fedpersona")
+    sums = read_sums(path)
+    bad = sorted(name for name, digest in sums.items() if not (path / name).is_file() or sha256_file(path / name) != digest)
+    if bad or "model.safetensors" not in sums:
+        raise RuntimeError(f"the embedded model that ships with fedpersona is damaged ({path}: "
+                           f"{', '.join(bad) or 'no model.safetensors'} not as recorded in {SUMS_NAME}); reinstall fedpersona")
+    return sums
 
 
 def build_tokenizer(words: list[str]):
@@ -111,7 +168,12 @@ def build_embedded(out: Path, seed: int = 0, steps: int = 800, batch_size: int =
 
 
 def ensure_embedded(seed: int = 0) -> Path:
-    """Return the cached embedded model folder, building it once (safe across concurrent processes)."""
+    """Return the embedded model folder for ``seed``: the shipped one for ``SHIPPED_SEED`` (checked against
+    its recorded hashes once per process, never built), else the cached one, built once (~10 CPU-minutes;
+    safe across concurrent processes)."""
+    if seed == SHIPPED_SEED:
+        shipped_sums()
+        return shipped_path()
     path = embedded_path(seed)
     if (path / "config.json").exists():
         return path

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from fedpersona.errors import UsageError
-from fedpersona.model.embedded import EMBEDDED_NAME, ensure_embedded
+from fedpersona.model.embedded import EMBEDDED_NAME, SHIPPED_SEED, cache_root, embedded_path, ensure_embedded, shipped_sums
 from fedpersona.model.memory import bound_allocator_cache
-from fedpersona.model.gguf import SHORT_NAMES, ensure_converted, gguf_source
+from fedpersona.model.gguf import SHORT_NAMES, ensure_converted, file_digest, gguf_source
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,14 @@ _CHOICES = f"embedded, {', '.join(SHORT_NAMES)}, an HF model folder or id, or a 
 
 
 def resolve_model_path(model: str) -> str:
-    """What ``from_pretrained`` should load for ``--model``: ``embedded`` (or ``embedded:SEED``) -> its
-    cached folder (built once); a GGUF reference -> its converted folder (converted once); a local folder
+    """What ``from_pretrained`` should load for ``--model``: ``embedded`` -> the folder shipped in the
+    package; ``embedded:SEED`` -> its cached folder (built once; seed 0 is the shipped one); a GGUF reference -> its converted folder (converted once); a local folder
     -> itself; anything else is taken for an HF id.
 
     Raises UsageError (one line) for a local path that does not exist or is not a model folder, and for
     the GGUF problems listed in :mod:`fedpersona.model.gguf`."""
-    if model == EMBEDDED_NAME or model.startswith(EMBEDDED_NAME + ":"):
-        seed = int(model.split(":", 1)[1]) if ":" in model else 0
+    seed = _embedded_seed(model)
+    if seed is not None:
         return str(ensure_embedded(seed))
     source = gguf_source(model)
     if source is not None:
@@ -46,6 +46,56 @@ def resolve_model_path(model: str) -> str:
     if looks_local and not (local / "config.json").exists():
         raise UsageError(f"--model {model}: no config.json (nor a .gguf file) in that folder; pass {_CHOICES}")
     return str(local) if looks_local else _hub_model(model)
+
+
+def _embedded_seed(model: str) -> int | None:
+    if model == EMBEDDED_NAME or model.startswith(EMBEDDED_NAME + ":"):
+        return int(model.split(":", 1)[1]) if ":" in model else 0
+    return None
+
+
+@functools.cache
+def model_sha256(model: str) -> str | None:
+    """A hash of the base model's bits, for summary.json (once per process; never builds, converts or downloads).
+
+    The SHA-256 of the weight files' bytes, files sorted by name and read in 1 MiB blocks (``*.safetensors``,
+    else ``*.bin``); for a single-file model it is that file's ``sha256sum``. The shipped embedded model: its
+    recorded ``model.safetensors`` hash. A GGUF reference: the ``.gguf`` file's hash (the one its converted
+    folder is named by). None when the bits are not here (an HF id not in the local cache, an embedded seed not
+    built yet) or cannot be read."""
+    try:
+        seed = _embedded_seed(model)
+        if seed == SHIPPED_SEED:
+            return shipped_sums()["model.safetensors"]
+        if seed is not None:
+            return _weights_sha256(embedded_path(seed))
+        source = gguf_source(model)
+        if source is not None:
+            return file_digest(source, cache_root() / "models")
+        local = Path(model).expanduser()
+        if local.is_dir():
+            return _weights_sha256(local)
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        return _weights_sha256(Path(cached).parent) if isinstance(cached, str) else None
+    except (UsageError, OSError, ValueError, RuntimeError) as err:
+        log.info("no model_sha256 for %s: %s", model, err)
+        return None
+
+
+def _weights_sha256(folder: Path) -> str | None:
+    import hashlib
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 HUB_PROBE_TIMEOUT_S = 3.0

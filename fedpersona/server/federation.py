@@ -25,6 +25,7 @@ from fedpersona.protocol import RUN_LINEAGE
 from fedpersona.data.sources import count_users
 from fedpersona.errors import RunFailed, UsageError
 from fedpersona.model.adapters import Role
+from fedpersona.model.loading import model_sha256
 from fedpersona.server.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
 from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, sound_checkpoint
@@ -175,6 +176,9 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         "private_parameters_per_user": recorder.private_parameters_per_user(private_count),
         "wall_seconds": round(time.monotonic() - started, 2),
         "model": config.model,
+        # the base model's bits (sha256 of its weight files; the .gguf file's for GGUF): null where this
+        # machine does not hold them (a deployment's server need not)
+        "model_sha256": model_sha256(config.model),
         "data": "on-device preference memories" if deployment else config.data,
         "seed": config.seed,
         "evaluated_users": len(recorder.per_user()),

@@ -10,13 +10,17 @@ The server's state folder (``--state DIR``) holds everything that must survive a
 - ``run.json``: the id of the run last submitted (a resumed server stops it if still listed running).
 
 Progress comes from ``metrics.jsonl`` (the ServerApp runs on this machine and appends a row per
-round); the run is over when ``summary.json`` appears, or when the Control API reports it finished
-without one (failed or stopped), in which case the run's log says why.
+round) and, between round lines, from what Flower logs (``RunWatch``): devices connected while the
+strategy waits for them, each phase as it starts, replies as they arrive. The run is over when
+``summary.json`` appears, or when the Control API reports it finished without one (failed or stopped),
+in which case the run's log says why.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -164,13 +168,112 @@ def prepare_out(options: ServerOptions, done: int) -> Path | None:
     return archived
 
 
+class _Tail:
+    """The complete lines appended to a file since this object was made (a file that does not exist yet is
+    read from its start once it appears)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = b""
+
+    def lines(self) -> list[str]:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *complete, self.partial = (self.partial + data).split(b"\n")
+        return [line.decode("utf-8", errors="replace") for line in complete]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class RunWatch:
+    """What Flower logs about the run, for the progress display, between the round lines of metrics.jsonl.
+
+    The run's log (the ServerApp's output, streamed by ``flwr log`` into ``STATE/logs/run-ID.log``) says
+    how many devices are connected while the strategy waits for ``min-users`` of them, when a round starts
+    (``[ROUND r/R]``; rounds count on from the checkpoint when resumed), when a phase's messages go out
+    (``configure_train: Sampled k nodes (out of n)``) and when its replies are in (``aggregate_train:
+    Received a results and f failures``). The SuperLink's log says when each reply arrives (``Push replies
+    from node_id``): the live count of a phase. Every line of the run's log is also copied into the
+    server's own log (logger ``serverapp``). Lines Flower words otherwise (another strategy) only go
+    unreported."""
+
+    WAITING = re.compile(r"Waiting for nodes to connect: (\d+) connected \(minimum required: (\d+)\)")
+    ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+    SAMPLED = re.compile(r"configure_(train|evaluate): Sampled (\d+) nodes \(out of (\d+)\)")
+    RECEIVED = re.compile(r"aggregate_(train|evaluate): Received (\d+) results and (\d+) failures")
+    PUSHED = "Push replies from node_id"
+
+    def __init__(self, run_log: Path, superlink_log: Path | None, reporter: Any, *, done: int = 0) -> None:
+        self.run_log = _Tail(run_log)
+        self.superlink_log = _Tail(superlink_log) if superlink_log is not None else None
+        self.reporter = reporter
+        self.done = done
+        self.copy = logging.getLogger("serverapp")
+        self.round = done
+        self.phase: str | None = None  # "train" / "evaluate" while one runs
+        self.total = 0  # messages sent in the current phase
+        self.connected = 0  # nodes Flower last counted
+        self.needed: int | None = None  # while Flower waits for nodes: how many it needs
+        self.pushed = 0  # replies the SuperLink has received since this watch began
+        self.base = 0  # self.pushed when the current phase began
+
+    def poll(self) -> None:
+        if self.superlink_log is not None:
+            self.pushed += sum(self.PUSHED in line for line in self.superlink_log.lines())
+        for raw in self.run_log.lines():
+            line = _ANSI.sub("", raw).rstrip()
+            if line.strip():
+                self.copy.info("%s", line)
+            self.read(line)
+        if self.phase is not None and self.superlink_log is not None:
+            self.reporter.replies(min(max(self.pushed - self.base, 0), self.total), self.total)
+
+    def read(self, line: str) -> None:
+        """One line of the run's log."""
+        if match := self.WAITING.search(line):
+            self.phase, self.needed = None, int(match[2])
+            self.reporter.waiting(int(match[1]), self.needed)
+        elif match := self.ROUND.search(line):
+            self.round = self.done + int(match[1])
+        elif match := self.SAMPLED.search(line):
+            self.connected = int(match[3])
+            if self.needed is not None:  # the wait is over: say how many are there
+                self.reporter.waiting(self.connected, self.needed)
+                self.needed = None
+            self._begin(match[1], int(match[2]))
+        elif match := self.RECEIVED.search(line):
+            kind, answered = match[1], int(match[2]) + int(match[3])
+            self.reporter.replies(answered, max(self.total, answered))
+            self.phase = None
+            if kind == "train":  # the evaluation of every connected device follows
+                self._begin("evaluate", self.connected or self.total)
+
+    def _begin(self, phase: str, total: int) -> None:
+        if phase == "evaluate" and self.phase == "evaluate":  # configure_evaluate after our guess: its count
+            self.total = total
+            return
+        self.phase, self.total, self.base = phase, total, self.pushed
+        self.reporter.phase(self.round, phase)
+        self.reporter.replies(0, total)
+
+
 def follow(control: Control, link: SuperLink, run_id: int, options: ServerOptions, reporter: Any,
-           *, done: int) -> dict[str, Any]:
-    """Report rounds as ``metrics.jsonl`` grows; return ``summary.json`` when it appears."""
+           *, done: int, watch: RunWatch | None = None) -> dict[str, Any]:
+    """Report rounds as ``metrics.jsonl`` grows (and, with ``watch``, what happens between them); return
+    ``summary.json`` when it appears."""
     out = options.out_dir
     last = done
     next_status = time.monotonic() + options.status_every
     while True:
+        if watch is not None:
+            watch.poll()
         for row in _read_rows(out / "metrics.jsonl"):
             if row["round"] > last:
                 last = row["round"]
@@ -216,6 +319,11 @@ def run_server(config: RunConfig, options: ServerOptions, *, reporter: Any = Non
     tls, checkpoint = options.check(config)
     state = options.state.resolve()
     state.mkdir(parents=True, exist_ok=True)
+    from fedpersona.server.display import RunLog
+
+    if RunLog.active is not None:  # the options are sound: the server's log is written from here on
+        RunLog.active.commit()
+        RunLog.active.note("fedpersona server: state %s, run configuration %s", state, config.to_flat())
     done = checkpoint.round if checkpoint else 0
     if not options.resume:  # --fresh, or an earlier run that finished: its checkpoints only, never a user's files
         removed, kept = discard_checkpoints(options.checkpoints)
@@ -256,12 +364,16 @@ def run_server(config: RunConfig, options: ServerOptions, *, reporter: Any = Non
             f"{f' (resuming after round {done})' if done else ''}, waiting for {config.min_users} clients; "
             f"outputs in {options.out_dir}")
         log_path = state / "logs" / f"run-{run_id}.log"
+        if RunLog.active is not None:
+            RunLog.active.note("the run's own log (the ServerApp's output, copied below as `serverapp`): %s; "
+                               "the SuperLink's: %s", log_path, link_options.log_path)
         try:
             log_file = log_path.open("ab")
+            watch = RunWatch(log_path, None if options.verbose else link_options.log_path, reporter, done=done)
             log_stream = control.stream_logs(run_id, log_file)
-            reporter.start(config.rounds)
+            reporter.start(config.rounds, done)
             try:
-                return follow(control, link, run_id, options, reporter, done=done)
+                return follow(control, link, run_id, options, reporter, done=done, watch=watch)
             finally:
                 reporter.stop()
         finally:

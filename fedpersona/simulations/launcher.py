@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,20 +105,141 @@ class _NotDeprecationBanner(logging.Filter):
 
 
 def _quiet_libraries(verbose: bool) -> None:
+    """Keep libraries' notices off the terminal. Under a ``RunLog`` (the commands) they go to the run's log
+    instead: it has turned Flower's console down and captures warnings. Without one (a test or a script
+    calling ``simulate``), Flower says only warnings and the driver ignores deprecation notices."""
     if verbose:
         return
-    flwr = logging.getLogger("flwr")
-    flwr.setLevel(logging.WARNING)
-    flwr.addFilter(_NotDeprecationBanner())
-    # Library deprecation notices (Ray's accelerator tip, transformers' is_gradient_checkpointing, ...) are
-    # for their developers, not for someone running a simulation; --verbose shows them. The environment
-    # variable carries the filter into Ray's worker processes, which start their own interpreters.
-    for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
+    from fedpersona.server.display import RunLog
+
+    if RunLog.active is None:
+        flwr = logging.getLogger("flwr")
+        flwr.setLevel(logging.WARNING)
+        flwr.addFilter(_NotDeprecationBanner())
+        # Library deprecation notices (Ray's accelerator tip, transformers' is_gradient_checkpointing, ...) are
+        # for their developers, not for someone running a simulation; --verbose shows them.
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+    # Ray's worker processes start their own interpreters, whose output stays in Ray's session folder
+    # (named in the run's log) unless --verbose forwards it: the environment carries these settings there.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RAY: dict[str, bool] = {"started": False}  # whether a Ray this process started is running
+
+
+def start_ray(init_args: dict[str, Any]) -> bool:
+    """Start Ray here, as Flower's Ray backend would (which then finds it started), for two reasons.
+
+    - Signals: ``ray.init`` installs its own SIGTERM and SIGINT handling in the driver, a C++ failure
+      handler among it (it prints "*** SIGTERM received ..." with stack addresses, then exits the
+      interpreter while Ray's and gRPC's native threads still run, whose destructors abort: "terminate
+      called without an active exception", exit 134). The handlers this process had before are put back,
+      so ``fedpersona simulate`` stops cleanly on SIGTERM (``fedpersona.cli``).
+    - Logs: the ``ray`` logger does not propagate; the run's log adopts it, and names Ray's session folder
+      (the simulated users' worker output).
+
+    Returns whether Ray was started here (the caller shuts it down if Flower has not)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    from fedpersona.server.display import RunLog
+
+    if RunLog.active is not None:
+        RunLog.active.adopt("ray")  # before ray.init, which logs its start at INFO
+    main = threading.current_thread() is threading.main_thread()
+    kept = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main else {}
+    # Flower's own Ray start does the same: workers import what this driver can (sys.path, PYTHONPATH)
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    _RAY["started"] = True
+    if RunLog.active is not None:
+        try:
+            logs = ray._private.worker._global_node.get_logs_dir_path()  # noqa: SLF001 - no public accessor
+        except Exception:  # noqa: BLE001 - only a pointer in the log
+            logs = "unknown"
+        RunLog.active.note("Ray started; the simulated users' worker logs are in %s", logs)
+    return True
+
+
+def stop_ray() -> None:
+    """Shut down a Ray this process started, if Flower's simulation has not already."""
+    import ray
+
+    _RAY["started"] = False
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes below ``pid``, parents before children (Linux: /proc; elsewhere none found)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def kill_ray() -> None:
+    """For a run stopped by a signal, which then leaves at once (``fedpersona.cli``): end the Ray processes
+    this process started. Ray ties its head processes (GCS, raylet, ...) to their driver, but not what the
+    raylet started: its dashboard and runtime-env agents outlived it, orphaned. So every process below
+    this one is killed (parents first: nothing new is started meanwhile); where /proc is missing, Ray's
+    own list of the head's processes."""
+    if not _RAY["started"]:
+        return
+    pids = _descendants(os.getpid())
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if not pids:
+        try:
+            import ray
+
+            ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)  # noqa: SLF001
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
+
+
+def _ray_init_args(resources: Resources, verbose: bool) -> dict[str, Any]:
+    # INFO for the log (Ray's console handler shows only CRITICAL under a RunLog unless --verbose); worker
+    # output is forwarded to this terminal only with --verbose
+    init_args: dict[str, Any] = {"logging_level": "INFO", "log_to_driver": verbose}
+    if resources.ray_address:
+        init_args["address"] = resources.ray_address
+    elif resources.total_cpus:
+        init_args["num_cpus"] = resources.total_cpus
+    return init_args
 
 
 def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resources = Resources(),
@@ -129,29 +252,37 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
 
     resources.validate()
     config = prepare_config(config)
+    from fedpersona.server.display import RunLog
+
+    if RunLog.active is not None:
+        RunLog.active.commit()  # the inputs are sound: from here on the run has an output folder and a log
+        RunLog.active.note("run configuration: %s", config.to_flat())
     _quiet_libraries(verbose)
-    init_args: dict[str, Any] = {"logging_level": "WARNING" if not verbose else "INFO", "log_to_driver": verbose}
-    if resources.ray_address:
-        init_args["address"] = resources.ray_address
-    elif resources.total_cpus:
-        init_args["num_cpus"] = resources.total_cpus
+    init_args = _ray_init_args(resources, verbose)
+    if not verbose and RunLog.active is None:
+        init_args["logging_level"] = "WARNING"  # no log to take Ray's INFO lines: keep them off the terminal
     backend_config = {
         "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
         "init_args": init_args,
     }
     RESULT.clear()
-    run_simulation(
-        server_app=make_server_app(config, out_dir, reporter),
-        client_app=client_app,
-        num_supernodes=config.num_users + config.new_users,  # new users come last (client.local)
-        backend_name="ray",
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    started = start_ray(init_args)
+    try:
+        run_simulation(
+            server_app=make_server_app(config, out_dir, reporter),
+            client_app=client_app,
+            num_supernodes=config.num_users + config.new_users,  # new users come last (client.local)
+            backend_name="ray",
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    finally:
+        if started:
+            stop_ray()
     if not RESULT:
-        raise RuntimeError("the simulation ended without a summary; rerun with --verbose to see Flower's log")
+        where = f"see {RunLog.active.path}" if RunLog.active is not None else "rerun with --verbose to see Flower's log"
+        raise RuntimeError(f"the simulation ended without a summary; {where}")
     from fedpersona.server.federation import check_clients_answered
 
     check_clients_answered(RESULT, out_dir)
     return dict(RESULT)
-

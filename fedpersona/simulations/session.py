@@ -63,7 +63,7 @@ def simulate_session(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path
     from flwr.simulation import run_simulation
 
     from fedpersona.server.federation import run_federation
-    from fedpersona.simulations.launcher import _quiet_libraries, prepare_config
+    from fedpersona.simulations.launcher import _quiet_libraries, prepare_config, start_ray, stop_ray
 
     prepared = [prepare_config(c).replace(run_tag=f"session-run-{i}") for i, c in enumerate(configs)]
     nodes = {c.num_users + c.new_users for c in prepared}
@@ -83,13 +83,25 @@ def simulate_session(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path
             if on_run:
                 on_run(i, config, result)
 
+    from fedpersona.server.display import RunLog
+
+    if RunLog.active is not None:
+        RunLog.active.commit()
     _quiet_libraries(verbose)
-    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "WARNING", "log_to_driver": verbose}
+    # INFO only where a run log takes it (Ray's console then shows CRITICAL only, see start_ray)
+    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose or RunLog.active else "WARNING",
+                                 "log_to_driver": verbose}
     if total_cpus:
         init_args["num_cpus"] = total_cpus
-    run_simulation(server_app=server, client_app=session_client_app, num_supernodes=nodes.pop(),
-                   backend_name="ray", verbose_logging=verbose,
-                   backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0}, "init_args": init_args})
+    started = start_ray(init_args)  # keeps this process's signal handlers (a clean SIGTERM)
+    try:
+        run_simulation(server_app=server, client_app=session_client_app, num_supernodes=nodes.pop(),
+                       backend_name="ray", verbose_logging=verbose,
+                       backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
+                                       "init_args": init_args})
+    finally:
+        if started:
+            stop_ray()
     if len(results) != len(prepared):
         raise RuntimeError(f"the session ended after {len(results)} of {len(prepared)} runs; rerun with verbose=True")
     return results

@@ -135,11 +135,16 @@ def test_simulate_warns_before_ray_starts(cli, monkeypatch, tmp_path: Path, trun
 
 
 def test_import_on_a_device_without_the_model_notes_it(cli, monkeypatch, tmp_path: Path, unreadable: Path) -> None:
-    """Building the embedded model takes a while: an import does not do it, it says the check was skipped."""
+    """Building an embedded model of another seed than the shipped one takes a while: an import does not do
+    it, it says the check was skipped."""
+    from fedpersona.client.device_state import DeviceState
+
     monkeypatch.setenv("FEDPERSONA_CACHE", str(tmp_path / "empty-cache"))
+    with DeviceState(tmp_path / "s", create=True) as st:
+        st.bind("embedded:7", "split")
     code, out, err = cli("feedback", "import", str(unreadable), "--state", str(tmp_path / "s"))
     assert code == 0 and "imported 5 pairs" in out
-    assert err.strip() == ("fedpersona: note: pairs not checked against model embedded (not built yet on this "
+    assert err.strip() == ("fedpersona: note: pairs not checked against model embedded:7 (not built yet on this "
                            "device; `fedpersona client` builds it)")
     assert not (tmp_path / "empty-cache").exists()
 

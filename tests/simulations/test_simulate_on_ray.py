@@ -61,6 +61,9 @@ def test_summary_contract(run):
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["num_users"] == 6 and summary["rounds"] == 3 and summary["scheme"] == "split"
     assert summary["epsilon_max"] is None
+    from fedpersona.model.embedded import read_sums, shipped_path
+
+    assert summary["model_sha256"] == read_sums(shipped_path())["model.safetensors"]  # the shipped bits
     for key in SUMMARY_KEYS:
         if key.endswith(("_mean", "_p10", "_min")):
             assert 0.0 <= summary[key] <= 1.0
