@@ -120,7 +120,7 @@ def test_simulate_warns_before_ray_starts(cli, monkeypatch, tmp_path: Path, trun
     code, out, err = cli("simulate", "--data", str(truncated), "--rounds", "1", "--out", str(tmp_path / "out"),
                          "--json", "-q")
     assert code == 0
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("log: ")]  # the run's log path
     n = needed_length()
     assert lines == [f"fedpersona: warning: 8 of 8 pairs become the same token sequence at max-length 96: chosen "
                      f"and rejected differ only past the tokens it keeps, so they carry no preference signal; "
@@ -130,7 +130,8 @@ def test_simulate_warns_before_ray_starts(cli, monkeypatch, tmp_path: Path, trun
 
     code, out, err = cli("simulate", "--data", str(truncated), "--rounds", "1", "--out", str(tmp_path / "out2"),
                          "--json", "-q", "--set", f"max-length={n}")
-    assert code == 0 and [line for line in err.splitlines() if line.strip()] == ["engine starts"]
+    assert code == 0 and [line for line in err.splitlines()
+                          if line.strip() and not line.startswith("log: ")] == ["engine starts"]
     assert json.loads(out)["signal_identical_after_truncation"] == 0
 
 
