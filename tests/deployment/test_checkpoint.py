@@ -231,7 +231,8 @@ def test_server_resumes_a_damaged_checkpoint_from_the_newest_round_that_loads(tm
                "Error while deserializing header:")
     fallback = f"; resuming from round 1 ({checkpoints / 'round-00001'}) instead"
     said = [line for line in log.read_text().splitlines() if "cannot be resumed" in line]
-    assert len(said) == 1 and said[0].startswith(warning) and said[0].endswith(fallback), said
+    assert len(said) == 1 and said[0].removeprefix("fedpersona: warning: ").startswith(warning), said
+    assert said[0].endswith(fallback), said
     assert "submitted: 3 rounds (resuming after round 1)" in log.read_text()
     assert json.loads((state / "run.json").read_text())["resume_from_round"] == 1
     run_log = next(run_logs.glob("run-*.log")).read_text(errors="replace")
