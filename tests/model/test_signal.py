@@ -72,6 +72,13 @@ def test_defaults_are_the_run_defaults() -> None:
 
     assert DEFAULT_MAX_LENGTH == inspect.DEFAULT_MAX_LENGTH == RunConfig().max_length
     assert inspect.DEFAULT_MODEL == RunConfig().model
+    # `data inspect`'s flags (literals there: importing the data formats would slow every command's start)
+    import inspect as python_inspect
+
+    from fedpersona.cli import data_inspect
+
+    flags = python_inspect.signature(data_inspect).parameters
+    assert (flags["max_length"].default, flags["model"].default) == (RunConfig().max_length, RunConfig().model)
 
 
 def test_truncated_pairs_counted_with_the_smallest_length_that_keeps_them(plain) -> None:
