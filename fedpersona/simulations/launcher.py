@@ -184,50 +184,19 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def _descendants(pid: int) -> list[int]:
-    """Processes below ``pid``, parents before children (Linux: /proc; elsewhere none found)."""
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            if child not in found:
-                found.append(child)
-                todo.append(child)
-    return found
-
-
 def kill_ray() -> None:
     """For a run stopped by a signal, which then leaves at once (``fedpersona.cli``): end the Ray processes
     this process started. Ray ties its head processes (GCS, raylet, ...) to their driver, but not what the
     raylet started: its dashboard and runtime-env agents outlived it, orphaned. So every process below
-    this one is killed (parents first: nothing new is started meanwhile); where /proc is missing, Ray's
-    own list of the head's processes."""
+    this one is killed (psutil lists them parents first: nothing new is started meanwhile)."""
     if not _RAY["started"]:
         return
-    pids = _descendants(os.getpid())
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if not pids:
-        try:
-            import ray
+    import psutil
 
-            ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)  # noqa: SLF001
-        except Exception:  # noqa: BLE001 - leaving anyway
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:  # gone already, or not ours to kill
             pass
 
 
