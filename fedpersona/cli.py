@@ -45,6 +45,16 @@ def _config_from(config_file: Optional[Path], settings: list[str], flags: dict[s
     return config.with_dp_defaults(explicit | set(pairs) | set(given))
 
 
+def checked_config(config_file: Optional[Path], settings: list[str], flags: dict[str, Any]):
+    """``_config_from`` and the model it names (``model.loading.check_model``): a bad setting or ``--model``
+    is one line and exit 2 in a second or two, before a command imports Flower, Ray or transformers."""
+    from fedpersona.model.loading import check_model
+
+    cfg = _config_from(config_file, settings, flags)
+    check_model(cfg.model)
+    return cfg
+
+
 @app.command()
 def simulate(
     users: Annotated[Optional[int], Opt("--users", "--num-users", "-n", help="Number of simulated users (synthetic data; default 32).")] = None,
@@ -72,17 +82,17 @@ def simulate(
     json_out: Annotated[bool, Opt("--json", help="Print summary.json to stdout instead of the table.")] = False,
 ) -> None:
     """Simulate many users with Flower's simulation engine on Ray, then print a summary table."""
-    from rich.console import Console
-
-    from fedpersona.server.display import LOG_NAME, ConsoleReporter, QuietReporter, RunLog, summary_table
-    from fedpersona.simulations.launcher import Resources, simulate as run
-
     flags = {"num-users": users, "rounds": rounds, "fraction-train": fraction, "seed": seed, "model": model,
              "data": data, "scheme": scheme, "strategy": strategy,
              "strategy-args": ",".join(strategy_arg) if strategy_arg else None,
              "dp-epsilon": target_epsilon if dp else None, "dp-delta": delta, "dp-max-grad-norm": max_grad_norm,
              "dp-accountant": accountant}
-    cfg = _config_from(config, set_, flags)
+    cfg = checked_config(config, set_, flags)
+    from rich.console import Console  # the heavy imports (Flower, Ray, transformers) only once the inputs are sound
+
+    from fedpersona.server.display import LOG_NAME, ConsoleReporter, QuietReporter, RunLog, summary_table
+    from fedpersona.simulations.launcher import Resources, simulate as run
+
     reporter = QuietReporter() if quiet else ConsoleReporter()
     stop_cleanly(out)
     with RunLog(out / LOG_NAME, verbose=verbose) as log:

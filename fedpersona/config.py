@@ -29,8 +29,8 @@ GENERATED_SCENARIOS = ("styles",)
 # (fedpersona.client.policy). Keys in underscore spelling.
 SIMULATION_ONLY = ("data", "num_users", "dirichlet_alpha", "test_fraction", "max_train_pairs", "max_test_pairs",
                    "new_users", "new_user_shots", "new_user_steps", "gen_prompts", "gen_max_tokens",
-                   "gen_temperature", "run_tag", "dp_reproducible", "device", "attack", "attack_users",
-                   "attack_rounds", "attack_scale")
+                   "gen_temperature", "gen_users", "cohort_size", "cohort_batching", "run_tag", "dp_reproducible",
+                   "device", "attack", "attack_users", "attack_rounds", "attack_scale")
 # What works under pair-level DP (configs/dp-pal.toml, measured in README "Privacy"): settings a user did
 # not set take these values when DP is on. PAL's private part is 2 mixture logits instead of a LoRA head the
 # noise drowns; group-wise clipping gives the prototypes most of the clip norm; a small random start keeps
@@ -52,7 +52,10 @@ class RunConfig:
     num_users: int = 32  # simulated users of a synthetic scenario (a pair file brings its own users)
     rounds: int = 15  # federated rounds
     fraction_train: float = 0.5  # fraction of the users trained each round
-    eval_every: int = 1  # evaluate every user every k rounds (and always after the last round)
+    eval_every: int = 1  # evaluate every k rounds (and always after the last round, then every user)
+    # fraction of the users evaluated on an evaluation round before the last (a seeded sample; the final
+    # evaluation takes every user). 0: the same as fraction-train, so a round evaluates about as many as it trains
+    fraction_evaluate: float = 0.0
     min_users: int = 2  # users (devices) a round needs before it starts
     round_timeout: float = 3600.0  # seconds a round waits for replies
     seed: int = 0  # seed of users, sampling and initialisation
@@ -80,6 +83,14 @@ class RunConfig:
     gen_prompts: int = 8  # held-out prompts per user of the final generation check (0: off)
     gen_max_tokens: int = 72  # tokens generated per prompt in that check
     gen_temperature: float = 0.7  # sampling temperature of that check (0: greedy); same seed for both models
+    gen_users: int = 32  # users whose final evaluation runs the generation check (a seeded sample; 0: every user)
+    # simulation at scale (fedpersona/server/user_grid.py): users are not Flower nodes; one message asks a
+    # worker to train or evaluate a cohort of up to cohort-size users, one after another on its resident model
+    cohort_size: int = 16  # most users one simulation message (one worker call) trains or evaluates
+    # train a cohort's users in one forward/backward (fedpersona/alignment/cohort.py) where that equals
+    # training them one after another (not under pair-level DP); false: always one after another
+    cohort_batching: bool = True
+    per_user_rows: bool = False  # metrics.jsonl rows also list every evaluated user's accuracy (large at scale)
     run_tag: str = ""  # label of one run inside a multi-run simulation session (keeps node state apart)
     # local training
     loss: str = "dpo"  # preference loss: dpo, ipo or simpo
@@ -248,6 +259,11 @@ class RunConfig:
         return self.dp_planned_rounds or planned_participations(self.rounds, self.fraction_train)
 
     @property
+    def evaluate_fraction(self) -> float:
+        """The fraction of users evaluated on a round before the last (``fraction_evaluate`` resolved)."""
+        return self.fraction_evaluate or self.fraction_train
+
+    @property
     def is_synthetic(self) -> bool:
         return self.data.startswith("synthetic:")
 
@@ -272,6 +288,9 @@ class RunConfig:
         need(self.rounds >= 1, "rounds", "need at least 1 round")
         need(0.0 < self.fraction_train <= 1.0, "fraction_train", "must be in (0, 1]")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
+        need(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must be in [0, 1] (0: same as fraction-train)")
+        need(self.gen_users >= 0, "gen_users", "must be >= 0 (0: every user)")
+        need(self.cohort_size >= 1, "cohort_size", "must be >= 1 user per message")
         need(self.min_users >= 1, "min_users", "must be >= 1")
         need(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
         need(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")

@@ -26,6 +26,10 @@ NUM_EXAMPLES = "num-examples"
 DECLINED = "declined"
 REASON = "reason"
 DETAIL = "detail"
+# Simulation only (fedpersona.server.user_grid): the users one message is for, and where their replies sit
+# in the cohort's reply (one record per user and kind: ``user-7.arrays``, ``user-7.metrics``, ...)
+COHORT = "fedpersona.cohort"  # ConfigRecord {"users": [user indices]}
+COHORT_ERROR = "error"  # a user's record kind in a cohort reply when its part failed: ConfigRecord {"reason": ...}
 RUN_LINEAGE = "run-lineage"  # message config: one id for a run and every resumption of it (deployment)
 
 # Why a device declines a round. Stable strings: they are counted in metrics.jsonl and shown to operators.
@@ -47,6 +51,11 @@ DECLINE_REASONS: dict[str, str] = {
     "bad-shared": "the server's shared adapter holds NaN or Inf; the device neither stores nor trains on it",
     "diverged": "local training produced NaN or Inf (learning rate too high?); nothing was kept or sent",
 }
+
+
+def cohort_key(user: int, kind: str) -> str:
+    """The key of ``user``'s ``kind`` record (arrays, metrics, status, error) in a cohort reply."""
+    return f"user-{user}.{kind}"
 
 
 def status_record(reason: str, detail: str = "") -> dict[str, str]:

@@ -38,3 +38,8 @@ def cli(capsys):
         return int(done.value.code or 0), out, err
 
     return run
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end test with real processes (SuperLink/SuperNode, a Ray cluster; "
+                                       "runs by default)")

@@ -115,3 +115,36 @@ def test_settings_lists_every_setting_with_a_meaning_and_typos_get_a_suggestion(
     assert [r["setting"] for r in listed] == [f.name.replace("_", "-") for f in fields(RunConfig)]
     assert all(len(r["meaning"]) >= 10 for r in listed), [r for r in listed if len(r["meaning"]) < 10]
     assert "did you mean 'dp-epsilon'?" in one_line_error(fedpersona("simulate", "--set", "dp-epsiln=3"))
+
+
+HEAVY = ("ray", "transformers", "peft", "opacus", "fedpersona.simulations.launcher", "fedpersona.server.launch")
+
+
+def test_a_bad_model_or_setting_is_refused_before_anything_heavy_starts(tmp_path):
+    """Issue 14: a bad --model or setting is one line and exit 2, and nothing heavy (Ray, transformers, the
+    launchers, a SuperLink) was imported or started for it: what made it take 5-40 s. A Hub endpoint nothing
+    listens on stands for "offline" (no network involved)."""
+    probe = (
+        "import json, sys\n"
+        "from fedpersona.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as done:\n    code = done.code\n"
+        f"print(json.dumps({{'code': code, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+        "sys.exit(code)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+    server = ["server", "--insecure", "--state", str(tmp_path / "server")]
+    for argv, expected in (
+        (["simulate", "--model", "some-org/no-such-model"], "not in the local Hugging Face cache"),
+        (["simulate", "--model", "./no-such-folder"], "no such file or folder"),
+        (["simulate", "--model", "embedded:abc"], "must be a whole number"),
+        (["simulate", "--set", "colour=blue"], "unknown setting 'colour'"),
+        ([*server, "--model", "some-org/no-such-model"], "out of reach"),
+        ([*server, "--model", "./no-such-folder"], "no such file or folder"),
+        ([*server, "--set", "rounds=0"], "rounds=0 is invalid"),
+    ):
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120,
+                                env=env, cwd=tmp_path)
+        assert expected in one_line_error(result), (argv, result.stderr)
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report == {"code": 2, "heavy": []}, (argv, report)
+    assert not (tmp_path / "server").exists()  # no SuperLink started, no state folder made

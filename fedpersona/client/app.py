@@ -1,9 +1,11 @@
-"""The Flower ClientApp: one user per node; shared tensors in the reply, private tensors kept local.
+"""The Flower ClientApp: shared tensors in the reply, private tensors kept local.
 
-In simulation the user is ``node_config["partition-id"]`` and the private adapter lives in the node's
-``Context.state`` between rounds (Flower keeps a context per node). On a real device (``fedpersona
-client``: node config ``state-dir``) the user, their pairs, private adapter and ledger live in that
-state directory instead (``fedpersona.client.device``). The reply carries one ArrayRecord
+On a real device (``fedpersona client``: node config ``state-dir``) a node is one user, whose pairs,
+private adapter and ledger live in the device's state directory (``fedpersona.client.device``). In a
+simulation a message names a cohort of users (``fedpersona.client.cohort``; users are not nodes, see
+``fedpersona.server.user_grid``) whose private state lives in the run's user store; a message naming no
+cohort is for the node's own user (``node_config["partition-id"]``, private state in the node's
+``Context.state``: Flower's own one-user-per-node simulation). The reply carries one ArrayRecord
 (shared tensors only) and one MetricRecord: ``num-examples`` and counters, never a raw loss, a pair
 or a per-example value.
 """
@@ -17,16 +19,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedpersona.client.device import device_for, evaluate_on_device, train_on_device
-from fedpersona.client.local import RoundResult, current_epsilon, evaluate_round, population_user, train_round
+from fedpersona.client.cohort import cohort_of, evaluate_cohort, evaluation_metrics, train_cohort, user_view
+from fedpersona.client.local import RoundResult, population_user, train_round
 from fedpersona.client.policy import Decline
 from fedpersona.config import RunConfig
 from fedpersona.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, STATUS, status_record
-from fedpersona.privacy.user_level import clipping_mod_when_asked
+from fedpersona.privacy.user_level import CLIPPING_NORM_KEY, clip_user_reply, clipping_mod_when_asked
 
 PRIVATE_KEY = "fedpersona.private"
 COUNTERS_KEY = "fedpersona.counters"
 LEDGER_KEY = "fedpersona.ledger"
-ROSTER_KEY = "fedpersona.roster"  # the server's query for a node's user index (fedpersona.server.roster)
 
 
 class ContextStore:
@@ -94,6 +96,24 @@ def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
     return RecordDict({ARRAYS: ArrayRecord(result.shared), METRICS: MetricRecord(metrics)})
 
 
+def _cohort_user_reply(msg: Message, context: Context):
+    """How one user of a training cohort replies: its ``train_reply``, tampered with if the simulation makes
+    it malicious, its update clipped when the server asked (user-level DP), as a one-user message would be."""
+    from fedpersona.simulations.attacks import tamper
+
+    def reply(config: RunConfig, index: int, result: RoundResult) -> RecordDict:
+        content = tamper(config, index, train_reply(config, result), msg.content)
+        if CLIPPING_NORM_KEY in msg.content["config"] and not result.declined:
+            view, call_next = user_view(msg, content)
+            clipped = clip_user_reply(view, context, call_next)
+            if clipped.has_error():
+                raise RuntimeError(clipped.error.reason)
+            content = clipped.content
+        return content
+
+    return reply
+
+
 def declined_evaluation(decline: Decline) -> RecordDict:
     """An evaluation reply that keeps the user's accuracies on the device (its policy under DP)."""
     return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 0, DECLINED: 1}),
@@ -110,6 +130,9 @@ def train(msg: Message, context: Context) -> Message:
         result = train_on_device(state, config, extras, _shared_from(msg), context.node_config, simulation_keys)
         return Message(train_reply(config, result), reply_to=msg)
     config, extras = RunConfig.from_message(msg.content["config"])
+    if cohort_of(msg) is not None:  # a simulation's cohort of users (fedpersona.server.user_grid)
+        return Message(train_cohort(msg, context, config, extras, _shared_from(msg), _cohort_user_reply(msg, context)),
+                       reply_to=msg)
     index = user_index(context)
     store = ContextStore(context)
     result = train_round(config, population_user(config, index), index, int(extras.get("server-round", 0)),
@@ -117,16 +140,6 @@ def train(msg: Message, context: Context) -> Message:
     from fedpersona.simulations.attacks import tamper  # simulated malicious users (settings attack, attack-users)
 
     return Message(tamper(config, index, train_reply(config, result), msg.content), reply_to=msg)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """The server's roster question (``fedpersona.server.roster``): which user this simulated node holds.
-    A partition id is a simulation detail, not user data; a device answers nothing."""
-    metrics: dict[str, int] = {}
-    if ROSTER_KEY in msg.content.config_records and device_for(context.node_config) is None:
-        metrics["user-index"] = user_index(context)
-    return Message(RecordDict({ROSTER_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -138,17 +151,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             return Message(declined_evaluation(metrics), reply_to=msg)
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
     config, extras = RunConfig.from_message(msg.content["config"])
+    if cohort_of(msg) is not None:  # a simulation's cohort of users (fedpersona.server.user_grid)
+        return Message(evaluate_cohort(msg, config, extras, _shared_from(msg)), reply_to=msg)
     index = user_index(context)
-    store = ContextStore(context)
-    user = population_user(config, index)
-    acc = evaluate_round(config, user, _shared_from(msg), store, index=index, extras=extras)
-    metrics = MetricRecord({
-        "num-examples": len(user.test),
-        "user-index": index,
-        "rounds-trained": store.rounds_trained(),
-        # every reply has the same keys (Flower aggregates only consistent MetricRecords): 0.0 until trained
-        **({"epsilon": current_epsilon(store) or 0.0} if config.dp_epsilon > 0 else {}),
-        **{f"acc-{name}": value for name, value in acc.accuracies.items()},
-        **acc.metrics,  # final evaluation only: private-params, gen-win-rate (see client.local)
-    })
+    metrics = evaluation_metrics(config, index, _shared_from(msg), ContextStore(context), extras)
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -22,6 +22,7 @@ user's held-out prompts, scored with the user's hidden utility.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import threading
@@ -154,9 +155,10 @@ def round_seed(config: RunConfig, user_index: int, server_round: int) -> int:
 
 
 def prepare(resident: ResidentModel, shared: Mapping[str, torch.Tensor] | None, store: PrivateStore,
-            init: Callable[[], None] | None = None) -> None:
+            init: Callable[[], None] | None = None) -> bool:
     """Put this user's view into the resident model: the server's shared tensors, the user's private ones
-    (initial values if it has none yet, then ``init``: a scheme's own starting point for training)."""
+    (initial values if it has none yet, then ``init``: a scheme's own starting point for training).
+    Returns whether the user had private tensors of its own."""
     if resident.adapters.names(Role.SHARED):
         if shared is None:
             raise ValueError("the server sent no shared tensors for a scheme that has them")
@@ -166,8 +168,9 @@ def prepare(resident: ResidentModel, shared: Mapping[str, torch.Tensor] | None, 
         resident.adapters.reset(Role.PRIVATE)
         if init is not None:
             init()
-    else:
-        resident.adapters.load(private, Role.PRIVATE)
+        return False
+    resident.adapters.load(private, Role.PRIVATE)
+    return True
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,13 @@ def pretraining_loss(resident: ResidentModel, pairs: Sequence[PreferencePair], s
     return total / max(len(encoded), 1)
 
 
+def _private_init(config: RunConfig, resident: ResidentModel, scheme: Scheme, user_index: int) -> Callable[[], None] | None:
+    """The scheme's own starting point for a user's private tensors (None: the layout's initial values)."""
+    if scheme.init_private is None:
+        return None
+    return lambda: scheme.init_private(resident.adapters, round_seed(config, user_index, 0), config)
+
+
 def train_round(config: RunConfig, user: UserData, user_index: int, server_round: int,
                 shared: Mapping[str, torch.Tensor] | None, store: PrivateStore,
                 extras: Mapping[str, Any] | None = None) -> RoundResult:
@@ -229,9 +239,7 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
         return declined_result("new-user")
     resident = resident_for(config)
     scheme = get_scheme(config.scheme)
-    init = (None if scheme.init_private is None else
-            lambda: scheme.init_private(resident.adapters, round_seed(config, user_index, 0), config))
-    prepare(resident, shared, store, init)
+    prepare(resident, shared, store, _private_init(config, resident, scheme, user_index))
     seed = round_seed(config, user_index, server_round)
     metrics: dict[str, float] = {}
     if options.train_loss_key:
@@ -251,8 +259,16 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
         else:
             stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed), None
             weight = len(user.train)
-    private = resident.adapters.tensors(Role.PRIVATE)
-    sent = resident.adapters.tensors(Role.SHARED)
+    return _finish_round(config, scheme, resident, shared, store, resident.adapters.tensors(Role.PRIVATE),
+                         resident.adapters.tensors(Role.SHARED), stats, epsilon, weight, metrics)
+
+
+def _finish_round(config: RunConfig, scheme: Scheme, resident: ResidentModel,
+                  shared: Mapping[str, torch.Tensor] | None, store: PrivateStore,
+                  private: dict[str, torch.Tensor], sent: dict[str, torch.Tensor], stats: Any,
+                  epsilon: float | None, weight: int, metrics: dict[str, float]) -> RoundResult:
+    """A trained user's round from its new tensors: the scheme shapes what is sent, a NaN/Inf result is
+    declined (nothing kept), else the private tensors are stored before anything leaves."""
     if scheme.shape_update is not None and shared is not None:
         sent = scheme.shape_update(resident.adapters, shared, sent)  # e.g. PAL's responsibility weighting
     if (bad := first_non_finite(private, sent)) is not None:
@@ -262,6 +278,66 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
                                            f"{config.lr:g}; lower the learning rate", epsilon=epsilon)
     store.save_private(private, store.rounds_trained() + 1)
     return RoundResult(sent, weight, stats, epsilon=epsilon, metrics=metrics)
+
+
+def batching_refusal(config: RunConfig, extras: Mapping[str, Any] | None = None) -> str | None:
+    """Why a cohort's users cannot be trained in one forward/backward (None: they can; the result equals
+    training them one after another, ``fedpersona.alignment.cohort``)."""
+    options = RoundOptions.from_extras(extras)
+    if not config.cohort_batching:
+        return "cohort-batching is off"
+    if config.dp_epsilon > 0:
+        return "pair-level DP-SGD clips per pair within one user: users train one after another"
+    if options.train_loss_key:
+        return "the strategy asks for each user's loss before training"
+    if get_scheme(config.scheme).shape_update is not None:
+        return f"scheme {config.scheme} shapes each update after training"
+    from fedpersona.alignment.cohort import cohort_supported
+
+    return cohort_supported(resident_for(config), config.train_settings)
+
+
+def train_cohort_rounds(config: RunConfig, users: Sequence[tuple[int, UserData, PrivateStore]],
+                        server_round: int, shared: Mapping[str, torch.Tensor] | None,
+                        extras: Mapping[str, Any] | None = None) -> list[RoundResult | Exception]:
+    """``train_round`` for each ``(index, data, store)`` of a cohort, in order; each entry the user's result
+    or the exception its round raised (one user's failure does not fail the others).
+
+    Where ``batching_refusal`` allows, the cohort's training users run in one forward/backward per step
+    (``fedpersona.alignment.cohort.train_cohort``: the same tensors as one after another, to float
+    tolerance); else, and for fewer than two training users, one after another."""
+    trainees = [i for i, (index, _, _) in enumerate(users) if not is_new_user(config, index)]
+    if len(trainees) < 2 or batching_refusal(config, extras) is not None:
+        out: list[RoundResult | Exception] = []
+        for index, data, store in users:
+            try:
+                out.append(train_round(config, data, index, server_round, shared, store, extras))
+            except Exception as err:  # noqa: BLE001 - reported as this user's failure
+                out.append(err)
+        return out
+    from fedpersona.alignment.cohort import CohortJob, train_cohort
+
+    resident = resident_for(config)
+    scheme = get_scheme(config.scheme)
+    jobs = []
+    for i in trainees:
+        index, data, store = users[i]
+        prepare(resident, shared, store, _private_init(config, resident, scheme, index))
+        jobs.append(CohortJob(pairs=data.train, seed=round_seed(config, index, server_round),
+                              shared=resident.adapters.tensors(Role.SHARED),
+                              private=resident.adapters.tensors(Role.PRIVATE)))
+    options = RoundOptions.from_extras(extras, server_round)
+    trained = dict(zip(trainees, train_cohort(resident, jobs, config.train_settings, proximal_mu=options.proximal_mu),
+                       strict=True))
+    results: list[RoundResult | Exception] = []
+    for i, (index, data, store) in enumerate(users):
+        if i not in trained:
+            results.append(declined_result("new-user"))
+            continue
+        done = trained[i]
+        results.append(_finish_round(config, scheme, resident, shared, store, done.private, done.shared,
+                                     done.stats, None, len(data.train), {}))
+    return results
 
 
 def first_non_finite(*groups: Mapping[str, torch.Tensor]) -> str | None:
@@ -331,8 +407,11 @@ class PersonalViews:
         finally:
             self.resident.adapters.load(self.personal_shared, Role.SHARED)
 
-    def evaluate(self, pairs: Sequence[PreferencePair], max_length: int) -> dict[str, float]:
-        acc = evaluate_user(self.resident, pairs, max_length)
+    def evaluate(self, pairs: Sequence[PreferencePair], max_length: int, *,
+                 personal_is_global: bool = False) -> dict[str, float]:
+        """Accuracies of the personalized, global and base models (``evaluate_user``);
+        ``personal_is_global``: the private tensors are at their initial values (the global view)."""
+        acc = evaluate_user(self.resident, pairs, max_length, personal_is_global=personal_is_global)
         if self.global_shared is not None:
             with self.global_view():
                 acc["global"] = evaluate_user(self.resident, pairs, max_length)["global"]
@@ -360,6 +439,25 @@ def win_rate(personal_scores: Sequence[float], global_scores: Sequence[float]) -
         return math.nan
     wins = sum(1.0 if p > g else 0.5 if p == g else 0.0 for p, g in zip(personal_scores, global_scores, strict=True))
     return wins / len(personal_scores)
+
+
+def in_generation_sample(config: RunConfig, index: int) -> bool:
+    """Whether user ``index``'s final evaluation runs the generation check: a seeded sample of ``gen_users``
+    training users and as many new users (every user of a group no larger; ``gen_users`` 0: everyone).
+    The check costs ~1.5 s per user on the embedded model, 10x the rest of an evaluation."""
+    if config.gen_users == 0:
+        return True
+    return index in _generation_sample(config.num_users, config.new_users, config.gen_users, config.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _generation_sample(num_users: int, new_users: int, k: int, seed: int) -> frozenset[int]:
+    import random
+
+    rng = random.Random(f"{seed}/generation-check")
+    picked = rng.sample(range(num_users), min(k, num_users))
+    picked += rng.sample(range(num_users, num_users + new_users), min(k, new_users))
+    return frozenset(picked)
 
 
 def generation_check(config: RunConfig, views: PersonalViews, user: UserData, index: int) -> float:
@@ -393,7 +491,7 @@ def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch
     final = options.server_round >= config.rounds
     scheme = get_scheme(config.scheme)
     resident = resident_for(config)
-    prepare(resident, shared, store)
+    has_private = prepare(resident, shared, store)
     new = index is not None and is_new_user(config, index)
     fit_pairs: Sequence[PreferencePair] = ()
     settings = config.train_settings
@@ -411,10 +509,14 @@ def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch
                                                          release_count=False))  # it sends nothing
             fit_personal(resident, scheme, fit_pairs, settings, round_seed(config, index or 0, -1), train)
         views = PersonalViews(resident, global_shared)
-        evaluation = Evaluation(views.evaluate(user.test, config.max_length))
+        # a user with no private tensors of its own (never trained: most of a large population) and nothing
+        # fitted here has its private tensors at their initial values: its personal model IS the global one
+        untouched = not has_private and not (fit_pairs and scheme.personal_fit != "none")
+        evaluation = Evaluation(views.evaluate(user.test, config.max_length, personal_is_global=untouched))
         if final:
             evaluation.metrics["private-params"] = private_parameter_count(resident, scheme)
-            if config.is_synthetic and config.gen_prompts > 0 and index is not None:
+            checked = config.is_synthetic and config.gen_prompts > 0 and index is not None
+            if checked and in_generation_sample(config, index):
                 evaluation.metrics["gen-win-rate"] = generation_check(config, views, user, index)
         return evaluation
     finally:

@@ -8,6 +8,12 @@ TLS towards the server by default, and optional SuperNode authentication (``--au
 By default the ClientApp's tasks run in this process (``fedpersona.client.executor``: the model is
 loaded once); ``cold=True`` leaves them to Flower, which starts one ``flwr-clientapp`` per message.
 
+What the terminal shows: the device's own lines (its policy, connected to the server, each round
+trained, evaluated or declined and why, a task that failed). Flower's SuperNode writes its output to
+``STATE/logs/supernode.log`` (``--log``), and this process's records (fedpersona's, Flower's runtime
+client, library warnings) go to ``STATE/logs/fedpersona.log``; both are named when the client starts
+(``--verbose`` shows them on the terminal as well).
+
 Restarts: nothing the device needs lives in this process. A client killed at any moment (power loss,
 SIGKILL) is restarted with the same ``--state`` and rejoins: every state file is written atomically,
 so it finds its last complete private adapter, ledger and memory; the SuperNode registers again (a
@@ -16,16 +22,19 @@ new node id without authentication, the same one with ``--auth-key``) and takes 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from fedpersona.client.supernode_main import ENV
 from fedpersona.errors import UsageError
@@ -34,6 +43,8 @@ from fedpersona.processes import child_env, executable, free_port, parse_address
 
 _log = logging.getLogger(__name__)
 GUARD_FILE = ".client.lock"  # held by the one `fedpersona client` serving a state directory
+LOG_DIR = "logs"  # STATE/logs: the client's log files (nothing of the user's data goes in them)
+NODE_LOG = "supernode.log"  # Flower's SuperNode output (default of --log)
 
 
 @dataclass(frozen=True)
@@ -132,14 +143,18 @@ def check_device(options: ClientOptions):
     user's flags applied)."""
     from fedpersona.client.device import readiness_problem
     from fedpersona.client.device_state import DeviceState
-    from fedpersona.client.policy import policy_for
+    from fedpersona.client.policy import DevicePolicy, policy_for
 
     if not options.state.is_dir():
         raise UsageError(f"--state {options.state}: no device state here; import feedback first with "
                          f"`fedpersona feedback import FILE --state {options.state}`")
     with DeviceState(options.state, create=False) as state:
         state.check_files()
-        problem = state.ledger_problem() or readiness_problem(state)
+        given = {k: v for k, v in options.policy if v is not None}  # the flags, saved below once all is well
+        policy = dataclasses.replace(DevicePolicy.load(state.dir) or DevicePolicy(), **given)
+        # a device whose policy admits rounds without DP may have trained without a ledger; a DP round is
+        # then declined ("ledger-missing", client.device.train_on_device), as it is for a running device
+        problem = (state.ledger_problem() if policy.require_dp else None) or readiness_problem(state)
         if problem:
             raise UsageError(problem)
         return policy_for(state.dir, **dict(options.policy))
@@ -167,11 +182,29 @@ def signal_warnings(state_dir: Path) -> list[str]:
 AUTH_RETRY_SECONDS = 10.0  # flwr exits with status 1 for every error, so any early exit is retried
 
 
-def run_client(options: ClientOptions, *, log: IO[bytes] | None = None) -> int:
+def node_log_path(options: ClientOptions, given: Path | None = None) -> Path:
+    """Where Flower's SuperNode writes: ``--log`` if given, else ``STATE/logs/supernode.log``."""
+    return given if given is not None else options.state / LOG_DIR / NODE_LOG
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_client(options: ClientOptions, *, node_log: Path | None = None, verbose: bool = False,
+               say: Callable[[str], None] = _stderr, ready: Callable[[Path], None] | None = None,
+               stopping: threading.Event | None = None) -> int:
     """Serve this device until the SuperNode ends or we are stopped (SIGINT/SIGTERM).
 
     Returns 0 when stopped by a signal, else the SuperNode's exit status (it exits when it gives up
     reaching the server after ``max_wait_time``, or on a fatal error such as a refused auth key).
+
+    ``say`` shows the device's own lines (connected, each round's outcome); the SuperNode writes to
+    ``node_log`` (default ``STATE/logs/supernode.log``), shown through ``say``'s stream too when ``verbose``.
+    ``ready(node_log)`` is called once the inputs are sound, before anything is written (the caller's own
+    log file is created then: bad input leaves no file behind). ``stopping`` is set when a signal stops
+    the device, and when it ends otherwise: what tasks cut short log after it is shutdown noise (the
+    caller keeps it off the terminal; its log keeps it).
 
     With ``auth_key`` the node has a fixed identity, and a device restarted right after a crash is
     refused while the SuperLink still counts its previous self as online (until that one's heartbeat
@@ -184,14 +217,20 @@ def run_client(options: ClientOptions, *, log: IO[bytes] | None = None) -> int:
     host, port = parse_address(options.server, "--server")
     if (problem := tls_problem(host, port, insecure=options.insecure, root_certificates=options.root_certificates)):
         raise UsageError(problem)  # the SuperNode would retry it forever without a word
+    node_log = node_log_path(options, node_log)
+    node_log.parent.mkdir(parents=True, exist_ok=True)
+    if ready is not None:
+        ready(node_log)
     print(f"fedpersona: device policy: {policy.describe()} ({options.state / 'policy.json'})", file=sys.stderr,
           flush=True)
     for line in signal_warnings(options.state):
         print(f"fedpersona: warning: {line}", file=sys.stderr, flush=True)
     interrupted = threading.Event()
     stop_event = threading.Event()
+    stopping = stopping if stopping is not None else threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
         interrupted.set()
         stop_event.set()
         raise KeyboardInterrupt  # interrupts a running task too: every state write is atomic
@@ -199,29 +238,47 @@ def run_client(options: ClientOptions, *, log: IO[bytes] | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     code: int | None = None
     retry_until = time.monotonic() + 2 * (options.heartbeat_interval or 30.0) + 30.0
+    handle = node_log.open("ab")
+    watch = NodeWatch(node_log, handle.tell(), options, say, echo=verbose)
+    watch.start()
     try:
         with StateGuard(options.state.resolve()):
+            say(f"connecting to the server at {options.server} ...")
             while True:
                 started = time.monotonic()
-                code = _serve_once(options, log, stop_event)
+                code = _serve_once(options, handle, stop_event, say)
                 if interrupted.is_set():
                     return 0
                 refused = options.auth_key is not None and code not in (0, None)
                 if not refused or time.monotonic() - started > 120 or time.monotonic() > retry_until:
                     break
-                _log.warning("the SuperLink refused this device for now (its previous session may still count as "
-                             "online); retrying in %.0f s", AUTH_RETRY_SECONDS)
+                say(f"the server refused this device for now (its previous session may still count as online); "
+                    f"retrying in {AUTH_RETRY_SECONDS:.0f} s")
                 time.sleep(AUTH_RETRY_SECONDS)
                 stop_event = threading.Event()
     except KeyboardInterrupt:
         return 0
     finally:
+        stopping.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _join_tasks(5.0)  # tasks cut short by the stop end here, while the log is still open
+        watch.finish()
+        handle.close()
     return 1 if code is None else abs(code)
 
 
-def _serve_once(options: ClientOptions, log: IO[bytes] | None, stop_event: threading.Event) -> int | None:
+def _join_tasks(timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for the executor's task threads (``task-ID``) to end; with the
+    SuperNode gone their Runtime API calls fail at once."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name.startswith("task-") and thread is not threading.current_thread():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _serve_once(options: ClientOptions, log: IO[bytes] | None, stop_event: threading.Event,
+                say: Callable[[str], None] = _stderr) -> int | None:
     """One SuperNode process, served until it exits or ``stop_event``; returns its exit status."""
     port = options.runtime_port or free_port()
     env = child_env({ENV: str(options.heartbeat_interval)} if options.heartbeat_interval else None)
@@ -231,12 +288,12 @@ def _serve_once(options: ClientOptions, log: IO[bytes] | None, stop_event: threa
             node.wait()
         else:
             # import the ClientApp (torch, transformers) while the SuperNode boots in its own process
-            import fedpersona.client.app  # noqa: F401
             from fedpersona.client import executor
+            from fedpersona.client.app import app as client_app
 
             wait_for_port("127.0.0.1", port, timeout=120, process=node, what="flower-supernode")
             threading.Thread(target=_stop_when_exits, args=(node, stop_event), daemon=True).start()
-            executor.serve(f"127.0.0.1:{port}", stop=stop_event)
+            executor.serve(f"127.0.0.1:{port}", stop=stop_event, client_app=reporting(client_app, say))
     except RuntimeError as err:  # the SuperNode exited before listening: its status says why
         if node.poll() is None:
             raise
@@ -250,3 +307,144 @@ def _serve_once(options: ClientOptions, log: IO[bytes] | None, stop_event: threa
 def _stop_when_exits(node: subprocess.Popen[bytes], stop_event: threading.Event) -> None:
     node.wait()
     stop_event.set()
+
+
+# ---- what the terminal shows ----------------------------------------------------------------------------
+def reporting(client_app: Any, say: Callable[[str], None]) -> Callable[..., Any]:
+    """``client_app`` as the executor calls it, plus one line per task: what the device did with the round
+    (trained, evaluated, declined and why, failed). The line is the user's own: it may say what the server
+    never learns (the true pair count under DP)."""
+
+    def run(message: Any, context: Any) -> Any:
+        kind = str(message.metadata.message_type).split(".", 1)[0]
+        config = message.content.config_records.get("config")
+        server_round = config.get("server-round") if config is not None else None
+        where = f"round {server_round}" if server_round is not None else f"run {message.metadata.run_id}"
+        started = time.monotonic()
+        try:
+            reply = client_app(message=message, context=context)
+        except Exception as err:
+            say(f"{where}: {kind} failed on this device: {_first_line(err)} (details in the log)")
+            raise
+        say(f"{where}: {describe_reply(kind, reply, context)}  [{time.monotonic() - started:.0f} s]")
+        return reply
+
+    return run
+
+
+def describe_reply(kind: str, reply: Any, context: Any = None) -> str:
+    """One line on a ClientApp reply: ``trained on your 17 training pairs (2 steps, epsilon 0.41 spent)``,
+    ``declined to train: ... (epsilon-above-policy)``, ``evaluated: personalized 0.750, ...``."""
+    from fedpersona.protocol import DECLINED, DETAIL, METRICS, REASON, STATUS
+
+    if reply.has_error():
+        return f"{kind} failed on this device: {reply.error.reason}"
+    content = reply.content
+    metrics = content.metric_records.get(METRICS) or {}
+    status = content.config_records.get(STATUS)
+    verb = {"train": "train", "evaluate": "evaluate"}.get(kind, f"answer the {kind} message")
+    if metrics.get(DECLINED):
+        reason = str(status.get(REASON, "")) if status is not None else ""
+        detail = str(status.get(DETAIL, "")) if status is not None else ""
+        if reason == "evaluation-private":
+            return "evaluated nothing for the server: your policy keeps the accuracies on this device " \
+                   "(--share-evaluation sends them)"
+        return f"declined to {verb}: {detail or reason}" + (f" ({reason})" if detail and reason else "")
+    epsilon = metrics.get("epsilon")
+    spent = f"epsilon {float(epsilon):.2f} spent so far" if epsilon is not None else "no DP"
+    if kind == "train":
+        pairs = _train_pairs(context)
+        steps = metrics.get("train-steps")
+        what = f"your {pairs} training pairs" if pairs is not None else "your training pairs"
+        return f"trained on {what} ({f'{int(steps)} steps, ' if steps is not None else ''}{spent})"
+    if kind == "evaluate":
+        accuracies = [f"{name[4:]} {float(value):.3f}" for name, value in metrics.items()
+                      if name.startswith("acc-") and isinstance(value, (int, float))]
+        return f"evaluated on {int(metrics.get('num-examples', 0))} held-out pairs" + (
+            f": {', '.join(accuracies)} (sent to the server)" if accuracies else "")
+    return f"answered the server's {kind} message"
+
+
+def _train_pairs(context: Any) -> int | None:
+    try:
+        from fedpersona.client.device import device_for
+
+        state = device_for(context.node_config)
+        return None if state is None else int(state.memory.stats()["train"])
+    except Exception:  # noqa: BLE001 - a count for a status line; the reply went out all the same
+        return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NODE_ID = re.compile(r"SuperNode ID: (\S+)")
+_ROUND = re.compile(r"\[RUN (\d+), ROUND (\d+)\]")
+_RECEIVING = re.compile(r"Receiving: (\w+)")
+
+
+class NodeWatch(threading.Thread):
+    """Follows the SuperNode's log from ``start``: says when the device is connected to the server (again),
+    when the server does not answer, and with ``--cold`` each task received (the outcome is in Flower's
+    log then); with ``echo`` every line goes to the terminal too (``--verbose``)."""
+
+    def __init__(self, path: Path, start: int, options: ClientOptions, say: Callable[[str], None],
+                 echo: bool = False) -> None:
+        super().__init__(daemon=True, name="supernode-log")
+        self.path, self.start_at, self.options, self.say, self.echo = path, start, options, say, echo
+        self.done = threading.Event()
+        self.connected: bool | None = None  # None: not yet; False: was, lost
+        self.waiting_said = False
+        self.round: str | None = None
+
+    def run(self) -> None:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.start_at)
+                pending = b""
+                while True:
+                    finishing = self.done.is_set()
+                    chunk = handle.read()
+                    if chunk:
+                        pending += chunk
+                        *lines, pending = pending.split(b"\n")
+                        for line in lines:
+                            self.line(line.decode("utf-8", errors="replace").rstrip("\r"))
+                    elif finishing:
+                        return
+                    else:
+                        self.done.wait(0.25)
+        except Exception as err:  # noqa: BLE001 - the device serves on without these lines
+            _log.info("stopped following %s: %s", self.path, err)
+
+    def line(self, raw: str) -> None:
+        if self.echo:
+            print(raw, file=sys.stderr, flush=True)
+        text = _ANSI.sub("", raw)
+        if (found := _NODE_ID.search(text)) is not None:
+            again = " again" if self.connected is False else ""
+            self.say(f"connected{again} to the server at {self.options.server} (node {found.group(1)}); "
+                     "waiting for rounds")
+            self.connected, self.waiting_said = True, False
+        elif "Connection attempt failed" in text and not self.waiting_said:
+            lost = self.connected is True
+            self.connected = False if lost else self.connected
+            limit = (f" for up to {self.options.max_wait_time:g} s" if self.options.max_wait_time is not None
+                     else " until it answers")
+            self.say(f"{'lost the server' if lost else 'the server'} at {self.options.server}"
+                     f"{'' if lost else ' does not answer yet'}; retrying{limit}")
+            self.waiting_said = True
+        elif self.options.cold:
+            if (found := _ROUND.search(text)) is not None:
+                self.round = found.group(2)
+            elif (found := _RECEIVING.search(text)) is not None:
+                self.say(f"round {self.round or '?'}: {found.group(1)} task received (--cold: Flower runs it "
+                         f"in a process of its own; its outcome is in {self.path})")
+
+    def finish(self) -> None:
+        """Read what is left, then stop."""
+        self.done.set()
+        self.join(timeout=5)

@@ -52,17 +52,17 @@ def server(
     import json
     import signal
 
-    from rich.console import Console
-
-    from fedpersona.cli import _config_from, say_log
-    from fedpersona.server.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog, summary_table
-    from fedpersona.server.launch import RunFailed, ServerOptions, run_server
+    from fedpersona.cli import checked_config, say_log
 
     flags = {"rounds": rounds, "min-users": min_users, "fraction-train": fraction, "round-timeout": round_timeout,
              "scheme": scheme, "strategy": strategy, "strategy-args": ",".join(strategy_arg) if strategy_arg else None,
              "model": model, "seed": seed, "dp-epsilon": target_epsilon if dp else None}
-    cfg = _config_from(config, set_, flags)
+    cfg = checked_config(config, set_, flags)  # settings and model: one line before the SuperLink starts
     _refuse_simulation_only(cfg)
+    from rich.console import Console
+
+    from fedpersona.server.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog, summary_table
+    from fedpersona.server.launch import RunFailed, ServerOptions, run_server
     options = ServerOptions(state=state, host=host, port=port, certificates=certificates, insecure=insecure,
                             enable_supernode_auth=enable_supernode_auth, auth_keys=tuple(auth_key), out=out,
                             checkpoint_dir=checkpoint_dir, resume=resume, fresh=fresh, verbose=verbose)
@@ -117,38 +117,84 @@ def client(
     require_dp: Annotated[Optional[bool], typer.Option("--require-dp/--allow-no-dp", help="Policy: train only rounds with pair-level DP (default: required).")] = None,
     share_evaluation: Annotated[Optional[bool], typer.Option("--share-evaluation/--keep-evaluation", help="Policy: send held-out accuracies to the server under DP (default: kept on the device).")] = None,
     pin_model: Annotated[Optional[str], typer.Option("--model", help="Policy: train only with this model id (default: the first round's, then bound).")] = None,
-    log: Annotated[Optional[Path], typer.Option("--log", help="Write Flower's SuperNode log here (default: stderr).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Log every task.")] = False,
+    log: Annotated[Optional[Path], typer.Option("--log", help="Where Flower's SuperNode writes its output (default: STATE/logs/supernode.log).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show this device's log (STATE/logs/fedpersona.log: fedpersona's and Flower's records, library warnings) and the SuperNode's output on the terminal too.")] = False,
 ) -> None:
     """Join a federation from this device: a Flower SuperNode training on the user's own --state.
 
     The device keeps its own privacy policy (STATE/policy.json; the policy flags change it): by default it
     trains only rounds with pair-level DP at epsilon <= 8 and delta <= 1e-5 over the state's whole life, and
-    keeps its held-out accuracies to itself; rounds asking for less privacy are declined with a reason."""
+    keeps its held-out accuracies to itself; rounds asking for less privacy are declined with a reason.
+
+    The terminal shows the device's own lines (connected, each round trained, evaluated or declined and
+    why); Flower's output goes to STATE/logs/supernode.log and this process's records to
+    STATE/logs/fedpersona.log, both named when it starts."""
     import logging
+    import threading
 
+    from fedpersona.cli import say_log
     from fedpersona.client.node import ClientOptions, run_client
+    from fedpersona.server.display import LOG_NAME, PROGRESS, RunLog
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
     options = ClientOptions(server=server_address, state=state, root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, runtime_port=runtime_port, user_index=user_index, cold=cold,
                             max_wait_time=max_wait_time, heartbeat_interval=heartbeat_interval,
                             policy=(("max_epsilon", max_epsilon), ("max_delta", max_delta),
                                     ("min_noise_multiplier", min_noise_multiplier), ("require_dp", require_dp),
                                     ("share_evaluation", share_evaluation), ("model", pin_model)))
-    handle = log.open("ab") if log else None
+    run_log = RunLog(state.resolve() / "logs" / LOG_NAME, verbose=verbose, append=True)
+    node_log: list[Path] = []
+    stopping = threading.Event()
+
+    def ready(path: Path) -> None:  # the inputs are sound: the log files are created, and named now
+        run_log.commit()
+        node_log.append(path)
+        _one_line_warnings(stopping)
+        print(f"fedpersona: logs: {run_log.path} (this device), {path} (Flower's SuperNode)"
+              + ("" if verbose else "; --verbose shows them here"), file=sys.stderr, flush=True)
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+        PROGRESS.info("%s", text)  # the log's copy (never echoed twice)
+
+    httpx = logging.getLogger("httpx")  # a record per Runtime API call (twice a second) otherwise
+    httpx_level = httpx.level
+    httpx.setLevel(logging.WARNING)
     try:
-        code = run_client(options, log=handle)
+        with run_log:
+            code = run_client(options, node_log=log, verbose=verbose, say=say, ready=ready, stopping=stopping)
     finally:
-        if handle is not None:
-            handle.close()
+        httpx.setLevel(httpx_level)
     if code != 0:
-        print(f"fedpersona: the SuperNode exited with status {code}; see {log or 'its log above'} (Flower's exit "
+        where = node_log[0] if node_log else log
+        print(f"fedpersona: the SuperNode exited with status {code}; see {where} (Flower's exit "
               "codes: https://flower.ai/docs/framework/1.41/en/ref-exit-codes.html)"
               + (f"; with --auth-key: is {auth_key}.pub registered on the server?" if auth_key else ""),
               file=sys.stderr)
+        say_log(run_log)
         raise typer.Exit(1)
+    say_log(run_log)
+
+
+def _one_line_warnings(stopping) -> None:
+    """The terminal's ``fedpersona: warning:`` lines without tracebacks (a failed task's is in the log), and
+    none once the device is ``stopping`` (tasks cut short by the stop: in the log only)."""
+    import logging
+
+    class OneLine(logging.Formatter):
+        def __init__(self, inner: logging.Formatter | None) -> None:
+            super().__init__()
+            self.inner = inner or logging.Formatter()
+
+        def format(self, record: logging.LogRecord) -> str:
+            if record.exc_info or record.exc_text:
+                record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+            return self.inner.format(record).splitlines()[0]
+
+    for handler in logging.getLogger("fedpersona").handlers:
+        if type(handler) is logging.StreamHandler and not isinstance(handler.formatter, OneLine):
+            handler.setFormatter(OneLine(handler.formatter))
+            handler.addFilter(lambda record: not stopping.is_set())
 
 
 def _refuse_simulation_only(config) -> None:

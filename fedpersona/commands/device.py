@@ -281,9 +281,10 @@ def _show_chat(state: Path, chat_id: int, json_out: bool) -> None:
 
 @feedback_app.command("stats")
 def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
-    """How much feedback this device holds, and what was trained on it."""
+    """How much feedback this device holds (pairs, and your stored conversations), and what was trained on it."""
     with _open(state, create=False) as st:
         stats = st.memory.stats()
+        stats.update(st.memory.chat_stats())  # chats, chat_messages, chat_pairs (pairs picked in `fedpersona chat`)
         counters = st.counters()
         meta = st.meta() or {}
         stats.update(rounds_trained=counters.get("rounds_trained", 0), last_round=counters.get("last_round"),
@@ -299,7 +300,9 @@ def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
     table = Table(show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
-    labels = {"pairs": "pairs", "train": "  train", "test": "  test (held out)", "user_id": "user",
+    labels = {"pairs": "pairs", "train": "  train", "test": "  test (held out)",
+              "chat_pairs": "  picked in your chats (/compare)", "chats": "conversations stored (chat)",
+              "chat_messages": "  messages in them", "user_id": "user",
               "first_added": "first added", "last_added": "last added", "rounds_trained": "rounds trained",
               "last_round": "last server round", "model_id": "model", "scheme": "scheme",
               "private_adapter": "private adapter", "shared_adapter": "shared adapter",

@@ -3,7 +3,8 @@ GGUF checkpoint (a ``.gguf`` file, a folder holding one, or a short name such as
 converted once to an HF folder by :mod:`fedpersona.model.gguf`).
 
 Loaded once per process and kept (``functools.cache``): simulations swap adapter tensors per client,
-never the base model.
+never the base model. ``check_model`` refuses a bad reference (one line) without building, converting or
+loading anything, so commands call it before their heavy imports (Flower, Ray, transformers).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-
-import torch
 
 from fedpersona.errors import UsageError
 from fedpersona.model.embedded import EMBEDDED_NAME, SHIPPED_SEED, cache_root, embedded_path, ensure_embedded, shipped_sums
@@ -26,17 +25,35 @@ _CHOICES = f"embedded, {', '.join(SHORT_NAMES)}, an HF model folder or id, or a 
 
 def resolve_model_path(model: str) -> str:
     """What ``from_pretrained`` should load for ``--model``: ``embedded`` -> the folder shipped in the
-    package; ``embedded:SEED`` -> its cached folder (built once; seed 0 is the shipped one); a GGUF reference -> its converted folder (converted once); a local folder
-    -> itself; anything else is taken for an HF id.
+    package; ``embedded:SEED`` -> its cached folder (built once; seed 0 is the shipped one); a GGUF reference
+    -> its converted folder (converted once); a local folder -> itself; anything else is taken for an HF id.
 
-    Raises UsageError (one line) for a local path that does not exist or is not a model folder, and for
-    the GGUF problems listed in :mod:`fedpersona.model.gguf`."""
+    Raises UsageError (one line) for whatever :func:`check_model` refuses."""
     seed = _embedded_seed(model)
     if seed is not None:
         return str(ensure_embedded(seed))
     source = gguf_source(model)
     if source is not None:
         return str(ensure_converted(source, label=model))
+    return _plain_model(model)
+
+
+def check_model(model: str) -> None:
+    """Raise UsageError (one line: what, where, how to fix) for a ``--model`` that cannot be loaded, at once:
+    a malformed ``embedded:SEED``, a missing or unreadable local path, a GGUF reference whose file or package
+    is missing, a malformed HF id, an HF id that is neither cached nor reachable (the Hub is probed once per
+    process). Builds, converts, downloads and loads nothing: commands call it before their heavy imports."""
+    seed = _embedded_seed(model)
+    if seed is not None:
+        if seed == SHIPPED_SEED:
+            ensure_embedded(seed)  # the shipped folder checked against its hashes (~1 ms)
+        return
+    if gguf_source(model) is None:
+        _plain_model(model)
+
+
+def _plain_model(model: str) -> str:
+    """A local folder (checked) or an HF id (:func:`_hub_model`)."""
     local = Path(model).expanduser()
     looks_local = local.exists() or model.startswith((".", "/", "~"))  # an HF id is "name" or "org/name"
     if looks_local and not local.exists():
@@ -50,7 +67,11 @@ def resolve_model_path(model: str) -> str:
 
 def _embedded_seed(model: str) -> int | None:
     if model == EMBEDDED_NAME or model.startswith(EMBEDDED_NAME + ":"):
-        return int(model.split(":", 1)[1]) if ":" in model else 0
+        seed = model.split(":", 1)[1] if ":" in model else "0"
+        if not seed.isdigit():
+            raise UsageError(f"--model {model}: the seed after 'embedded:' must be a whole number >= 0 "
+                             f"(embedded:0 is the shipped model); pass embedded or embedded:SEED")
+        return int(seed)
     return None
 
 
@@ -151,9 +172,9 @@ def load_base(model: str = EMBEDDED_NAME, device: str = "cpu"):
     """Return ``(model, tokenizer)``: frozen, fp32, in eval mode, on ``device``; one copy per process.
 
     Raises UsageError when ``model`` cannot be resolved (:func:`resolve_model_path`) or loaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    import torch
     import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # no loading bars or deprecation chatter in user output
     transformers.logging.disable_progress_bar()

@@ -22,6 +22,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 
 from fedpersona.privacy.accountant import epsilon
+from fedpersona.protocol import COHORT
 
 CLIPPING_NORM_KEY = "clipping_norm"  # the key Flower's client-side wrapper sends to fixedclipping_mod
 
@@ -39,12 +40,19 @@ def clipping_mod_when_asked(msg: Message, context: Context, call_next):
     """``fixedclipping_mod`` when the server asked for clipping (user-level DP on), a no-op otherwise.
 
     Flower's mod fails a message that carries no clipping norm, so it cannot sit on the ClientApp
-    unconditionally; this keeps one ClientApp for runs with and without user-level DP.
+    unconditionally; this keeps one ClientApp for runs with and without user-level DP. A simulation's
+    cohort message (several users) passes through: the ClientApp clips each user's reply itself
+    (``clip_user_reply``).
     """
     config = msg.content.config_records.get("config")
-    if config is not None and CLIPPING_NORM_KEY in config:
+    if config is not None and CLIPPING_NORM_KEY in config and COHORT not in msg.content.config_records:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+def clip_user_reply(view: Message, context: Context, call_next) -> Message:
+    """``fixedclipping_mod`` on one user's reply of a cohort (``fedpersona.client.cohort.user_view``)."""
+    return fixedclipping_mod(view, context, call_next)
 
 
 def user_level_report(*, noise_multiplier: float, num_sampled: int, num_users: int, rounds: int,

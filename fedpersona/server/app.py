@@ -35,7 +35,8 @@ def split_run_config(run_config: dict[str, Any]) -> tuple[dict[str, Any], dict[s
 
 
 def make_server_app(config: RunConfig | None = None, out_dir: str | Path | None = None,
-                    reporter: Any = None) -> ServerApp:
+                    reporter: Any = None, pool_size: int = 1) -> ServerApp:
+    """The ServerApp of a run; ``pool_size``: the simulation nodes (workers) to wait for before round 1."""
     app = ServerApp()
 
     @app.main()
@@ -47,7 +48,7 @@ def make_server_app(config: RunConfig | None = None, out_dir: str | Path | None 
         RESULT.update(run_federation(grid, cfg, out_dir=target, reporter=reporter,
                                      checkpoint_dir=run.get("checkpoint-dir") or None,
                                      resume=_flag(run.get("resume", False)),
-                                     deployment=_flag(run.get("deployment", False))))
+                                     deployment=_flag(run.get("deployment", False)), pool_size=pool_size))
 
     return app
 

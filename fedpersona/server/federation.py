@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedpersona.client.local import resident_for
+from fedpersona.client.user_store import UserStore
 from fedpersona.model.memory import release_free_memory
 from fedpersona.config import SIMULATION_ONLY, RunConfig
 from fedpersona.protocol import RUN_LINEAGE
@@ -28,10 +29,10 @@ from fedpersona.model.adapters import Role
 from fedpersona.model.loading import model_sha256
 from fedpersona.server.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
+from fedpersona.server.user_grid import UserGrid
 from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, sound_checkpoint
 from fedpersona.server.strategy_state import restore_strategy_state
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
-from fedpersona.server.roster import roster_query
 from fedpersona.server.sampling import round_seed_sampling
 from fedpersona.server.resume import (checkpoint_hook, finished_rows, offset_rounds, restore_recorder_totals,
                                       restore_rows)
@@ -44,7 +45,7 @@ def make_strategy(config: RunConfig, recorder: RoundRecorder):
     """The configured strategy, managed by the run configuration and recording into ``recorder``."""
     strategy = build_strategy(
         config.strategy, config.strategy_args, config=config,
-        fraction_train=config.fraction_train, fraction_evaluate=1.0,
+        fraction_train=config.fraction_train, fraction_evaluate=1.0,  # the recorder picks who evaluates
         min_train_nodes=config.min_users, min_evaluate_nodes=config.min_users,
         min_available_nodes=config.min_users,
     )
@@ -98,11 +99,13 @@ def run_lineage(checkpoint: Checkpoint | None) -> str:
 
 def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None = None,
                    reporter: Any = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                   deployment: bool = False) -> dict[str, Any]:
+                   deployment: bool = False, pool_size: int = 1) -> dict[str, Any]:
     """Run ``config.rounds`` rounds on ``grid``; write outputs to ``out_dir``; return the summary.
 
     ``checkpoint_dir``: save every finished round there. ``resume``: continue from its last round.
     ``deployment``: users are real devices (their count is the number that reported, not the data's).
+    Otherwise a simulation: the grid's nodes are a pool of workers (``pool_size`` of them, waited for
+    before the first round) that train and evaluate cohorts of simulated users (``UserGrid``).
     """
     started = time.monotonic()
     reporter = reporter or QuietReporter()
@@ -120,13 +123,15 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         checkpoint = sound_checkpoint(checkpoint_dir, checkpoint, spec)
     done = checkpoint.round if checkpoint else 0
     # Flower samples nodes with the `random` module: same seed, same users. Training samples are reseeded
-    # per round (server.sampling) over nodes in user order (server.roster); this start seed covers the rest.
+    # per round (server.sampling) over users listed in order (server.user_grid); this start seed covers the rest.
     random.seed(config.seed if not done else f"{config.seed}/resume/{done}")
     np.random.seed(config.seed + done)
     kept = finished_rows(Path(out_dir) / "metrics.jsonl", done) if (out_dir and checkpoint) else []
     recorder = RoundRecorder(num_rounds=config.rounds, eval_every=config.eval_every, out_dir=out_dir,
                              on_round=reporter.round_done, on_phase=reporter.phase,
-                             screen=ReplyScreen(spec, ScreenSettings.from_config(config)))
+                             screen=ReplyScreen(spec, ScreenSettings.from_config(config)),
+                             evaluate_fraction=config.evaluate_fraction, seed=config.seed,
+                             per_user_rows=config.per_user_rows)
     strategy = make_strategy(config, recorder)
     initial = ArrayRecord(initial_shared)
     if checkpoint:
@@ -147,13 +152,16 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         message_config[RUN_LINEAGE] = run_lineage(checkpoint)
     hook = (checkpoint_hook(checkpoint_dir, strategy, recorder, done=done, num_rounds=config.rounds,
                             config=dict(message_config)) if checkpoint_dir else None)
-    # simulation: nodes listed in user order, so the seeded sampling picks the same users every run
-    order = (None if deployment else
-             roster_query(grid, expected=config.num_users + config.new_users, timeout=config.round_timeout))
+    # a simulation's users are virtual nodes in user order (the seeded sampling picks the same users every
+    # run) over a pool of worker nodes; their private state lives in a user store made for this run
+    store = None if deployment else UserStore.create()
+    run_grid = (ProgressGrid(grid, on_reply=reporter.replies) if store is None else
+                UserGrid(grid, num_users=config.num_users + config.new_users, cohort_size=config.cohort_size,
+                         store=str(store.root), pool_size=pool_size, on_reply=reporter.replies))
     reporter.start(config.rounds)
     try:
         strategy.start(
-            grid=ProgressGrid(grid, on_reply=reporter.replies, order=order),
+            grid=run_grid,
             initial_arrays=initial,
             num_rounds=config.rounds - done,
             timeout=config.round_timeout,
@@ -163,6 +171,8 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         )
     finally:
         reporter.stop()
+        if store is not None:
+            store.remove()
     num_users = (len(recorder.per_user()) if deployment else
                  count_users(config.data, num_users=config.num_users, test_fraction=config.test_fraction,
                              min_pairs=config.min_pairs))

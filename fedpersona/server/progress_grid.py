@@ -1,33 +1,29 @@
-"""A Grid that reports replies as they arrive, polls often, and lists nodes in user order.
+"""A Grid that reports replies as they arrive and polls often (a deployment: one node per device).
 
 Flower's grids block in ``send_and_receive`` until every reply is in (the deployment grid sleeps 3 s
 between polls). This wrapper pushes, then polls every ``poll_interval`` seconds, telling a callback how
-many replies are in, so a progress display can show "users done" live. With a roster (``order``: node id
--> user index, see ``fedpersona.server.roster``) ``get_node_ids`` lists nodes in user order, so Flower's
-seeded sampling picks the same users in every run; replies come back in the order the messages were
-sent (not of arrival), so aggregation sums in the same order too. Everything else is delegated.
+many replies are in, so a progress display can show "users done" live. Replies come back in the order
+the messages were sent (not of arrival), so aggregation sums in the same order. Everything else is
+delegated. (Simulations use ``fedpersona.server.user_grid`` instead: users are not nodes there.)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedpersona.server.roster import in_user_order
 
 ReplyCallback = Callable[[int, int], None]  # (replies received, messages sent)
 
 
 class ProgressGrid(Grid):
-    def __init__(self, inner: Grid, on_reply: ReplyCallback | None = None, poll_interval: float = 0.05,
-                 order: Mapping[int, int] | None = None) -> None:
+    def __init__(self, inner: Grid, on_reply: ReplyCallback | None = None, poll_interval: float = 0.05) -> None:
         self.inner = inner
         self.on_reply = on_reply
         self.poll_interval = poll_interval
-        self.order = order
 
     # ---- delegated --------------------------------------------------------------------------
     def set_run(self, run_id: int) -> None:  # pragma: no cover - the simulation sets the inner grid's run
@@ -42,9 +38,7 @@ class ProgressGrid(Grid):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        if self.order is None:
-            return self.inner.get_node_ids()
-        return in_user_order(self.inner.get_node_ids(), self.order)
+        return self.inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(messages)

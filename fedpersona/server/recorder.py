@@ -2,8 +2,11 @@
 
 ``attach_recorder`` turns any strategy instance into a recording one (a subclass made on the fly), so
 it works for Flower's built-ins and users' own strategies alike: training replies are measured for
-bytes sent up, and evaluation goes to *every* user on evaluation rounds so the per-user distribution
-(mean, 10th percentile, worst user) is over the whole population, not a sample.
+bytes sent up; an evaluation round before the last evaluates a seeded sample of ``fraction-evaluate``
+of the users (its row's mean, 10th percentile and worst user are over that sample), and the final
+evaluation goes to *every* user, so the summary's per-user distribution is over the whole population.
+Rows list each evaluated user's accuracy only when asked (``per-user-rows``): at 10,000 users a row
+would otherwise carry tens of thousands of numbers.
 
 New users (cold start, user index >= ``num-users`` of the run configuration) are kept apart: they take
 no part in training, and their accuracies (``new_user_*``) sit beside the training users' in the rows
@@ -22,6 +25,7 @@ Rows carry what was set apart, per phase: ``train_rejected`` / ``eval_rejected``
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -48,8 +52,12 @@ class RoundRecorder:
 
     def __init__(self, *, num_rounds: int, eval_every: int, out_dir: str | Path | None,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 on_phase: Callable[[int, str], None] | None = None, screen: ReplyScreen | None = None) -> None:
+                 on_phase: Callable[[int, str], None] | None = None, screen: ReplyScreen | None = None,
+                 evaluate_fraction: float = 1.0, seed: int = 0, per_user_rows: bool = True) -> None:
         self.num_rounds = num_rounds
+        self.evaluate_fraction = evaluate_fraction  # users evaluated on a round before the last
+        self.seed = seed  # of the evaluation samples (one per round, the same every run)
+        self.per_user_rows = per_user_rows
         self.screen = screen or ReplyScreen.permissive()  # what may reach the strategy (see module docstring)
         self.eval_every = eval_every
         self.out_dir = Path(out_dir) if out_dir else None
@@ -105,6 +113,16 @@ class RoundRecorder:
         if not self.should_evaluate(server_round):
             self._finish_round(server_round, {})
 
+    def evaluation_sample(self, server_round: int, node_ids: Iterable[int]) -> list[int]:
+        """The nodes (users) evaluated in ``server_round``: every one at the last round, else a seeded
+        sample of ``evaluate_fraction`` of them (at least one), in the order listed."""
+        nodes = list(node_ids)
+        if server_round >= self.num_rounds or self.evaluate_fraction >= 1.0:
+            return nodes
+        k = max(int(len(nodes) * self.evaluate_fraction), 1)
+        picked = set(random.Random(f"{self.seed}/evaluate/{server_round}").sample(range(len(nodes)), k))
+        return [node for i, node in enumerate(nodes) if i in picked]
+
     def is_new_user(self, index: int) -> bool:
         return self.num_users is not None and index >= self.num_users
 
@@ -120,6 +138,7 @@ class RoundRecorder:
     def record_evaluate(self, server_round: int, screened: Screened) -> None:
         """Record the accepted evaluation replies (declined and rejected ones are only counted)."""
         self._count_outcomes(screened, train=False)
+        this_round: dict[int, dict[str, float]] = {}  # training users evaluated now
         for msg in screened.accepted:
             metrics = msg.content.metric_records.get("metrics")
             if metrics is None or "user-index" not in metrics or any(f"acc-{m}" not in metrics for m in MODELS):
@@ -129,27 +148,32 @@ class RoundRecorder:
             if "gen-win-rate" in metrics:
                 entry["gen_win_rate"] = float(metrics["gen-win-rate"])
             (self.last_new if self.is_new_user(index) else self.last_eval)[index] = entry
+            if not self.is_new_user(index):
+                this_round[index] = entry
             if "private-params" in metrics:
                 self.private_params[index] = int(metrics["private-params"])
             if "epsilon" in metrics:
                 self.last_epsilon[index] = float(metrics["epsilon"])
-        users = sorted(self.last_eval)
+        users = sorted(this_round)
         row: dict[str, Any] = {"eval_users": len(users), "eval_declined": len(screened.declined),
                                **self._set_apart("eval", screened)}
         for model in MODELS:
-            values = [self.last_eval[u][model] for u in users]
+            values = [this_round[u][model] for u in users]
             for stat, value in _stats(values).items():
                 row[f"{model}_accuracy_{stat}"] = value
-        row["per_user_personalized"] = [self.last_eval[u]["personalized"] for u in users]
-        row["per_user_global"] = [self.last_eval[u]["global"] for u in users]
+        if self.per_user_rows:
+            row["per_user_personalized"] = [this_round[u]["personalized"] for u in users]
+            row["per_user_global"] = [this_round[u]["global"] for u in users]
         row.update(self._extra_stats())
         if self.last_new:
-            row["per_user_new_personalized"] = [self.last_new[u]["personalized"] for u in sorted(self.last_new)]
-            if self.out_dir:
+            if self.per_user_rows:
+                row["per_user_new_personalized"] = [self.last_new[u]["personalized"] for u in sorted(self.last_new)]
+            if self.out_dir and server_round >= self.num_rounds:
                 atomic_write_json(self.out_dir / "new_users.json",
                                   [{"user_index": u, **acc} for u, acc in sorted(self.last_new.items())])
         if self.last_epsilon:
-            row["per_user_epsilon"] = {str(u): e for u, e in sorted(self.last_epsilon.items())}
+            if self.per_user_rows:
+                row["per_user_epsilon"] = {str(u): e for u, e in sorted(self.last_epsilon.items())}
             row["epsilon_max"] = max(self.last_epsilon.values())
         self._finish_round(server_round, row)
 
@@ -242,7 +266,7 @@ def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
             config["server-round"] = server_round
             content = RecordDict({"arrays": arrays, "config": config})
             return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
-                    for node in grid.get_node_ids()]
+                    for node in recorder.evaluation_sample(server_round, grid.get_node_ids())]
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
             from flwr.serverapp.exception import InconsistentMessageReplies

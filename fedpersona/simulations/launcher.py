@@ -39,8 +39,11 @@ class Resources:
         if self.num_gpus > 0:
             import torch
 
+            # with --ray-address the GPUs are the cluster's, not this driver's: checked once Ray has started
+            # (worker_pool_size: a node must fit one client)
             if not torch.cuda.is_available() and not self.ray_address:
-                raise UsageError(f"--num-gpus {self.num_gpus}: no CUDA device here; use --num-gpus 0")
+                raise UsageError(f"--num-gpus {self.num_gpus}: no CUDA device here; use --num-gpus 0 "
+                                 "(or --ray-address a cluster that has GPUs)")
 
 
 def prepare_config(config: RunConfig) -> RunConfig:
@@ -211,6 +214,38 @@ def _ray_init_args(resources: Resources, verbose: bool) -> dict[str, Any]:
     return init_args
 
 
+def worker_pool_size(resources: Resources, population: int) -> int:
+    """Simulation nodes to start: one per actor slot of the (started) Ray cluster, at most one per user.
+
+    Users are not nodes (``fedpersona.server.user_grid``): a node is a worker that trains and evaluates
+    the cohorts of users sent to it, so the engine's cost tracks the workers, not the population."""
+    import ray
+
+    slots = sum(node_slots(resources, ray.nodes()))
+    if slots == 0:  # Flower would stop with "ActorPool is empty" under a traceback: say it in one line
+        have = ray.cluster_resources()
+        raise UsageError(f"--num-cpus {resources.num_cpus:g} --num-gpus {resources.num_gpus:g}: no Ray node can "
+                         f"host one simulated client (the cluster has CPU={have.get('CPU', 0):g}, "
+                         f"GPU={have.get('GPU', 0):g} in all); lower them or add a node that has them")
+    return max(1, min(slots, population))
+
+
+def node_slots(resources: Resources, nodes: list[dict[str, Any]]) -> list[int]:
+    """Clients each live Ray node can host at once, counted per node as Flower sizes its actor pool
+    (``flwr.simulation.ray_transport.ray_actor.pool_size_from_resources``): two nodes of 1.5 CPUs host
+    two 1-CPU clients, not three."""
+    slots = []
+    for node in nodes:
+        have = node.get("Resources") or {}
+        if not node.get("Alive", True) or not have:
+            continue
+        n = int(have.get("CPU", 0) // resources.num_cpus)
+        if resources.num_gpus > 0:
+            n = min(n, int(have.get("GPU", 0) // resources.num_gpus))
+        slots.append(n)
+    return slots
+
+
 def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resources = Resources(),
              reporter: Any = None, verbose: bool = False) -> dict[str, Any]:
     """Run the federation for ``config`` on Ray and return its summary (also written to ``out_dir``)."""
@@ -237,10 +272,11 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
     RESULT.clear()
     started = start_ray(init_args)
     try:
+        pool = worker_pool_size(resources, config.num_users + config.new_users)
         run_simulation(
-            server_app=make_server_app(config, out_dir, reporter),
+            server_app=make_server_app(config, out_dir, reporter, pool_size=pool),
             client_app=client_app,
-            num_supernodes=config.num_users + config.new_users,  # new users come last (client.local)
+            num_supernodes=pool,  # workers, not users: each message names its users (server.user_grid)
             backend_name="ray",
             backend_config=backend_config,
             verbose_logging=verbose,

@@ -3,10 +3,9 @@
 A simulation pays its Ray start-up and every actor's model build once (tens of seconds on a small
 machine); a sweep of short runs is dominated by that. ``simulate_session`` runs several configurations
 one after another inside a single ``run_simulation`` (one ServerApp main calling ``run_federation`` per
-run) on the same supernodes. Each run carries its own ``run-tag`` in every message, and the session's
-ClientApp clears a node's ``Context.state`` (private tensors, counters, ledgers) when the tag changes,
-so no run sees another's private state. Runs must agree on the number of supernodes
-(``num_users + new_users``). Wall times of the first run include the actors' start-up.
+run) on the same worker nodes. Runs need not agree on anything: users are not nodes
+(``fedpersona.server.user_grid``), and each run keeps its users' private state in a user store of its
+own, so no run sees another's. Wall times of the first run include the actors' start-up.
 """
 
 from __future__ import annotations
@@ -15,43 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message
-from flwr.clientapp import ClientApp
+from flwr.app import Context
 
-from fedpersona.client import app as client
 from fedpersona.config import RunConfig
-
-TAG_KEY = "fedpersona.session-tag"
-
-session_client_app = ClientApp()
-
-
-def isolate(msg: Message, context: Context) -> None:
-    """Clear the node's state when a message of another run (another ``run-tag``) arrives."""
-    tag = str(msg.content["config"].get("run-tag", ""))
-    record = context.state.config_records.get(TAG_KEY)
-    if record is None or str(record["tag"]) != tag:
-        for key in list(context.state.keys()):
-            del context.state[key]
-        context.state[TAG_KEY] = ConfigRecord({"tag": tag})
-
-
-@session_client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    isolate(msg, context)
-    return client.train(msg, context)
-
-
-@session_client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    isolate(msg, context)
-    return client.evaluate(msg, context)
-
-
-@session_client_app.query()
-def query(msg: Message, context: Context) -> Message:
-    """The roster question (no state involved): which user a node holds, so seeded sampling is stable."""
-    return client.query(msg, context)
 
 
 def simulate_session(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path | None], *,
@@ -63,20 +28,22 @@ def simulate_session(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path
     from flwr.simulation import run_simulation
 
     from fedpersona.server.federation import run_federation
-    from fedpersona.simulations.launcher import _quiet_libraries, prepare_config, start_ray, stop_ray
+    from fedpersona.client.app import app as client_app
+    from fedpersona.simulations.launcher import (Resources, _quiet_libraries, prepare_config, start_ray, stop_ray,
+                                                 worker_pool_size)
 
     prepared = [prepare_config(c).replace(run_tag=f"session-run-{i}") for i, c in enumerate(configs)]
-    nodes = {c.num_users + c.new_users for c in prepared}
-    if len(nodes) != 1:
-        raise ValueError(f"runs of one session need the same number of users (+ new users); got {sorted(nodes)}")
     results: list[dict[str, Any] | BaseException] = []
     server = ServerApp()
+
+    pool = {"size": 1}
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         for i, (config, out) in enumerate(zip(prepared, out_dirs, strict=True)):
             try:
-                result: dict[str, Any] | BaseException = run_federation(grid, config, out_dir=out)
+                result: dict[str, Any] | BaseException = run_federation(grid, config, out_dir=out,
+                                                                        pool_size=pool["size"])
             except Exception as err:  # noqa: BLE001 - one failed run must not stop the session
                 result = err
             results.append(result)
@@ -95,7 +62,9 @@ def simulate_session(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path
         init_args["num_cpus"] = total_cpus
     started = start_ray(init_args)  # keeps this process's signal handlers (a clean SIGTERM)
     try:
-        run_simulation(server_app=server, client_app=session_client_app, num_supernodes=nodes.pop(),
+        population = max(c.num_users + c.new_users for c in prepared)
+        pool["size"] = worker_pool_size(Resources(num_cpus=num_cpus), population)
+        run_simulation(server_app=server, client_app=client_app, num_supernodes=pool["size"],
                        backend_name="ray", verbose_logging=verbose,
                        backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
                                        "init_args": init_args})

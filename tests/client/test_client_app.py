@@ -113,15 +113,3 @@ def test_dp_reply_weighs_by_the_released_noised_count_and_nothing_else(split_res
     assert json.loads(context.state.config_records[LEDGER_KEY]["json"])["released_count"] == ledger["released_count"]
 
 
-def test_roster_query_answers_the_user_index_and_nothing_else():
-    from fedpersona.client.app import ROSTER_KEY
-    from fedpersona.server.roster import in_user_order
-
-    message = Message(content=RecordDict({ROSTER_KEY: ConfigRecord({"ask": "user-index"})}), dst_node_id=7,
-                      message_type=MessageType.QUERY)
-    reply = client_app(message, _context(partition=2))
-    assert not reply.has_error(), reply.error
-    assert list(reply.content.metric_records) == [ROSTER_KEY] and not reply.content.array_records
-    assert dict(reply.content.metric_records[ROSTER_KEY]) == {"user-index": 2}
-    # nodes listed by user index; unknown nodes last, by id
-    assert in_user_order([50, 7, 9, 3], {7: 2, 50: 0, 9: 1}) == [50, 9, 7, 3]

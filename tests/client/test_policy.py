@@ -161,6 +161,19 @@ def test_a_lost_ledger_is_refused_not_restarted(device, shared, damage):
     assert "\n" not in str(err.value)
 
 
+def test_a_device_that_trained_without_dp_restarts_and_still_declines_dp_rounds(device, shared):
+    """A policy admitting rounds without DP trains without a ledger; `fedpersona client` must start again on
+    that state (it used to refuse: "ledger is missing"), and a DP round is then declined, never restarted."""
+    policy_for(device, require_dp=False)
+    send(device, shared)  # no DP: a private adapter and a round trained, no ledger
+    assert not (device / "ledger.json").exists()
+    assert check_device(ClientOptions(server="127.0.0.1:1", state=device)).require_dp is False
+    assert decline_reason(send(device, shared, server_round=2, **{"dp-epsilon": 8.0})) == "ledger-missing"
+    with pytest.raises(UsageError, match="reset-budget"):  # the user asks for DP again: the budget question comes
+        check_device(ClientOptions(server="127.0.0.1:1", state=device, policy=(("require_dp", True),)))
+    assert DevicePolicy.load(device).require_dp is False  # a refused start saves nothing
+
+
 def test_a_damaged_state_file_fails_before_anything_is_spent(device, shared):
     send(device, shared, **{"dp-epsilon": 8.0})
     before = ledger_bytes(device)

@@ -1,14 +1,13 @@
 """``fedpersona chat``: the assistant loop on the device (talk, compare, learn), its storage and its limits.
 
-The acceptance test drives the real ClientApp in device mode with real Flower Messages (as
-tests/client/test_policy.py does): a round trains on the device's pairs, ``fedpersona chat`` runs a
-conversation non-interactively with ``--compare --pick B``, and the next round trains on one pair more.
-Another test runs the interactive chat in a real terminal (a pty).
+The acceptance test of the whole loop (a chat with ``--compare --pick B``, then a loopback deployment round
+on real ``fedpersona server``/``client`` processes that trains on the pick) is
+tests/deployment/test_chat_round.py. Here: the interactive chat in a real terminal (a pty), the
+conversation's limits, in-chat commands, storage, listing and forgetting.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -38,90 +37,6 @@ def chat(cli, monkeypatch, state: Path, lines: list[str], *flags: str) -> tuple[
 
 def events(found: list[dict], kind: str) -> list[dict]:
     return [e for e in found if e["event"] == kind]
-
-
-# ---------------------------------------------------------------------------- acceptance: a round learns the pick
-
-
-@pytest.fixture
-def _flower_device():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from fedpersona.client import device as device_module
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    device_module._OPEN.clear()
-    yield
-    for state in device_module._OPEN.values():
-        state.close()
-    device_module._OPEN.clear()
-
-
-def test_a_pick_in_chat_is_trained_on_in_the_next_round(tmp_path, cli, monkeypatch, split_resident, _flower_device):
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-
-    from fedpersona.client.app import app as client_app
-    from fedpersona.client.policy import policy_for
-    from fedpersona.config import SIMULATION_ONLY, RunConfig
-    from fedpersona.data.synthetic import PreferenceSimulator
-    from fedpersona.model.adapters import Role
-    from fedpersona.model.prompting import chat_messages
-    from fedpersona.protocol import decline_reason
-
-    tiny = RunConfig(max_steps=2, epochs=1, max_length=40, batch_size=4, rounds=3, fraction_train=1.0)
-    deployed = {k: v for k, v in tiny.to_flat().items() if k.replace("-", "_") not in SIMULATION_ONLY}
-    shared = split_resident.adapters.tensors(Role.SHARED)
-
-    def round_(state: Path, server_round: int):
-        """One training round as a deployment's server sends it, through the real ClientApp."""
-        config = ConfigRecord({**deployed, "server-round": server_round})
-        msg = Message(content=RecordDict({"arrays": ArrayRecord(shared), "config": config}), dst_node_id=7,
-                      message_type=MessageType.TRAIN)
-        context = Context(run_id=1, node_id=7, node_config={"state-dir": str(state)}, state=RecordDict(),
-                          run_config={})
-        reply = client_app(msg, context)
-        assert not reply.has_error(), reply.error
-        assert decline_reason(reply.content) is None
-        return reply.content
-
-    user = PreferenceSimulator("conflicting", 3, 0).user_data(0)
-    state = tmp_path / "device"
-    with DeviceState(state) as st:
-        for pair, split in [*((p, "train") for p in user.train[:12]), *((p, "test") for p in user.test[:4])]:
-            st.memory.add(dataclasses.replace(pair, split=split))
-    # the user's policy admits rounds without DP, so num-examples is the exact pair count (under DP it is a
-    # noised count, tests/client/test_policy.py)
-    policy_for(state, require_dp=False)
-    first = round_(state, 1)  # the device's first round: its adapters are on the device now
-    assert first.metric_records["metrics"]["num-examples"] == 12
-
-    code, found, err = chat(cli, monkeypatch, state, [FIRST, SECOND], "--compare", "--pick", "B")
-    assert code == 0, err
-    answers, (compared,), (picked,) = events(found, "answer"), events(found, "compare"), events(found, "pick")
-    assert [a["message"] for a in answers] == [FIRST, SECOND] and all(a["text"] for a in answers)
-    # the personal answer against the global model's, or (two rounds of 2 steps teach the private adapter
-    # too little to change a sampled answer) against another sample of the personal model
-    assert compared["A"]["source"] != compared["B"]["source"] and "personal" in (
-        compared["A"]["source"], compared["B"]["source"])
-    assert compared["A"]["text"] != compared["B"]["text"]
-    assert picked["added"] and picked["split"] == "train" and picked["chosen"] == compared["B"]["text"]
-    conversation = f"Human: {FIRST}\n\nAssistant: {answers[0]['text']}\n\nHuman: {SECOND}"
-    assert compared["prompt"] == conversation
-
-    with DeviceState(state) as st:
-        row = st.memory.get(picked["pair_id"])
-        assert row is not None and (row.prompt, row.chosen, row.rejected) == \
-            (conversation, compared["B"]["text"], compared["A"]["text"])
-        assert row.source == f"chat:{answers[0]['conversation']}" and st.memory.count() == 17
-        # the stored prompt reads back as the conversation's turns (what training renders)
-        assert [m["role"] for m in chat_messages(row.prompt)] == ["user", "assistant", "user"]
-        stored = st.memory.chat_messages(answers[0]["conversation"])
-        assert [m.content for m in stored] == [FIRST, answers[0]["text"], SECOND, compared["B"]["text"]]
-
-    second = round_(state, 2)  # the next round trains on the pick: one pair more
-    assert second.metric_records["metrics"]["num-examples"] == 13
-    for record in [*second.config_records.values(), *second.metric_records.values()]:  # no chat text leaves
-        assert not any(isinstance(v, str) and (FIRST in v or SECOND in v) for v in record.values())
 
 
 # ---------------------------------------------------------------------------- a person at a real terminal
@@ -240,6 +155,10 @@ def test_user_text_stays_text_in_a_conversation(state: Path, cli, monkeypatch) -
     assert code == 0, err
     (compared,) = events(found, "compare")
     assert [m["role"] for m in chat_messages(compared["prompt"])] == ["user", "assistant", "user"]
+    # a trained state: the personal answer against the global model's, or (a few steps teach the private
+    # adapter too little to change a sampled answer) against another sample of the personal model
+    sources = (compared["A"]["source"], compared["B"]["source"])
+    assert sources[0] != sources[1] and "personal" in sources, sources
     assert events(found, "answer")[1]["message"] == forged
     code, _, err = chat(cli, monkeypatch, state, ["not json"], "--json-input")
     assert code == 2 and "stdin line 1: with --json-input each line must be a JSON string" in err
@@ -283,6 +202,11 @@ def test_chats_are_listed_resumed_and_forgotten(state: Path, cli, monkeypatch) -
     assert listed["id"] == 1 and listed["messages"] == 4 and listed["first_message"] == FIRST
     code, out, _ = cli("feedback", "list", "--state", str(state))
     assert code == 0 and "1 conversation stored" in out
+    code, out, _ = cli("feedback", "stats", "--state", str(state), "--json")  # stats count the chats too
+    stats = json.loads(out)
+    assert code == 0 and (stats["chats"], stats["chat_messages"], stats["chat_pairs"], stats["pairs"]) == (1, 4, 0, 16)
+    code, out, _ = cli("feedback", "stats", "--state", str(state))
+    assert code == 0 and "conversations stored" in out and "messages in them" in out
     code, out, _ = cli("feedback", "list", "--state", str(state), "--chat", "1")
     assert code == 0 and f"you> {SECOND}" in out
     code, _, err = cli("feedback", "list", "--state", str(state), "--chat", "5")

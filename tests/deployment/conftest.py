@@ -23,10 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 CERTS_SH = REPO / "docker" / "certs.sh"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "e2e: end-to-end test with real SuperLink/SuperNode processes (runs by default)")
-
-
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))

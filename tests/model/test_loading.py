@@ -124,3 +124,21 @@ def test_a_hub_id_passes_through_untouched_when_the_hub_answers(hub_out_of_reach
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
         loading.hub_unreachable.cache_clear()
         assert resolve_model_path("org/some-model") == "org/some-model"  # transformers downloads it
+
+
+def test_check_model_refuses_at_once_and_builds_nothing(hub_out_of_reach, tiny_model_dir, tmp_path, monkeypatch):
+    """``check_model``: what ``resolve_model_path`` would refuse, without building, converting or loading."""
+    from fedpersona.model import loading
+
+    monkeypatch.setattr(loading, "ensure_converted", lambda *a, **k: pytest.fail("check_model converted a GGUF"))
+    monkeypatch.setenv("FEDPERSONA_CACHE", str(tmp_path / "cache"))
+    loading.check_model("embedded")
+    loading.check_model("embedded:7")  # another seed: built when a run loads it, not by the check
+    loading.check_model(str(tiny_model_dir))
+    assert not (tmp_path / "cache").exists()
+    for model, message in (("embedded:abc", "whole number"), ("someorg/absent", "out of reach"),
+                           (str(tmp_path / "none"), "no such file or folder"), ("bad id!!", "not a local path"),
+                           (str(tmp_path / "x.gguf"), "no such GGUF file")):
+        with pytest.raises(UsageError, match=message) as err:
+            loading.check_model(model)
+        assert "\n" not in str(err.value)
