@@ -9,6 +9,14 @@ from fedpersona.config import RunConfig
 from fedpersona.model.adapters import Role
 
 
+def _close(a, b):
+    """Equal to float tolerance: the joint batch sums in another order and Adam's normalisation amplifies
+    the last bits of a near-zero gradient now and then, so one element in a few hundred may differ by ~1e-4;
+    wrong batches or a missed step differ everywhere (mean difference ~1e-3 and above)."""
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2)
+    assert float((a - b).abs().mean()) < 1e-5
+
+
 def _round(config, resident, users, extras=None):
     shared = resident.adapters.tensors(Role.SHARED)
     stores = {u: MemoryStore() for u in users}
@@ -32,11 +40,11 @@ def test_batched_cohort_equals_users_one_after_another(split_resident, extras):
             continue
         assert b.num_examples == s.num_examples and b.stats.steps == s.stats.steps
         for name in s.shared:
-            torch.testing.assert_close(b.shared[name], s.shared[name], atol=1e-4, rtol=1e-3)  # summation order differs (Adam amplifies)
+            _close(b.shared[name], s.shared[name])
             assert not torch.equal(s.shared[name], start[name]) or "lora_A" in name  # B moved: real training
         bp, sp = batched_stores[u].load_private(), sequential_stores[u].load_private()
         for name in sp:
-            torch.testing.assert_close(bp[name], sp[name], atol=1e-4, rtol=1e-3)  # summation order differs (Adam amplifies)
+            _close(bp[name], sp[name])
         assert batched_stores[u].rounds_trained() == sequential_stores[u].rounds_trained() == 1
 
 
