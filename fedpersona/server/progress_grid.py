@@ -19,13 +19,12 @@ from flwr.serverapp import Grid
 ReplyCallback = Callable[[int, int], None]  # (replies received, messages sent)
 
 
-class ProgressGrid(Grid):
-    def __init__(self, inner: Grid, on_reply: ReplyCallback | None = None, poll_interval: float = 0.05) -> None:
-        self.inner = inner
-        self.on_reply = on_reply
-        self.poll_interval = poll_interval
+class DelegatingGrid(Grid):
+    """A Grid over ``inner`` that passes every call through (subclasses change what they need)."""
 
-    # ---- delegated --------------------------------------------------------------------------
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+
     def set_run(self, run_id: int) -> None:  # pragma: no cover - the simulation sets the inner grid's run
         self.inner.set_run(run_id)
 
@@ -45,6 +44,13 @@ class ProgressGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
+
+
+class ProgressGrid(DelegatingGrid):
+    def __init__(self, inner: Grid, on_reply: ReplyCallback | None = None, poll_interval: float = 0.05) -> None:
+        super().__init__(inner)
+        self.on_reply = on_reply
+        self.poll_interval = poll_interval
 
     # ---- the one change ---------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

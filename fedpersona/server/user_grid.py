@@ -35,6 +35,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedpersona.protocol import ARRAYS, COHORT, COHORT_ERROR, METRICS, STATUS, cohort_key
+from fedpersona.server.progress_grid import DelegatingGrid
 
 USER_NODE_BASE = 1 << 40  # virtual node id of user 0 (far above nothing: Flower's SuperLink is node 1)
 ReplyCallback = Callable[[int, int], None]  # (users answered, users asked)
@@ -48,7 +49,7 @@ def user_of(node_id: int) -> int:
     return user
 
 
-class UserGrid(Grid):
+class UserGrid(DelegatingGrid):
     """Users as virtual nodes over a pool of simulation nodes (see the module docstring).
 
     ``num_users``: the population (training users, then new users). ``store``: the folder of the users'
@@ -59,7 +60,7 @@ class UserGrid(Grid):
     def __init__(self, inner: Grid, *, num_users: int, cohort_size: int, store: str, pool_size: int = 1,
                  on_reply: ReplyCallback | None = None, poll_interval: float = 0.05,
                  start_timeout: float = 120.0) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.num_users = num_users
         self.cohort_size = cohort_size
         self.store = store
@@ -67,18 +68,6 @@ class UserGrid(Grid):
         self.on_reply = on_reply
         self.poll_interval = poll_interval
         self.start_timeout = start_timeout
-
-    # ---- delegated --------------------------------------------------------------------------
-    def set_run(self, run_id: int) -> None:  # pragma: no cover - the simulation sets the inner grid's run
-        self.inner.set_run(run_id)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("a UserGrid sends and receives in one call (send_and_receive): a cohort's "
