@@ -74,9 +74,13 @@ def run_simulation(users: int, rounds: int, trained: int, out: Path, extra: list
             "rows": rows, "summary": summary, "peak_rss_gb": round(peak["rss"] / 2**30, 2), "fraction": fraction}
 
 
-def pure_compute(users: int, trained: int, rounds: int) -> float:
-    """Seconds to train ``trained`` users and evaluate as many, one after another in this process: the
-    client work of a middle round without any framework around it."""
+def pure_compute(users: int, trained: int, rounds: int, threads: int) -> float:
+    """Seconds to train ``trained`` users and evaluate as many, one after another in this process on
+    ``threads`` torch threads (a worker's share: Ray gives an actor of ``--num-cpus`` N that many threads):
+    the client work of a middle round without any framework around it."""
+    import torch
+
+    torch.set_num_threads(threads)
     from fedpersona.client.local import MemoryStore, evaluate_round, population_user, resident_for, train_round
     from fedpersona.config import RunConfig
     from fedpersona.model.adapters import Role
@@ -102,12 +106,16 @@ def main() -> None:
     parser.add_argument("--trained", type=int, default=10, help="users trained per round (about)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark-scale"))
     parser.add_argument("--set", action="append", default=[], help="extra `fedpersona simulate --set` settings")
+    parser.add_argument("--num-cpus", type=int, default=1,
+                        help="CPUs per worker (simulate --num-cpus); the machine's CPUs / this = workers. With "
+                             "one worker (2 on a 2-core machine) the overhead compares like with like")
     args = parser.parse_args()
-    extra = [f"--set={s}" for s in args.set]
+    extra = [f"--set={s}" for s in args.set] + ["--num-cpus", str(args.num_cpus)]
+    workers = max(1, (os.cpu_count() or 1) // args.num_cpus)
     results = []
     for users in args.users:
         result = run_simulation(users, args.rounds, args.trained, args.out / f"users-{users}", extra)
-        result["pure_compute_seconds"] = round(pure_compute(users, args.trained, args.rounds), 2)
+        result["pure_compute_seconds"] = round(pure_compute(users, args.trained, args.rounds, args.num_cpus), 2)
         results.append(result)
         print(f"{users} users: {result['wall_seconds']} s, rounds {result['round_seconds']}", flush=True)
     first_middle = {r["users"]: (r["round_seconds"][1] if len(r["round_seconds"]) > 2 else r["round_seconds"][0])
@@ -115,6 +123,9 @@ def main() -> None:
     base = first_middle[results[0]["users"]]
     header = (f"{'users':>7} {'whole run s':>11} {'round s (middle)':>16} {'vs first':>8} {'final eval s':>12} "
               f"{'ms/user final':>13} {'users/s final':>13} {'client-rounds/s':>15} {'overhead':>8} {'peak GB':>7}")
+    print(f"{workers} worker(s) of {args.num_cpus} CPU(s); overhead = middle round / the same client work "
+          f"one after another in one process on {args.num_cpus} thread(s) - 1"
+          + (" (negative: the workers run side by side)" if workers > 1 else ""))
     print(header)
     for r in results:
         middle, final = first_middle[r["users"]], r["round_seconds"][-1]
@@ -130,6 +141,7 @@ def main() -> None:
     for r in results:
         r.pop("rows")
     (args.out / "scale.json").write_text(json.dumps({"command": " ".join(sys.argv), "cpus": os.cpu_count(),
+                                                     "workers": workers, "num_cpus_per_worker": args.num_cpus,
                                                      "results": results}, indent=2))
     print(f"json: {args.out / 'scale.json'}")
 

@@ -141,6 +141,10 @@ def test_a_bad_model_or_setting_is_refused_before_anything_heavy_starts(tmp_path
         ([*server, "--model", "some-org/no-such-model"], "out of reach"),
         ([*server, "--model", "./no-such-folder"], "no such file or folder"),
         ([*server, "--set", "rounds=0"], "rounds=0 is invalid"),
+        (["benchmark", "--model", "./no-such-folder"], "no such file or folder"),
+        (["chat", "--state", str(tmp_path / "device"), "--model", "./no-such-folder"], "no such file or folder"),
+        (["data", "styles", "--out", str(tmp_path / "styles.jsonl"), "--model", "./no-such-folder"],
+         "no such file or folder"),
     ):
         result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120,
                                 env=env, cwd=tmp_path)
@@ -148,3 +152,4 @@ def test_a_bad_model_or_setting_is_refused_before_anything_heavy_starts(tmp_path
         report = json.loads(result.stdout.strip().splitlines()[-1])
         assert report == {"code": 2, "heavy": []}, (argv, report)
     assert not (tmp_path / "server").exists()  # no SuperLink started, no state folder made
+    assert not (tmp_path / "device").exists() and not (tmp_path / "styles.jsonl").exists()

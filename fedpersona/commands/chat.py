@@ -125,6 +125,10 @@ def chat(
         raise UsageError("--pick: needs --compare (the comparison to pick from)")
     interactive = sys.stdin.isatty() and not (json_out or compare or pick is not None or stream or json_input)
 
+    if model is not None:  # a bad --model is one line before anything is created or loaded
+        from fedpersona.model.loading import check_model
+
+        check_model(model)
     st = _open(state, create=model is not None)
     try:
         resident, config, has_private = _state_model(st, device, model)

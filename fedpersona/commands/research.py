@@ -43,15 +43,16 @@ def benchmark(
     verbose: Annotated[bool, Opt("--verbose", help="Show the benchmark's log (OUT/fedpersona.log: Flower's, Ray's and the libraries' records and warnings) on the terminal too.")] = False,
 ) -> None:
     """Run several schemes x strategies on one scenario with the same seed; write a table and plots."""
-    from fedpersona.cli import _config_from, say_log, stop_cleanly
-    from fedpersona.server.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog
-    from fedpersona.simulations.benchmark import parse_strategies, plan, run_benchmark
-    from fedpersona.simulations.launcher import Resources
+    from fedpersona.cli import checked_config, say_log, stop_cleanly
 
     flags = {"num-users": users, "rounds": rounds, "fraction-train": fraction, "seed": seed, "model": model,
              "data": data, "new-users": new_users, "new-user-shots": new_user_shots, "gen-prompts": gen_prompts,
              "dp-epsilon": target_epsilon if dp else None}
-    base = _config_from(config, set_, flags)
+    base = checked_config(config, set_, flags)  # a bad setting or --model: one line, before anything is printed
+    from fedpersona.server.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog
+    from fedpersona.simulations.benchmark import parse_strategies, plan, run_benchmark
+    from fedpersona.simulations.launcher import Resources
+
     specs = plan([s.strip() for s in schemes.split(",") if s.strip()], parse_strategies(strategies))
 
     def log(line: str) -> None:
