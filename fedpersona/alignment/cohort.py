@@ -307,11 +307,13 @@ def _train(resident: ResidentModel, sites: Sequence[_Site], jobs: Sequence[Cohor
 
 
 def _cohort_references(resident: ResidentModel, encoded: Sequence[Sequence[EncodedPair]]) -> list[torch.Tensor]:
-    """Each user's ``[n_u, 2]`` reference log-probs, computed for the whole cohort at once (the resident's
-    cache is shared, so a pair's value is the one ``train_local`` would use)."""
-    flat = [e for user in encoded for e in user]
-    ref = reference_logps(resident, flat)
-    return list(torch.split(ref, [len(user) for user in encoded]))
+    """Each user's ``[n_u, 2]`` reference log-probs, user by user, exactly as ``train_local`` asks for them.
+
+    Not one call for the whole cohort: a batched forward's last bits depend on the pairs batched with it
+    (padding changes the kernels' blocking), and the resident's cache keeps the first value it computed. A
+    user's values must not depend on which cohort, or which simulation worker, first saw its pairs, or a
+    seeded simulation would not repeat to the bit (workers take cohorts in whatever order they come free)."""
+    return [reference_logps(resident, user) for user in encoded]
 
 
 def train_cohort(resident: ResidentModel, jobs: Sequence[CohortJob], settings: TrainSettings, *,

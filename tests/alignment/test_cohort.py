@@ -146,3 +146,28 @@ def test_what_is_not_batched_says_why(resident_of):
     assert reason is not None and ("hooks" in reason or "mixture" in reason)
     with pytest.raises(ValueError, match="not supported"):
         train_cohort(pal, _jobs(pal, [2, 2]), SETTINGS)
+
+
+def test_reference_values_do_not_depend_on_the_cohort(resident_of):
+    """A user's reference log-probs are those it gets alone, to the bit, whoever shares its cohort: they are
+    cached per worker and a seeded simulation must repeat whichever worker took the cohort."""
+    from fedpersona.alignment.batching import encode_pairs
+    from fedpersona.alignment.cohort import _cohort_references
+    from fedpersona.alignment.trainer import reference_logps
+    from fedpersona.model.resident import RefLogpCache
+
+    resident = resident_of("split")
+    jobs = _jobs(resident, [8, 5, 3])
+    encoded = [encode_pairs(resident.prompt_format, job.pairs, SETTINGS.max_length) for job in jobs]
+    saved = resident.ref_cache
+    try:
+        alone = []
+        for user in encoded:
+            resident.ref_cache = RefLogpCache()
+            alone.append(reference_logps(resident, user))
+        resident.ref_cache = RefLogpCache()
+        together = _cohort_references(resident, encoded[::-1])[::-1]
+    finally:
+        resident.ref_cache = saved
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a, b)
