@@ -150,32 +150,63 @@ class _Rows:
     index: torch.Tensor | None = None
 
 
+def _row_weights(weight: torch.Tensor, rows: _Rows, batch: int) -> torch.Tensor:
+    """``weight`` ``[U, out, in]`` taken per row by the user index: ``[batch, out, in]``."""
+    index = rows.index
+    if index is None or batch != index.shape[0]:
+        raise RuntimeError(f"cohort forward: input of {batch} rows but a row index of "
+                           f"{None if index is None else index.shape[0]}")
+    return weight[index]
+
+
 def _apply(x: torch.Tensor, weight: torch.Tensor, rows: _Rows) -> torch.Tensor:
     """``x @ weight.T``: ``weight`` ``[out, in]`` for every row, or stacked ``[U, out, in]`` and taken per
     row by the user index. ``x`` is ``[B, ..., in]`` with B the batch rows."""
     if weight.dim() == 2:
         return F.linear(x, weight)
-    index = rows.index
-    if index is None or x.shape[0] != index.shape[0]:
-        raise RuntimeError(f"cohort forward: input of {x.shape[0]} rows but a row index of "
-                           f"{None if index is None else index.shape[0]}")
     flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, tokens, in]
-    out = torch.bmm(flat, weight[index].transpose(1, 2))  # per-row weights [B, in, out]
+    out = torch.bmm(flat, _row_weights(weight, rows, x.shape[0]).transpose(1, 2))
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
+def _add_applied(result: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rows: _Rows) -> torch.Tensor:
+    """``result + h @ weight.T`` in one fused call (``addmm`` / ``baddbmm``), ``weight`` as in ``_apply``."""
+    if weight.dim() == 2:
+        flat = h.reshape(-1, h.shape[-1])
+        return torch.addmm(result.reshape(-1, result.shape[-1]), flat, weight.t()).reshape(result.shape)
+    flat = h.reshape(h.shape[0], -1, h.shape[-1])
+    base = result.reshape(result.shape[0], -1, result.shape[-1])
+    return torch.baddbmm(base, flat, _row_weights(weight, rows, h.shape[0]).transpose(1, 2)).reshape(result.shape)
+
+
+def _joined(site: _Site, weights: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The site's active adapters as one LoRA of rank sum(r): A's stacked along the rank, B's (times their
+    scaling) along the rank. ``sum_k s_k B_k A_k x`` is ``[s_1 B_1 .. s_K B_K] [A_1; ..; A_K] x``: one gather
+    and two matmuls per layer instead of two per adapter, and the scaling on the small B, not the output.
+    A single (FROZEN) tensor among stacked ones is expanded to every user."""
+    a_parts = [weights[a] for a, _, _ in site.adapters]
+    b_parts = [weights[b] * scaling for _, b, scaling in site.adapters]
+    if len(a_parts) == 1:
+        return a_parts[0], b_parts[0]
+    users = max((t.shape[0] for t in a_parts + b_parts if t.dim() == 3), default=None)
+    if users is not None:
+        a_parts = [t if t.dim() == 3 else t.expand(users, *t.shape) for t in a_parts]
+        b_parts = [t if t.dim() == 3 else t.expand(users, *t.shape) for t in b_parts]
+    return torch.cat(a_parts, dim=-2), torch.cat(b_parts, dim=-1)
+
+
 def _site_forward(site: _Site, weights: Mapping[str, torch.Tensor], rows: _Rows):
-    """The forward of ``site.module`` with per-user adapters: PEFT's vanilla LoRA path (base output plus
-    each active adapter's ``B A x * scaling``, in the same order) with A and B taken per row."""
+    """The forward of ``site.module`` with per-user adapters: PEFT's vanilla LoRA (base output plus each
+    active adapter's ``scaling * B A x``), its adapters joined into one (``_joined``), A and B taken per row."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if not site.adapters:
+            return result
         result_dtype = result.dtype
-        for a, b, scaling in site.adapters:
-            wa, wb = weights[a], weights[b]
-            h = _apply(x.to(wa.dtype), wa, rows)
-            result = result + _apply(h, wb, rows) * scaling
-        return result.to(result_dtype)
+        a, b = _joined(site, weights)
+        h = _apply(x.to(a.dtype), a, rows)
+        return _add_applied(result.to(b.dtype), h, b, rows).to(result_dtype)
 
     return forward
 

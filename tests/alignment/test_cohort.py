@@ -171,3 +171,31 @@ def test_reference_values_do_not_depend_on_the_cohort(resident_of):
         resident.ref_cache = saved
     for a, b in zip(alone, together, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_cohort_of_one_equals_train_local(resident_of):
+    resident = resident_of("split")
+    job = _jobs(resident, [6])[0]
+    (got,) = train_cohort(resident, [job], SETTINGS)
+    ((shared, private, _),) = _one_after_another(resident, [job], SETTINGS)
+    for name in shared:
+        _close(got.shared[name], shared[name])
+    for name in private:
+        _close(got.private[name], private[name])
+
+
+def test_joined_adapters_are_the_sum_of_each_adapters_update():
+    """``_joined``: one rank-(r1+r2) LoRA equals sum_k scaling_k B_k A_k, per user, also when one adapter's
+    tensor is single (FROZEN) among stacked ones."""
+    from fedpersona.alignment.cohort import _joined, _Site
+
+    g = torch.Generator().manual_seed(0)
+    users, r1, r2, d_in, d_out = 3, 4, 2, 6, 5
+    weights = {"a1": torch.randn(users, r1, d_in, generator=g), "b1": torch.randn(users, d_out, r1, generator=g),
+               "a2": torch.randn(r2, d_in, generator=g), "b2": torch.randn(users, d_out, r2, generator=g)}
+    site = _Site(torch.nn.Identity(), (("a1", "b1", 0.5), ("a2", "b2", 2.0)))
+    a, b = _joined(site, weights)
+    assert a.shape == (users, r1 + r2, d_in) and b.shape == (users, d_out, r1 + r2)
+    for u in range(users):
+        expected = 0.5 * weights["b1"][u] @ weights["a1"][u] + 2.0 * weights["b2"][u] @ weights["a2"]
+        torch.testing.assert_close(b[u] @ a[u], expected)
