@@ -7,8 +7,9 @@ float tolerance) with one joint step for all the cohort's users:
 
 * every trainable adapter tensor (SHARED and PRIVATE LoRA A/B) gets a per-user copy, stacked along a new
   leading user dimension ``[U, *shape]``; FROZEN tensors (ffa's A) and the base stay single and shared;
-* while training, each PEFT ``lora.Linear`` computes ``base(x) + scaling * B[u] A[u] x`` row by row, with
-  ``u`` the user of the row (a gather of the stacked tensors by a row -> user index, then ``bmm``);
+* while training, each PEFT ``lora.Linear`` computes ``base(x) + sum_k scaling_k B_k[u] A_k[u] x`` row by
+  row, with ``u`` the user of the row: its adapters joined into one LoRA of rank sum(r_k) (scaling folded into
+  B), gathered by a row -> user index, then ``bmm`` and a fused ``baddbmm`` (cheaper than PEFT's own path);
 * the joint step's loss is the sum over users of each user's batch-mean loss, so a user's stacked slice
   receives exactly its own gradient; AdamW is elementwise, so one AdamW over the stacked tensors is each
   user's own AdamW. Every user takes its steps from the first joint step on without gaps, so all users
