@@ -286,15 +286,13 @@ def batching_refusal(config: RunConfig, extras: Mapping[str, Any] | None = None)
     options = RoundOptions.from_extras(extras)
     if not config.cohort_batching:
         return "cohort-batching is off"
-    if config.dp_epsilon > 0:
-        return "pair-level DP-SGD clips per pair within one user: users train one after another"
     if options.train_loss_key:
         return "the strategy asks for each user's loss before training"
     if get_scheme(config.scheme).shape_update is not None:
         return f"scheme {config.scheme} shapes each update after training"
     from fedpersona.alignment.cohort import cohort_supported
 
-    return cohort_supported(resident_for(config), config.train_settings)
+    return cohort_supported(resident_for(config), config.train_settings, dp=config.dp_epsilon > 0)
 
 
 def train_cohort_rounds(config: RunConfig, users: Sequence[tuple[int, UserData, PrivateStore]],
@@ -332,8 +330,8 @@ def train_cohort_rounds(config: RunConfig, users: Sequence[tuple[int, UserData, 
                        strict=True))
     results: list[RoundResult | Exception] = []
     for i, (index, data, store) in enumerate(users):
-        if i not in trained:
-            results.append(declined_result("new-user"))
+        if i not in trained:  # a new user: train_round declines it, as one after another
+            results.append(train_round(config, data, index, server_round, shared, store, extras))
             continue
         done = trained[i]
         results.append(_finish_round(config, scheme, resident, shared, store, done.private, done.shared,

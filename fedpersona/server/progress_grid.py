@@ -55,20 +55,32 @@ class ProgressGrid(DelegatingGrid):
     # ---- the one change ---------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         sent = list(self.push_messages(messages))
-        pending, position = set(sent), {message_id: i for i, message_id in enumerate(sent)}
-        total = len(pending)
+        position = {message_id: i for i, message_id in enumerate(sent)}
         replies: list[Message] = []
         if self.on_reply:
-            self.on_reply(0, total)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pending and (deadline is None or time.monotonic() < deadline):
-            new = list(self.pull_messages(pending))
-            if new:
-                replies.extend(new)
-                pending.difference_update(m.metadata.reply_to_message_id for m in new)
-                if self.on_reply:
-                    self.on_reply(len(replies), total)
-            else:
-                time.sleep(self.poll_interval)
+            self.on_reply(0, len(sent))
+
+        def arrived(new: list[Message]) -> None:
+            replies.extend(new)
+            if self.on_reply:
+                self.on_reply(len(replies), len(sent))
+
+        pull_until_answered(self.inner, sent, arrived, timeout=timeout, poll_interval=self.poll_interval)
         # in the order sent, not of arrival: aggregation then sums in the same order every run
-        return sorted(replies, key=lambda m: position.get(m.metadata.reply_to_message_id, total))
+        return sorted(replies, key=lambda m: position.get(m.metadata.reply_to_message_id, len(sent)))
+
+
+def pull_until_answered(grid: Grid, message_ids: Iterable[str], arrived: Callable[[list[Message]], None], *,
+                        timeout: float | None, poll_interval: float) -> None:
+    """Pull replies to ``message_ids`` from ``grid`` until each has one or ``timeout`` seconds pass (None:
+    no limit), asking only for those still pending; ``arrived`` gets each non-empty batch as it comes, and
+    an empty pull waits ``poll_interval`` seconds before the next."""
+    pending = set(message_ids)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending and (deadline is None or time.monotonic() < deadline):
+        new = list(grid.pull_messages(list(pending)))
+        if new:
+            pending.difference_update(m.metadata.reply_to_message_id for m in new)
+            arrived(new)
+        else:
+            time.sleep(poll_interval)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.error import Error
@@ -35,10 +35,9 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedpersona.protocol import ARRAYS, COHORT, COHORT_ERROR, METRICS, STATUS, cohort_key
-from fedpersona.server.progress_grid import DelegatingGrid
+from fedpersona.server.progress_grid import DelegatingGrid, ReplyCallback, pull_until_answered
 
 USER_NODE_BASE = 1 << 40  # virtual node id of user 0 (far above nothing: Flower's SuperLink is node 1)
-ReplyCallback = Callable[[int, int], None]  # (users answered, users asked)
 
 
 def user_of(node_id: int) -> int:
@@ -124,17 +123,16 @@ class UserGrid(DelegatingGrid):
         replies: list[Message] = []
         if self.on_reply:
             self.on_reply(0, len(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pending and (deadline is None or time.monotonic() < deadline):
-            arrived = list(self.inner.pull_messages(list(pending)))
-            for reply in arrived:
+
+        def arrived(new: list[Message]) -> None:
+            for reply in new:
                 cohort = pending.pop(reply.metadata.reply_to_message_id, None)
                 if cohort is not None:
                     replies.extend(split_reply(reply, cohort))
-            if arrived and self.on_reply:
+            if self.on_reply:
                 self.on_reply(len(replies), len(messages))
-            if not arrived:
-                time.sleep(self.poll_interval)
+
+        pull_until_answered(self.inner, sent, arrived, timeout=timeout, poll_interval=self.poll_interval)
         order = {msg.metadata.message_id: i for i, msg in enumerate(messages)}
         return sorted(replies, key=lambda m: order.get(m.metadata.reply_to_message_id, len(order)))
 
