@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fedpersona.alignment.cohort import CohortJob, cohort_supported, train_cohort
+from fedpersona.alignment.cohort import CohortJob, batch_schedule, cohort_supported, train_cohort
 from fedpersona.alignment.trainer import train_local
 from fedpersona.client.local import population_user, resident_for, round_seed
 from fedpersona.config import RunConfig
@@ -122,7 +122,7 @@ def main() -> None:
     if (reason := cohort_supported(resident, settings)) is not None:
         sys.exit(f"cohort training is refused for these settings: {reason}")
     jobs = _jobs(config, resident, args.users)
-    pairs_seen = sum(len(b) for job in jobs for b in _steps(job, settings))
+    pairs_seen = sum(len(b) for job in jobs for b in batch_schedule(len(job.pairs), settings, job.seed))
     batched(resident, jobs[: min(args.cohorts)], settings, min(args.cohorts))  # warm-up (reference cache, allocator)
 
     seq_seconds, reference = min((sequential(resident, jobs, settings) for _ in range(args.repeats)),
@@ -156,12 +156,6 @@ def main() -> None:
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(args.out)
     print(f"json: {args.out}")
-
-
-def _steps(job: CohortJob, settings) -> list[list[int]]:
-    from fedpersona.alignment.cohort import batch_schedule
-
-    return batch_schedule(len(job.pairs), settings, job.seed)
 
 
 if __name__ == "__main__":
