@@ -5,8 +5,8 @@ resident model, as a simulation worker trains the users of a cohort message:
 
 * **sequential**: ``train_local`` per user (load the user's shared and private tensors, train, read them
   back), the path taken with ``cohort-batching=false`` or where batching is refused;
-* **cohort of c**: ``train_cohort`` on c users at a time (one forward/backward per step for all of them;
-  ``fedpersona.alignment.cohort``).
+* **cohort of c**: ``train_stacked`` on c users at a time (one forward/backward per step for all of them;
+  ``fedpersona.alignment.stacked``).
 
 Both train ``--users`` users in all (a multiple of every cohort size), with the simulation's training
 settings (``RunConfig`` defaults, ``--set`` to change them). Each timing is the best of ``--repeats``.
@@ -34,14 +34,15 @@ from pathlib import Path
 
 import torch
 
-from fedpersona.alignment.cohort import CohortJob, batch_schedule, cohort_supported, train_cohort
+from fedpersona.alignment.stacked import StackedJob, batch_schedule, stacking_supported, train_stacked
 from fedpersona.alignment.trainer import train_local
-from fedpersona.client.local import population_user, resident_for, round_seed
+from fedpersona.round.resident import resident_for
+from fedpersona.round.users import population_user, round_seed
 from fedpersona.config import RunConfig
 from fedpersona.model.adapters import Role
 
 
-def _jobs(config: RunConfig, resident, users: int) -> list[CohortJob]:
+def _jobs(config: RunConfig, resident, users: int) -> list[StackedJob]:
     shared = resident.adapters.tensors(Role.SHARED)
     generator = torch.Generator().manual_seed(config.seed)
     jobs = []
@@ -49,7 +50,7 @@ def _jobs(config: RunConfig, resident, users: int) -> list[CohortJob]:
         # a private start of its own per user (as after earlier rounds), so no two slices are alike
         private = {n: t + 0.01 * torch.randn(t.shape, generator=generator)
                    for n, t in resident.adapters.tensors(Role.PRIVATE).items()}
-        jobs.append(CohortJob(pairs=population_user(config, u).train, seed=round_seed(config, u, 1),
+        jobs.append(StackedJob(pairs=population_user(config, u).train, seed=round_seed(config, u, 1),
                               shared=shared, private=private))
     return jobs
 
@@ -69,7 +70,7 @@ def batched(resident, jobs, settings, size: int) -> tuple[float, list[dict[str, 
     start = time.perf_counter()
     out = []
     for first in range(0, len(jobs), size):
-        for result in train_cohort(resident, jobs[first : first + size], settings):
+        for result in train_stacked(resident, jobs[first : first + size], settings):
             out.append({**result.shared, **result.private})
     return time.perf_counter() - start, out
 
@@ -116,10 +117,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     overrides = dict(item.split("=", 1) for item in args.set)
-    config = RunConfig.from_flat(overrides, base=RunConfig(num_users=args.users, device=args.device), source="--set")
+    config = RunConfig.from_flat(overrides, base=RunConfig(num_users=args.users, accelerator=args.device), source="--set")
     resident = resident_for(config)
     settings = config.train_settings
-    if (reason := cohort_supported(resident, settings)) is not None:
+    if (reason := stacking_supported(resident, settings)) is not None:
         sys.exit(f"cohort training is refused for these settings: {reason}")
     jobs = _jobs(config, resident, args.users)
     pairs_seen = sum(len(b) for job in jobs for b in batch_schedule(len(job.pairs), settings, job.seed))

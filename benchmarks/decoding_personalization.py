@@ -2,7 +2,7 @@
 
 What it measures. A small federation is trained in-process: users of ``synthetic:conflicting`` (the
 default scenario: two persona groups that want opposite styles), FedAvg over the shared adapter, every
-user every round, each user's round by the real client code (``fedpersona.client.local.train_round`` on
+user every round, each user's round by the real client code (``fedpersona.round.train.train_round`` on
 the resident model, the scheme's private part kept per user). Then every user answers its held-out
 prompts with
 
@@ -40,7 +40,11 @@ if __package__ in (None, ""):  # run as a script from anywhere: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedpersona.alignment.generation import decode  # noqa: E402
-from fedpersona.client.local import MemoryStore, population_user, resident_for, train_round, win_rate  # noqa: E402
+from fedpersona.round.evaluate import win_rate  # noqa: E402
+from fedpersona.round.resident import resident_for  # noqa: E402
+from fedpersona.round.stores import MemoryStore  # noqa: E402
+from fedpersona.round.train import train_round  # noqa: E402
+from fedpersona.round.users import population_user  # noqa: E402
 from fedpersona.config import RunConfig  # noqa: E402
 from fedpersona.data.sources import SYNTHETIC_PREFIX, simulator  # noqa: E402
 from fedpersona.model.adapters import Role  # noqa: E402
@@ -77,7 +81,7 @@ def methods(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    config = RunConfig(num_users=args.users, rounds=args.rounds, seed=args.seed, device="cpu",
+    config = RunConfig(num_users=args.users, rounds=args.rounds, seed=args.seed, accelerator="cpu",
                        data="synthetic:conflicting", gen_temperature=args.temperature)
     users = {i: population_user(config, i) for i in range(args.users)}
     shared, stores, train_seconds = train(config, users)

@@ -16,7 +16,7 @@ import torch
 from fedpersona.alignment.evaluation import evaluate_user
 from fedpersona.alignment.generation import generate
 from fedpersona.alignment.trainer import train_local
-from fedpersona.client.local import resident_for
+from fedpersona.round.resident import resident_for
 from fedpersona.config import RunConfig
 from fedpersona.data.synthetic import PreferenceSimulator
 from fedpersona.model.adapters import Role

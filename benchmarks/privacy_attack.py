@@ -17,7 +17,7 @@ What it does (one run, three settings, the same data and seeds in each):
 3. A few federated rounds simulated in-process (FedAvg over the shared adapter, every user every round,
    equal weights; each user's private adapter stays with it across rounds; so a pair is seen
    rounds x local epochs times, as in a real run, rather than in one long local run), each user's round
-   run by the real client code (``fedpersona.client.local.train_round``: the ``--scheme``'s private part,
+   run by the real client code (``fedpersona.round.train.train_round``: the ``--scheme``'s private part,
    ``train_local`` without DP or ``train_local_dp`` with the user's persistent ledger calibrated for
    exactly ``--rounds`` rounds: pair-level, default delta rule, reproducible seeds).
 4. Attacks on each user's final personalized model (final shared + its own private part), i.e. an
@@ -63,7 +63,10 @@ if __package__ in (None, ""):  # run as a script from anywhere: make the reposit
 from fedpersona.alignment.batching import collate, encode_pairs, sequence_logprobs  # noqa: E402
 from fedpersona.alignment.evaluation import evaluate_user  # noqa: E402
 from fedpersona.alignment.trainer import pair_policy_logps, reference_logps  # noqa: E402
-from fedpersona.client.local import MemoryStore, population_user, resident_for, train_round  # noqa: E402
+from fedpersona.round.resident import resident_for  # noqa: E402
+from fedpersona.round.stores import MemoryStore  # noqa: E402
+from fedpersona.round.train import train_round  # noqa: E402
+from fedpersona.round.users import population_user  # noqa: E402
 from fedpersona.config import RunConfig  # noqa: E402
 from fedpersona.data.schema import PreferencePair, UserData  # noqa: E402
 from fedpersona.data.synthetic import EVASIVE, PROMPT_TEMPLATES, TOPICS  # noqa: E402
@@ -523,7 +526,7 @@ def run(args: argparse.Namespace) -> dict:
     clip = {} if args.clip is None else {"dp_max_grad_norm": args.clip}
     base = RunConfig.from_toml(args.config) if args.config else RunConfig()
     config = base.replace(seed=args.seed, num_users=args.users, rounds=args.rounds, epochs=args.epochs,
-                          min_steps=args.min_steps, device="cpu", gen_prompts=0, new_users=0,
+                          min_steps=args.min_steps, accelerator="cpu", gen_prompts=0, new_users=0,
                           fraction_train=1.0, dp_planned_rounds=0,  # every user trains every round
                           **({"scheme": args.scheme} if args.scheme else {}), **clip)
     resident = resident_for(config)

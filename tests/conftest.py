@@ -15,7 +15,7 @@ def _one_thread():
 @pytest.fixture
 def split_resident():
     """The process's resident model for the default (split) scheme, restored after the test."""
-    from fedpersona.client.local import resident_for
+    from fedpersona.round.resident import resident_for
     from fedpersona.config import RunConfig
     from fedpersona.model.adapters import Role
 

@@ -42,7 +42,7 @@ def test_not_json_names_the_line(tmp_path):
     (["simulate", "--scheme", "nope"], "scheme"),
     (["simulate", "--set", "colour=blue"], "unknown setting 'colour'"),
     (["simulate", "--rounds", "0"], "rounds=0 is invalid"),
-    (["simulate", "--strategy", "FedAvgM", "--strategy-arg", "server_momentum=fast"], "server_momentum"),
+    (["simulate", "--strategy", "FedAvgM(server_momentum=fast)"], "server_momentum"),
     (["privacy", "--sample-rate", "0.1", "--steps", "10"], "exactly one of --noise-multiplier"),
 ])
 def test_bad_usage_is_one_line_exit_2(args, expected):
@@ -98,9 +98,9 @@ def test_a_strategy_module_in_the_working_directory_is_found(tmp_path):
     the working directory, as `python -m` would; the bad argument then proves the class was imported."""
     (tmp_path / "mymod.py").write_text("from flwr.serverapp.strategy import FedAvg\n\nclass MyAvg(FedAvg):\n    pass\n")
     script = Path(sys.executable).with_name("fedpersona")
-    result = subprocess.run([str(script), "simulate", "--strategy", "mymod:MyAvg", "--strategy-arg", "nope=1"],
+    result = subprocess.run([str(script), "simulate", "--strategy", "mymod:MyAvg(nope=1)"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 2 and "MyAvg has no such argument" in result.stderr, result.stderr
+    assert result.returncode == 2 and "MyAvg has no argument 'nope'" in result.stderr, result.stderr
     missing = subprocess.run([str(script), "simulate", "--strategy", "nomod:X"], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
     assert missing.returncode == 2 and str(tmp_path) in missing.stderr, missing.stderr
@@ -117,7 +117,7 @@ def test_settings_lists_every_setting_with_a_meaning_and_typos_get_a_suggestion(
     assert "did you mean 'dp-epsilon'?" in one_line_error(fedpersona("simulate", "--set", "dp-epsiln=3"))
 
 
-HEAVY = ("ray", "transformers", "peft", "opacus", "fedpersona.simulations.launcher", "fedpersona.server.launch")
+HEAVY = ("ray", "transformers", "peft", "opacus", "fedpersona.simulations.launcher", "fedpersona.deploy.server")
 
 
 def test_a_bad_model_or_setting_is_refused_before_anything_heavy_starts(tmp_path):

@@ -7,7 +7,6 @@ Reference log-probs come from the frozen base, computed once per pair and cached
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,28 +14,11 @@ import torch
 
 from fedpersona.alignment.batching import EncodedPair, collate, encode_pairs, sequence_logprobs
 from fedpersona.alignment.losses import get_loss
+from fedpersona.alignment.settings import TrainSettings
 from fedpersona.alignment.microbatch import pair_chunks
 from fedpersona.data.schema import PreferencePair
 from fedpersona.model.adapters import Role
 from fedpersona.model.resident import ResidentModel
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 2
-    max_steps: int = 0  # 0: no cap; else stop after this many optimizer steps per round
-    min_steps: int = 0  # users with few pairs still take this many steps (they cycle their data)
-    batch_size: int = 8
-    lr: float = 1e-2  # learning rate of private tensors
-    shared_lr: float = 2e-3  # learning rate of shared tensors (lower: they are averaged with other users')
-    weight_decay: float = 0.0
-    beta: float = 0.1
-    loss: str = "dpo"
-    max_length: int = 96
-
-    def steps_for(self, num_pairs: int) -> int:
-        steps = max(self.epochs * math.ceil(num_pairs / self.batch_size), self.min_steps)
-        return min(steps, self.max_steps) if self.max_steps else steps
 
 
 @dataclass(frozen=True)

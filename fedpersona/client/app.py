@@ -20,8 +20,9 @@ from flwr.clientapp import ClientApp
 
 from fedpersona.client.device import device_for, evaluate_on_device, train_on_device
 from fedpersona.client.cohort import cohort_of, evaluate_cohort, evaluation_metrics, train_cohort, user_view
-from fedpersona.client.local import RoundResult, population_user, train_round
-from fedpersona.client.policy import Decline
+from fedpersona.round.train import RoundResult, train_round
+from fedpersona.round.users import population_user
+from fedpersona.device.policy import Decline
 from fedpersona.config import RunConfig
 from fedpersona.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, STATUS, status_record
 from fedpersona.privacy.user_level import CLIPPING_NORM_KEY, clip_user_reply, clipping_mod_when_asked
@@ -99,7 +100,7 @@ def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
 def _cohort_user_reply(msg: Message, context: Context):
     """How one user of a training cohort replies: its ``train_reply``, tampered with if the simulation makes
     it malicious, its update clipped when the server asked (user-level DP), as a one-user message would be."""
-    from fedpersona.simulations.attacks import tamper
+    from fedpersona.strategies.attacks import tamper
 
     def reply(config: RunConfig, index: int, result: RoundResult) -> RecordDict:
         content = tamper(config, index, train_reply(config, result), msg.content)
@@ -137,7 +138,7 @@ def train(msg: Message, context: Context) -> Message:
     store = ContextStore(context)
     result = train_round(config, population_user(config, index), index, int(extras.get("server-round", 0)),
                          _shared_from(msg), store, extras)
-    from fedpersona.simulations.attacks import tamper  # simulated malicious users (settings attack, attack-users)
+    from fedpersona.strategies.attacks import tamper  # simulated malicious users (settings attack, attack-users)
 
     return Message(tamper(config, index, train_reply(config, result), msg.content), reply_to=msg)
 

@@ -1,7 +1,7 @@
 """A simulation message for a cohort of users: train or evaluate each named user on the resident model.
 
 The server's ``fedpersona.server.user_grid`` sends one message per cohort (a ``fedpersona.cohort``
-ConfigRecord: the users, and the folder of their private state, ``fedpersona.client.user_store``). The
+ConfigRecord: the users, and the folder of their private state, ``fedpersona.round.user_store``). The
 reply holds each user's records under ``user-<u>.<kind>`` (``fedpersona.protocol.cohort_key``): exactly
 what that user's own reply would hold (shared tensors and counters when training, accuracies when
 evaluating), or ``user-<u>.error`` with one line when the user's part failed. Nothing private leaves:
@@ -15,17 +15,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fedpersona.client.local import (
-    PrivateStore,
-    RoundResult,
-    current_epsilon,
-    evaluate_round,
-    population_user,
-    train_cohort_rounds,
-)
-from fedpersona.client.user_store import UserStore
+from fedpersona.round.evaluate import evaluate_round
+
+from fedpersona.round.stores import PrivateStore
+
+from fedpersona.round.train import RoundResult, current_epsilon, train_cohort_rounds
+
+from fedpersona.round.users import population_user
+from fedpersona.round.user_store import UserStore
 from fedpersona.config import RunConfig
 from fedpersona.protocol import COHORT, COHORT_ERROR, cohort_key
 
@@ -56,7 +55,7 @@ def train_cohort(msg: Message, context: Context, config: RunConfig, extras: Mapp
                  shared: Mapping[str, torch.Tensor] | None,
                  user_reply: Callable[[RunConfig, int, RoundResult], RecordDict]) -> RecordDict:
     """Train every user of the cohort (one forward/backward for all where that gives the same result,
-    ``fedpersona.client.local.train_cohort_rounds``); ``user_reply`` makes each user's reply records."""
+    ``fedpersona.round.train.train_cohort_rounds``); ``user_reply`` makes each user's reply records."""
     users, store = cohort_of(msg)
     server_round = int(extras.get("server-round", 0))
     try:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpersona.alignment.trainer import TrainStats
-from fedpersona.client.device_state import DeviceState
-from fedpersona.client.local import RoundResult
-from fedpersona.client.policy import Decline, DevicePolicy
+from fedpersona.device.state import DeviceState
+from fedpersona.round.train import RoundResult
+from fedpersona.device.policy import Decline, DevicePolicy
 from fedpersona.data.schema import UserData
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def _open_round(state: DeviceState, config: RunConfig, simulation_keys: Mapping[
                 shared: Mapping[str, torch.Tensor] | None) -> tuple[DevicePolicy, Decline | None]:
     """Every state file readable (damage is a UsageError before anything is spent), the user's policy,
     and the checks every message passes (simulation settings, model and scheme, finite shared tensors)."""
-    from fedpersona.client.local import first_non_finite
+    from fedpersona.round.train import first_non_finite
 
     state.check_files()
     policy = DevicePolicy.load(state.dir) or DevicePolicy()
@@ -136,8 +136,8 @@ def prepare_ledger(state: DeviceState, policy: DevicePolicy, config: RunConfig, 
     spent on the same pairs (``PrivacyRecord``); an existing one keeps its noise and only ever lowers its
     target (a round asking for more privacy). Declines when the noise is below the policy's floor or the
     pairs' earlier spending already reaches the target."""
-    from fedpersona.client.local import round_seed
-    from fedpersona.client.privacy_record import PrivacyRecord
+    from fedpersona.round.users import round_seed
+    from fedpersona.device.privacy_record import PrivacyRecord
     from fedpersona.privacy.dp_training import plan_ledger
     from fedpersona.privacy.ledger import BudgetSpent, PrivacyLedger
 
@@ -170,7 +170,7 @@ def train_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, 
     A round of the same run lineage (``fedpersona.protocol.RUN_LINEAGE``: one id for a run and every
     resumption of it) that this device already answered is answered again with the stored reply: a server
     that died mid-round and resumed gets the device's update without the device paying for it twice."""
-    from fedpersona.client.local import declined_result, train_round
+    from fedpersona.round.train import declined_result, train_round
     from fedpersona.protocol import RUN_LINEAGE
 
     server_round = int(extras.get("server-round", 0))
@@ -213,7 +213,8 @@ def evaluate_on_device(state: DeviceState, config: RunConfig, extras: Mapping[st
     """Held-out accuracies of this user's three models, as the evaluation reply's metrics; a ``Decline``
     when the policy keeps them on the device (the newest shared adapter is stored all the same, for
     ``fedpersona generate`` offline)."""
-    from fedpersona.client.local import current_epsilon, evaluate_round
+    from fedpersona.round.evaluate import evaluate_round
+    from fedpersona.round.train import current_epsilon
 
     server_round = int(extras.get("server-round", 0))
     with state.lock():

@@ -1,6 +1,6 @@
 """``fedpersona chat``: talk to your personal model on this device; compare two answers, teach it your pick.
 
-Two front ends over one ``fedpersona.client.assistant.Assistant``:
+Two front ends over one ``fedpersona.device.assistant.Assistant``:
 
 * **a terminal** (stdin is one): a prompt ``you>``, the answer streamed token by token, and in-chat
   commands (``/help``): ``/compare``, ``/strength S``, ``/method weights|logits``, ``/temperature T``,
@@ -31,8 +31,8 @@ from fedpersona.commands.device import DEFAULT_USER, StateOpt, _check_text, _ope
 from fedpersona.errors import UsageError
 
 if TYPE_CHECKING:
-    from fedpersona.client.assistant import Assistant, Comparison, Pick
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.assistant import Assistant, Comparison, Pick
+    from fedpersona.device.state import DeviceState
     from fedpersona.config import RunConfig
     from fedpersona.model.resident import ResidentModel
 
@@ -103,7 +103,7 @@ def chat(
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Most tokens of one answer.")] = 128,
     context: Annotated[Optional[int], Opt("--context", help="Tokens of conversation + answer the model sees (default: the model's context); older exchanges are left out first.")] = None,
     seed: Annotated[Optional[int], Opt("--seed", help="Sampling seed (answers and A/B order); default: random.")] = None,
-    device: Annotated[str, Opt("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, Opt("--accelerator", "--device", help="Where the model computes: auto, cpu, cuda or cuda:N.")] = "auto",
     model: Annotated[Optional[str], Opt("--model", help="Before your first training round (no adapters in the state yet): talk to this base model (smollm2-135m-instruct, an HF id or folder, a .gguf file); picks are stored all the same. Once the state has adapters, its own model is used.")] = None,
     resume: Annotated[Optional[str], Opt("--resume", help="Continue a stored conversation: its id (`feedback list --chats`) or 'last'.")] = None,
     save: Annotated[bool, Opt("--save/--no-save", help="Store the conversation in the state's memory (picks are stored either way).")] = True,
@@ -114,7 +114,7 @@ def chat(
     json_out: Annotated[bool, Opt("--json", help="JSON lines on stdout (one event a line), even on a terminal.")] = False,
 ) -> None:
     """Chat with your personal model (base + shared + your private adapter), on this device only."""
-    from fedpersona.client.assistant import Assistant, Settings
+    from fedpersona.device.assistant import Assistant, Settings
 
     settings = Settings(method, strength, temperature, max_new_tokens, context, seed)
     settings.check()
@@ -169,11 +169,11 @@ def _state_model(st: DeviceState, device: str, model: str | None) -> tuple[Resid
     if not name:
         raise UsageError(f"--state {st.dir}: no adapters yet: run `fedpersona client` first, or pass --model NAME "
                          "(e.g. smollm2-135m-instruct) to talk to the base model before your first round")
-    from fedpersona.client.local import resident_for
+    from fedpersona.round.resident import resident_for
     from fedpersona.commands.device import _quiet_loading
     from fedpersona.model.adapters import Role
 
-    config = RunConfig(model=str(name), scheme=str(meta.get("scheme") or RunConfig().scheme), device=device)
+    config = RunConfig(model=str(name), scheme=str(meta.get("scheme") or RunConfig().scheme), accelerator=device)
     with _quiet_loading():
         resident = resident_for(config)
     if not meta:  # remembered for the next chat (and `feedback import`'s check); a first round may rebind it

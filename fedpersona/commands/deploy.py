@@ -1,4 +1,8 @@
-"""Commands of this group are added by ``register``."""
+"""Deployment commands: ``fedpersona server`` (a SuperLink and one run on it) and ``fedpersona client`` (this
+device's SuperNode, bound to the user's state folder).
+
+Commands of this group are added by ``register``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from fedpersona.config import setting_help
 
 
 def register(app: typer.Typer) -> None:
@@ -28,9 +34,8 @@ def server(
     min_users: Annotated[Optional[int], typer.Option("--min-users", help="Clients needed before a round starts (and per round).")] = None,
     fraction: Annotated[Optional[float], typer.Option("--fraction", help="Fraction of connected clients trained per round.")] = None,
     round_timeout: Annotated[Optional[float], typer.Option("--round-timeout", help="Seconds a round waits for replies.")] = None,
-    scheme: Annotated[Optional[str], typer.Option(help="Personalization scheme (split, global, local, fedsa, ffa, ...).")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="Flower strategy name or package.module:Class.")] = None,
-    strategy_arg: Annotated[list[str], typer.Option("--strategy-arg", help="Strategy hyperparameter key=value.")] = [],
+    scheme: Annotated[Optional[str], typer.Option(help=setting_help("scheme"))] = None,
+    strategy: Annotated[Optional[str], typer.Option(help=setting_help("strategy"))] = None,
     model: Annotated[Optional[str], typer.Option(help="'embedded', an HF model id or a local folder (same on every device).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and sampling.")] = None,
     dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Ask for pair-level DP-SGD on every device (default: on; devices require it unless their policy says otherwise).")] = True,
@@ -52,17 +57,17 @@ def server(
     import json
     import signal
 
-    from fedpersona.cli import checked_config, say_log
+    from fedpersona.commands.common import checked_config, say_log
 
     flags = {"rounds": rounds, "min-users": min_users, "fraction-train": fraction, "round-timeout": round_timeout,
-             "scheme": scheme, "strategy": strategy, "strategy-args": ",".join(strategy_arg) if strategy_arg else None,
+             "scheme": scheme, "strategy": strategy,
              "model": model, "seed": seed, "dp-epsilon": target_epsilon if dp else None}
     cfg = checked_config(config, set_, flags)  # settings and model: one line before the SuperLink starts
     _refuse_simulation_only(cfg)
     from rich.console import Console
 
-    from fedpersona.server.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog, summary_table
-    from fedpersona.server.launch import RunFailed, ServerOptions, run_server
+    from fedpersona.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog, summary_table
+    from fedpersona.deploy.server import RunFailed, ServerOptions, run_server
     options = ServerOptions(state=state, host=host, port=port, certificates=certificates, insecure=insecure,
                             enable_supernode_auth=enable_supernode_auth, auth_keys=tuple(auth_key), out=out,
                             checkpoint_dir=checkpoint_dir, resume=resume, fresh=fresh, verbose=verbose)
@@ -132,9 +137,9 @@ def client(
     import logging
     import threading
 
-    from fedpersona.cli import say_log
-    from fedpersona.client.node import ClientOptions, run_client
-    from fedpersona.server.display import LOG_NAME, PROGRESS, RunLog
+    from fedpersona.commands.common import say_log
+    from fedpersona.deploy.node import ClientOptions, run_client
+    from fedpersona.display import LOG_NAME, PROGRESS, RunLog
 
     options = ClientOptions(server=server_address, state=state, root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, runtime_port=runtime_port, user_index=user_index, cold=cold,

@@ -1,7 +1,7 @@
 """A user's commands on their device: ``feedback add/import/list/stats/forget``, ``generate``, ``export``.
 
 All of them work on one device state directory (``--state DIR``, or ``$FEDPERSONA_STATE``); see
-``fedpersona.client.device_state``. The ``feedback`` commands touch only the preference memory and
+``fedpersona.device.state``. The ``feedback`` commands touch only the preference memory and
 import no torch, so they stay fast; ``feedback import`` alone loads the state's tokenizer (not its
 weights) to check how the pairs encode (``--no-check`` skips it). ``generate`` and ``export`` rebuild the model the state belongs to
 (``meta.json``: model id and scheme; adapter ranks from meta.json if recorded, else read off the stored
@@ -26,7 +26,7 @@ from fedpersona.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
     from fedpersona.config import RunConfig
     from fedpersona.model.resident import ResidentModel
 
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _open(state: Path, *, create: bool) -> DeviceState:
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
 
     return DeviceState(state, create=create)
 
@@ -318,14 +318,14 @@ def feedback_stats(state: StateOpt, json_out: JsonOpt = False) -> None:
 
 def _privacy_stats(st: DeviceState) -> dict[str, Any]:
     """The epsilon this device has spent (its ledger, else what forgotten pairs cost) and its policy."""
-    from fedpersona.client.policy import DevicePolicy
+    from fedpersona.device.policy import DevicePolicy
     from fedpersona.privacy.ledger import PrivacyLedger
 
     ledger = st.load_ledger()
     policy = DevicePolicy.load(st.dir) or DevicePolicy()
     epsilon = PrivacyLedger.from_json(ledger).spent_epsilon() if ledger else None
     if epsilon is None:  # no ledger yet: what retired ledgers spent on the pairs now stored (privacy record)
-        from fedpersona.client.privacy_record import PrivacyRecord
+        from fedpersona.device.privacy_record import PrivacyRecord
         from fedpersona.privacy.accountant import epsilon_of_history
 
         pairs = st.memory.list(None, 0) if st.memory_path.exists() else []
@@ -343,7 +343,7 @@ def feedback_forget(
     chat: Annotated[Optional[int], Opt("--chat", help="Delete one stored conversation (pairs you made in it stay).")] = None,
 ) -> None:
     """Delete all your feedback, conversations, private adapter, privacy ledger and caches from this device."""
-    from fedpersona.client.device_state import USER_FILES
+    from fedpersona.device.state import USER_FILES
 
     if chats or chat is not None:
         return _forget_chats(state, chat, yes)
@@ -476,7 +476,7 @@ def state_config(st: DeviceState, shared: Mapping[str, torch.Tensor] | None,
         return value
 
     prototypes = sum(1 for name in ranks if re.fullmatch(r"proto\d+", name))  # pal: one adapter per prototype
-    return RunConfig(model=str(meta["model_id"]), scheme=str(meta["scheme"]), device=device,
+    return RunConfig(model=str(meta["model_id"]), scheme=str(meta["scheme"]), accelerator=device,
                      shared_rank=setting("shared_rank", others[0] if others else None, defaults.shared_rank),
                      private_rank=setting("private_rank", ranks.get("private"), defaults.private_rank),
                      pal_prototypes=setting("pal_prototypes", prototypes or None, defaults.pal_prototypes),
@@ -489,7 +489,7 @@ def load_state_resident(st: DeviceState, device: str = "auto") -> tuple[Resident
     Returns ``(resident, config, has_private)``; a state without private tensors generates with the
     private part at its initial value (the global model).
     """
-    from fedpersona.client.local import resident_for
+    from fedpersona.round.resident import resident_for
     from fedpersona.model.adapters import Role
     from fedpersona.strategies.schemes import get_scheme
 
@@ -529,7 +529,7 @@ def generate(
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", help="Most tokens to generate.")] = 64,
     temperature: Annotated[float, Opt("--temperature", "-t", help="0: greedy (deterministic); > 0 samples.")] = 0.0,
     seed: Annotated[int, Opt("--seed", help="Sampling seed (with --temperature > 0).")] = 0,
-    device: Annotated[str, Opt("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, Opt("--accelerator", "--device", help="Where the model computes: auto, cpu, cuda or cuda:N.")] = "auto",
     method: Annotated[str, Opt("--method", "-m", help="weights: scale your private adapter's tensors (one forward per token); logits: mix the personal and global models' next-token log-probs (Decoding-time Realignment, two forwards per token).")] = "weights",
     json_out: JsonOpt = False,
 ) -> None:

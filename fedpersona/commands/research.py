@@ -1,17 +1,72 @@
-"""Research commands: ``fedpersona benchmark`` (several schemes and strategies side by side).
+"""Research commands: ``fedpersona simulate`` (many users on Ray), ``benchmark`` (schemes and strategies side
+by side), ``settings`` (every setting with its default and meaning) and ``privacy`` (the DP calculator).
 
 Commands of this group are added by ``register``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from fedpersona.commands.common import checked_config, say_log, stop_cleanly, with_format
+from fedpersona.config import setting_help
+from fedpersona.errors import UsageError
+
 Opt = typer.Option
+
+def simulate(
+    users: Annotated[Optional[int], Opt("--users", "--num-users", "-n", help="Number of simulated users (synthetic data; default 32).")] = None,
+    rounds: Annotated[Optional[int], Opt("--rounds", "-r", help="Federated rounds (default 15).")] = None,
+    fraction: Annotated[Optional[float], Opt("--fraction", "--fraction-train", help="Fraction of users trained per round (default 0.5).")] = None,
+    seed: Annotated[Optional[int], Opt(help="Seed of users, sampling and initialisation.")] = None,
+    model: Annotated[Optional[str], Opt(help=setting_help("model"))] = None,
+    data: Annotated[Optional[str], Opt(help=setting_help("data"))] = None,
+    data_format: Annotated[Optional[str], Opt("--format", help="The --data file's format when it is not a fedpersona pair file: hh-rlhf, psoups, prism, personalllm, auto, or package.module:NAME (the same as --data FORMAT:PATH).")] = None,
+    scheme: Annotated[Optional[str], Opt(help=setting_help("scheme"))] = None,
+    strategy: Annotated[Optional[str], Opt(help=setting_help("strategy"))] = None,
+    dp: Annotated[bool, Opt("--dp", help="Pair-level DP-SGD on every client; settings you leave unset take the DP defaults (scheme pal, ...: see summary.json dp_defaults_applied).")] = False,
+    target_epsilon: Annotated[float, Opt(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
+    delta: Annotated[Optional[float], Opt(help="Per-user delta (default min(1e-5, 1/(10 n))).")] = None,
+    max_grad_norm: Annotated[Optional[float], Opt(help="Per-pair clipping norm (with --dp).")] = None,
+    accountant: Annotated[Optional[str], Opt(help="rdp (default) or prv.")] = None,
+    num_cpus: Annotated[float, Opt(help="CPUs per simulated client (one Ray actor each).")] = 1.0,
+    num_gpus: Annotated[float, Opt(help="GPUs per simulated client; fractions share a GPU.")] = 0.0,
+    ray_address: Annotated[Optional[str], Opt(help="Join an existing Ray cluster ('auto' or ray://host:port).")] = None,
+    config: Annotated[Optional[Path], Opt("--config", help="TOML file of settings.")] = None,
+    set_: Annotated[list[str], Opt("--set", help="Any setting key=value (`fedpersona settings` lists them).")] = [],
+    out: Annotated[Path, Opt("--out", "-o", help="Output folder: metrics.jsonl, summary.json, per_user.json.")] = Path("runs/latest"),
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress display.")] = False,
+    verbose: Annotated[bool, Opt("--verbose", help="Show the run's log (OUT/fedpersona.log: Flower's, Ray's and the libraries' records and warnings) on the terminal too.")] = False,
+    json_out: Annotated[bool, Opt("--json", help="Print summary.json to stdout instead of the table.")] = False,
+) -> None:
+    """Simulate many users with Flower's simulation engine on Ray, then print a summary table."""
+    flags = {"num-users": users, "rounds": rounds, "fraction-train": fraction, "seed": seed, "model": model,
+             "data": with_format(data, data_format), "scheme": scheme, "strategy": strategy,
+             "dp-epsilon": target_epsilon if dp else None, "dp-delta": delta, "dp-max-grad-norm": max_grad_norm,
+             "dp-accountant": accountant}
+    cfg = checked_config(config, set_, flags)
+    from rich.console import Console  # the heavy imports (Flower, Ray, transformers) only once the inputs are sound
+
+    from fedpersona.display import LOG_NAME, ConsoleReporter, QuietReporter, RunLog, summary_table
+    from fedpersona.simulations.launcher import Resources, simulate as run
+
+    reporter = QuietReporter() if quiet else ConsoleReporter()
+    stop_cleanly(out)
+    with RunLog(out / LOG_NAME, verbose=verbose) as log:
+        summary = run(cfg, out_dir=out, resources=Resources(num_cpus, num_gpus, ray_address), reporter=reporter,
+                      verbose=verbose)
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    else:
+        Console().print(summary_table(summary))
+        Console().print(f"results: {out}/summary.json, {out}/metrics.jsonl, {out}/per_user.json")
+    say_log(log)
+
 
 ALL_SCHEMES = "split,global,local,fedsa,ffa,pal,finetune"
 
@@ -43,13 +98,11 @@ def benchmark(
     verbose: Annotated[bool, Opt("--verbose", help="Show the benchmark's log (OUT/fedpersona.log: Flower's, Ray's and the libraries' records and warnings) on the terminal too.")] = False,
 ) -> None:
     """Run several schemes x strategies on one scenario with the same seed; write a table and plots."""
-    from fedpersona.cli import checked_config, say_log, stop_cleanly
-
     flags = {"num-users": users, "rounds": rounds, "fraction-train": fraction, "seed": seed, "model": model,
              "data": data, "new-users": new_users, "new-user-shots": new_user_shots, "gen-prompts": gen_prompts,
              "dp-epsilon": target_epsilon if dp else None}
     base = checked_config(config, set_, flags)  # a bad setting or --model: one line, before anything is printed
-    from fedpersona.server.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog
+    from fedpersona.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog
     from fedpersona.simulations.benchmark import parse_strategies, plan, run_benchmark
     from fedpersona.simulations.launcher import Resources
 
@@ -77,6 +130,59 @@ def benchmark(
     say_log(run_log)
 
 
+def settings(
+    match: Annotated[Optional[str], typer.Argument(help="Show only settings whose name contains this.")] = None,
+    json_out: Annotated[bool, Opt("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Every setting (--set key=value, a --config TOML, flwr run-config, fp.simulate(key=value)) with its
+    default and meaning, grouped by concern."""
+    from fedpersona.config import GROUPS, describe_settings
+
+    rows = [r for r in describe_settings() if not match or match.replace("_", "-") in r[0]]
+    if not rows:
+        raise UsageError(f"fedpersona settings {match}: no setting's name contains it; run `fedpersona settings`")
+    if json_out:
+        print(json.dumps([{"setting": n, "default": d, "meaning": m, "group": g} for n, d, m, g in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="settings (--set key=value; key-name or key_name)")
+    for column, style in (("setting", "bold"), ("default", None), ("meaning", None)):
+        table.add_column(column, style=style, overflow="fold")
+    for group, title in GROUPS.items():
+        members = [row for row in rows if row[3] == group]
+        if members:
+            table.add_section()
+            table.add_row(f"[italic]{title}[/italic]", "", "")
+            for name, default, meaning, _ in members:
+                table.add_row(name, default, meaning)
+    Console().print(table)
+
+
+def privacy(
+    noise: Annotated[Optional[float], Opt("--noise-multiplier", "--noise", help="Noise multiplier z: compute epsilon.")] = None,
+    epsilon: Annotated[Optional[float], Opt(help="Target epsilon: compute the noise multiplier.")] = None,
+    sample_rate: Annotated[float, Opt(help="Poisson sample rate q (expected batch / pairs).")] = ...,
+    steps: Annotated[int, Opt(help="Number of DP-SGD steps.")] = ...,
+    delta: Annotated[float, Opt(help="Delta.")] = 1e-5,
+    accountant: Annotated[str, Opt(help="rdp or prv.")] = "rdp",
+    json_out: Annotated[bool, Opt("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Privacy calculator: epsilon of a DP-SGD run, or the noise multiplier a target epsilon needs."""
+    from fedpersona.privacy.calculator import epsilon_report, format_report, noise_report
+
+    if (noise is None) == (epsilon is None):
+        raise UsageError("fedpersona privacy: give exactly one of --noise-multiplier (to get epsilon) or --epsilon "
+                         "(to get the noise multiplier)")
+    report = (epsilon_report(noise, sample_rate, steps, delta, accountant) if noise is not None
+              else noise_report(epsilon, sample_rate, steps, delta, accountant))
+    print(json.dumps(report) if json_out else format_report(report))
+
+
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the ``fedpersona`` app."""
+    app.command("simulate")(simulate)
     app.command("benchmark")(benchmark)
+    app.command("settings")(settings)
+    app.command("privacy")(privacy)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from fedpersona.errors import UsageError
+from fedpersona.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def file_digest(path: Path, index_dir: Path) -> str:
     with _locked(index_dir / f".{_INDEX_NAME}.lock"):  # read-modify-write: concurrent resolvers keep all entries
         index = _read_index(index_file)
         index[key] = digest.hexdigest()
-        _write_atomically(index_file, json.dumps(index, indent=1, sort_keys=True))
+        atomic_write_text(index_file, json.dumps(index, indent=1, sort_keys=True))
     return digest.hexdigest()
 
 
@@ -247,15 +248,3 @@ def _read_index(index_file: Path) -> dict[str, str]:
     except (FileNotFoundError, json.JSONDecodeError):
         return {}  # a lost or damaged index only costs a re-hash
     return index if isinstance(index, dict) else {}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600, as for the converted folders
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

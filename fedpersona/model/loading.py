@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedpersona.errors import UsageError
 from fedpersona.model.embedded import EMBEDDED_NAME, SHIPPED_SEED, cache_root, embedded_path, ensure_embedded, shipped_sums
-from fedpersona.model.memory import bound_allocator_cache
+from fedpersona.model.allocator import bound_allocator_cache
 from fedpersona.model.gguf import SHORT_NAMES, ensure_converted, file_digest, gguf_source
 
 log = logging.getLogger(__name__)

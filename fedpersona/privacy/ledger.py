@@ -18,7 +18,7 @@ calibrated for both together); reusing the released value later is post-processi
 
 A ledger may start with a **prior**: phases an earlier ledger of the same device already spent on some of
 the same pairs (``fedpersona feedback forget`` retires a ledger into the device's privacy record, and
-re-imported pairs bring its phases back; ``fedpersona.client.privacy_record``). The prior is composed
+re-imported pairs bring its phases back; ``fedpersona.device.privacy_record``). The prior is composed
 before everything else, so forgetting and re-importing pairs never lowers the epsilon they have cost, and
 the new noise is calibrated for what is left of the target.
 

@@ -18,16 +18,16 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedpersona.client.local import resident_for
-from fedpersona.client.user_store import UserStore
-from fedpersona.model.memory import release_free_memory
+from fedpersona.round.resident import resident_for
+from fedpersona.round.user_store import UserStore
+from fedpersona.model.allocator import release_free_memory
 from fedpersona.config import SIMULATION_ONLY, RunConfig
 from fedpersona.protocol import RUN_LINEAGE
 from fedpersona.data.sources import count_users
 from fedpersona.errors import RunFailed, UsageError
 from fedpersona.model.adapters import Role
 from fedpersona.model.loading import model_sha256
-from fedpersona.server.display import QuietReporter
+from fedpersona.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
 from fedpersona.server.user_grid import UserGrid
 from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, sound_checkpoint
@@ -44,7 +44,7 @@ from fedpersona.strategies.validation import ReplyScreen, ScreenSettings, Tensor
 def make_strategy(config: RunConfig, recorder: RoundRecorder):
     """The configured strategy, managed by the run configuration and recording into ``recorder``."""
     strategy = build_strategy(
-        config.strategy, config.strategy_args, config=config,
+        config.strategy, config=config,
         fraction_train=config.fraction_train, fraction_evaluate=1.0,  # the recorder picks who evaluates
         min_train_nodes=config.min_users, min_evaluate_nodes=config.min_users,
         min_available_nodes=config.min_users,

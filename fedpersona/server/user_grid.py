@@ -52,7 +52,7 @@ class UserGrid(DelegatingGrid):
     """Users as virtual nodes over a pool of simulation nodes (see the module docstring).
 
     ``num_users``: the population (training users, then new users). ``store``: the folder of the users'
-    private state (``fedpersona.client.user_store``), named in every cohort message. ``pool_size``: how
+    private state (``fedpersona.round.user_store``), named in every cohort message. ``pool_size``: how
     many simulation nodes to wait for before the first round (they register as the engine starts).
     """
 

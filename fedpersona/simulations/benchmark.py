@@ -34,61 +34,46 @@ import numpy as np
 from fedpersona.config import RunConfig
 from fedpersona.errors import UsageError
 from fedpersona.io import atomic_write_json, atomic_write_text
+from fedpersona.plugins import parse_spec, split_top_level
 
 
 @dataclass(frozen=True)
 class RunSpec:
+    """One run of a benchmark: a scheme and a strategy spec (``NAME`` or ``NAME(key=value,...)``)."""
+
     scheme: str
     strategy: str
-    strategy_args: str = ""
 
     @property
     def label(self) -> str:
-        args = f"({self.strategy_args})" if self.strategy_args else ""
-        return f"{self.scheme} / {self.strategy}{args}"
+        return f"{self.scheme} / {self.strategy}"
 
     @property
     def slug(self) -> str:
-        text = f"{self.scheme}-{self.strategy}" + (f"-{self.strategy_args}" if self.strategy_args else "")
-        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.scheme}-{self.strategy}").strip("_")
 
 
-def split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside parentheses: ``"A,B(x=1,y=2)"`` -> ``["A", "B(x=1,y=2)"]``."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth < 0:
-                raise UsageError(f"--strategies {text!r}: unbalanced parentheses")
-        if char == "," and depth == 0:
-            parts.append("".join(current).strip())
-            current = []
-        else:
-            current.append(char)
-    if depth:
-        raise UsageError(f"--strategies {text!r}: unbalanced parentheses")
-    parts.append("".join(current).strip())
-    return [p for p in parts if p]
+def parse_strategies(text: str) -> list[str]:
+    """``"FedAvg,FedProx(proximal_mu=0.01)"`` -> ``["FedAvg", "FedProx(proximal_mu=0.01)"]`` (each checked).
+
+    Raises:
+        UsageError: unbalanced parentheses or a malformed spec.
+    """
+    specs = split_top_level(text)
+    for spec in specs:
+        parse_spec(spec, "--strategies")
+    return specs
 
 
-def parse_strategies(text: str) -> list[tuple[str, str]]:
-    """``"FedAvg,FedProx(proximal_mu=0.01)"`` -> ``[("FedAvg", ""), ("FedProx", "proximal_mu=0.01")]``."""
-    out = []
-    for item in split_top_level(text):
-        match = re.fullmatch(r"([^()]+?)\s*(?:\((.*)\))?", item)
-        if not match:
-            raise UsageError(f"--strategies {item!r}: expected NAME or NAME(key=value,...)")
-        out.append((match.group(1).strip(), (match.group(2) or "").strip()))
-    return out
+def plan(schemes: Sequence[str], strategies: Sequence[str]) -> list[RunSpec]:
+    """Every (scheme, strategy) pair, each once.
 
-
-def plan(schemes: Sequence[str], strategies: Sequence[tuple[str, str]]) -> list[RunSpec]:
+    Raises:
+        UsageError: no scheme or strategy, or a run listed twice.
+    """
     if not schemes or not strategies:
         raise UsageError("fedpersona benchmark: give at least one scheme and one strategy")
-    specs = [RunSpec(scheme, name, args) for scheme in schemes for name, args in strategies]
+    specs = [RunSpec(scheme, strategy) for scheme in schemes for strategy in strategies]
     seen: set[str] = set()
     for spec in specs:
         if spec.slug in seen:
@@ -98,14 +83,14 @@ def plan(schemes: Sequence[str], strategies: Sequence[tuple[str, str]]) -> list[
 
 
 def run_config(base: RunConfig, spec: RunSpec) -> RunConfig:
-    """``base`` with this run's scheme, strategy and strategy arguments (everything else is shared)."""
-    return base.replace(scheme=spec.scheme, strategy=spec.strategy, strategy_args=spec.strategy_args)
+    """``base`` with this run's scheme and strategy (everything else is shared)."""
+    return base.replace(scheme=spec.scheme, strategy=spec.strategy)
 
 
 # ---- analysis ------------------------------------------------------------------------------------------
 def train_pair_counts(config: RunConfig) -> dict[int, int]:
     """Training pairs per training user (researcher-side knowledge of the simulated population)."""
-    from fedpersona.client.local import population_user
+    from fedpersona.round.users import population_user
 
     return {i: len(population_user(config, i).train) for i in range(config.num_users)}
 
@@ -133,7 +118,7 @@ def analyse(spec: RunSpec, summary: dict[str, Any], per_user: list[dict[str, Any
             "new_user_accuracy_p10", "new_user_global_accuracy_mean", "generation_win_rate",
             "new_user_generation_win_rate", "private_parameters_per_user", "shared_parameters",
             "bytes_up_per_client_round", "epsilon_max", "wall_seconds")
-    return {"run": spec.label, "scheme": spec.scheme, "strategy": spec.strategy, "strategy_args": spec.strategy_args,
+    return {"run": spec.label, "scheme": spec.scheme, "strategy": spec.strategy,
             **{k: summary.get(k) for k in keys},
             "few_pairs_accuracy_mean": _mean(few), "many_pairs_accuracy_mean": _mean(many),
             "elapsed_seconds": round(elapsed, 1), "out": f"runs/{spec.slug}"}

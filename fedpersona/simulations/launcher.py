@@ -113,7 +113,7 @@ def _quiet_libraries(verbose: bool) -> None:
     calling ``simulate``), Flower says only warnings and the driver ignores deprecation notices."""
     if verbose:
         return
-    from fedpersona.server.display import RunLog
+    from fedpersona.display import RunLog
 
     if RunLog.active is None:
         flwr = logging.getLogger("flwr")
@@ -151,7 +151,7 @@ def start_ray(init_args: dict[str, Any]) -> bool:
 
     if ray.is_initialized():
         return False
-    from fedpersona.server.display import RunLog
+    from fedpersona.display import RunLog
 
     if RunLog.active is not None:
         RunLog.active.adopt("ray")  # before ray.init, which logs its start at INFO
@@ -256,7 +256,7 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
 
     resources.validate()
     config = prepare_config(config)
-    from fedpersona.server.display import RunLog
+    from fedpersona.display import RunLog
 
     if RunLog.active is not None:
         RunLog.active.commit()  # the inputs are sound: from here on the run has an output folder and a log

@@ -50,7 +50,7 @@ def simulate_session(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path
             if on_run:
                 on_run(i, config, result)
 
-    from fedpersona.server.display import RunLog
+    from fedpersona.display import RunLog
 
     if RunLog.active is not None:
         RunLog.active.commit()

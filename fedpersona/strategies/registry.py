@@ -1,7 +1,11 @@
 """Aggregation strategies by name: every Flower Message-API strategy, or a user's ``module:Class``.
 
-Hyperparameters come as ``key=value`` strings and are typed from the strategy's own ``__init__``
-signature, so every Flower argument is settable and a typo is caught before the run starts.
+One spelling everywhere (``--strategy``, TOML ``strategy``, ``fp.simulate(strategy=...)``, ``benchmark
+--strategies``): ``NAME`` or ``NAME(key=value, ...)``, e.g. ``FedAdam(eta=0.01,tau=0.001)``. Hyperparameters
+are typed from the strategy's own ``__init__`` signature, so every Flower argument is settable and a typo is
+caught before the run starts. The built-in names are Flower's Message-API strategies (``BUILTIN``); a strategy
+of your own is ``package.module:Class`` (a ``flwr.serverapp.strategy.Strategy`` subclass) or registered
+with ``fedpersona.register_strategy``.
 
 What fedpersona adds around a strategy (``build_strategy``; aggregation math is never changed):
 
@@ -12,7 +16,7 @@ What fedpersona adds around a strategy (``build_strategy``; aggregation math is 
   2018); ``n`` counts the worst case where every new user (who declines training) is sampled;
 * the training loss, only for strategies that weight users by it (QFedAvg, or any strategy with a
   ``train_loss_key`` attribute): ``configure_train`` adds ``train-loss-key`` to the train config, and the
-  clients then reply with their pre-training loss under that key (``fedpersona.client.local``); never
+  clients then reply with their pre-training loss under that key (``fedpersona.round``); never
   with DP on, because DP-SGD does not protect that number;
 * schemes that share nothing (``local``): replies carry empty ArrayRecords, and aggregation is the
   identity on them (robust rules such as Krum cannot rank empty updates).
@@ -20,21 +24,18 @@ What fedpersona adds around a strategy (``build_strategy``; aggregation math is 
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import sys
-import typing
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from fedpersona.errors import UsageError
+from fedpersona.plugins import LazyImport, Registry, coerce, split_top_level, type_hints
+from fedpersona.protocol import TRAIN_LOSS_KEY
 
 BUILTIN = ("FedAvg", "FedAvgM", "FedProx", "FedAdam", "FedYogi", "FedAdagrad", "QFedAvg", "FedMedian",
            "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
 # Arguments the run configuration owns: set from --fraction-train / --min-users, not by strategy args.
 MANAGED = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
-TRAIN_LOSS_KEY = "train-loss-key"  # train config key: the reply metric key a strategy wants the loss under
 
 # Required arguments fedpersona can derive from the run configuration (class name -> argument -> value).
 DERIVED_DEFAULTS: dict[str, dict[str, Callable[[Any], Any]]] = {
@@ -42,69 +43,60 @@ DERIVED_DEFAULTS: dict[str, dict[str, Callable[[Any], Any]]] = {
 }
 
 
-def _available() -> str:
-    return f"choose one of {', '.join(BUILTIN)} or give package.module:ClassName"
-
-
-def strategy_class(name: str) -> type:
-    """Resolve a built-in name (case-insensitive) or ``package.module:Class`` to a Strategy subclass."""
+def _check_strategy(obj: object) -> type:
     from flwr.serverapp.strategy import Strategy
 
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        cwd = str(Path.cwd())
-        if cwd not in sys.path and "" not in sys.path:  # as `python -m` does: the working directory first
-            sys.path.insert(0, cwd)
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise UsageError(f"--strategy {name}: cannot import it ({err}; looked in the working directory {cwd} "
-                             f"and the installed packages); {_available()}") from None
-    else:
-        match = {b.lower(): b for b in BUILTIN}.get(name.lower())
-        if match is None:
-            raise UsageError(f"--strategy {name}: unknown strategy; {_available()}")
-        cls = getattr(importlib.import_module("flwr.serverapp.strategy"), match)
-    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
-        raise UsageError(f"--strategy {name}: not a subclass of flwr.serverapp.strategy.Strategy")
-    return cls
+    if not (inspect.isclass(obj) and issubclass(obj, Strategy)):
+        raise TypeError("not a subclass of flwr.serverapp.strategy.Strategy")
+    return obj
+
+
+STRATEGIES: Registry[type] = Registry("strategy", "--strategy", _check_strategy)
+for _name in BUILTIN:
+    STRATEGIES.register(_name, LazyImport(f"flwr.serverapp.strategy:{_name}"))
+
+
+def register_strategy(name: str, cls: type | None = None, *, replace: bool = False):
+    """Register an aggregation strategy (usable as ``--strategy NAME``); a decorator without ``cls``.
+
+    Args:
+        name: the strategy's name.
+        cls: a ``flwr.serverapp.strategy.Strategy`` subclass (its ``__init__`` arguments become the spec's
+            ``NAME(key=value)`` arguments).
+        replace: replace an existing strategy of that name.
+
+    Returns:
+        ``cls`` (or the decorator).
+
+    Raises:
+        ValueError: the name is taken.
+    """
+    return STRATEGIES.register(name, cls, replace=replace)
+
+
+def strategy_class(spec: str) -> type:
+    """The Strategy subclass a spec names (a built-in, case-insensitive, or ``package.module:Class``).
+
+    Raises:
+        UsageError: unknown, not importable, or not a Strategy subclass.
+    """
+    return STRATEGIES.get(spec)[0]
 
 
 def parse_strategy_args(text: str | Iterable[str]) -> dict[str, str]:
-    """``"a=1,b=x"`` -> ``{"a": "1", "b": "x"}`` (also accepts a list of ``key=value`` items)."""
-    items = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else list(text)
+    """``"a=1,b=x"`` -> ``{"a": "1", "b": "x"}`` (also accepts a list of ``key=value`` items).
+
+    Raises:
+        UsageError: an item that is not ``key=value``.
+    """
+    items = split_top_level(text) if isinstance(text, str) else list(text)
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--strategy-arg {item!r}: expected key=value")
+            raise UsageError(f"strategy argument {item!r}: expected key=value")
         out[key.strip().replace("-", "_")] = value.strip()
     return out
-
-
-def _coerce(value: str, annotation: Any, where: str) -> Any:
-    options = [a for a in typing.get_args(annotation)] or [annotation]
-    if type(None) in options and value.lower() in ("none", "null"):
-        return None
-    for kind in (bool, int, float, str):
-        if kind in options or any(getattr(o, "__origin__", None) is kind for o in options):
-            try:
-                if kind is bool:
-                    if value.lower() not in ("true", "false", "1", "0"):
-                        continue
-                    return value.lower() in ("true", "1")
-                return kind(value)
-            except ValueError:
-                continue
-    name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-    raise UsageError(f"{where}: cannot read {value!r} as {name}")
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls.__init__)
-    except Exception:  # a user's class with unresolvable annotations: fall back to strings
-        return {}
 
 
 def managed_arguments(config: Any) -> dict[str, Any]:
@@ -121,28 +113,41 @@ def trained_per_round(config: Any) -> int:
     return max(0, sample - config.new_users)
 
 
-def build_strategy(name: str, args: str | dict[str, str], config: Any = None, **managed: Any):
-    """Instantiate strategy ``name`` with the run's managed arguments plus typed user arguments.
+def build_strategy(name: str, args: str | dict[str, str] = "", config: Any = None, **managed: Any):
+    """Instantiate a strategy with the run's managed arguments plus typed user arguments.
 
-    With ``config`` (a RunConfig), required arguments are derived where possible, the strategy is checked
-    against the run, and it is adapted as the module docstring says.
+    Args:
+        name: the strategy spec, ``NAME`` or ``NAME(key=value, ...)``.
+        args: more ``key=value`` arguments (a string or a dict), merged over the spec's.
+        config: the run configuration; with it, required arguments are derived where possible, the
+            strategy is checked against the run and adapted (see the module docstring).
+        **managed: the arguments the run decides (``managed_arguments``).
+
+    Returns:
+        The strategy instance.
+
+    Raises:
+        UsageError: an unknown strategy or argument, a value of the wrong type, a missing required argument,
+            or a strategy the run cannot serve.
     """
-    cls = strategy_class(name)
+    cls, spec_args = STRATEGIES.get(name)
     signature = inspect.signature(cls.__init__)
-    hints = _type_hints(cls)
+    hints = type_hints(cls)
     accepted = {n for n, p in signature.parameters.items()
                 if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    user = parse_strategy_args(args) if isinstance(args, str) else {k.replace("-", "_"): v for k, v in args.items()}
+    extra = parse_strategy_args(args) if isinstance(args, str) else {k.replace("-", "_"): v for k, v in args.items()}
+    user = {**spec_args, **extra}
     if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         accepted |= set(MANAGED)  # a user's class passing **kwargs on to FedAvg still gets the run's sampling
     kwargs: dict[str, Any] = {k: v for k, v in managed.items() if k in accepted}
     for key, value in user.items():
         if key in MANAGED:
-            raise UsageError(f"--strategy-arg {key}: set through the run configuration (fraction-train, min-users)")
+            raise UsageError(f"--strategy {name}: argument {key} is set through the run configuration "
+                             "(fraction-train, min-users)")
         if key not in accepted:
-            raise UsageError(f"--strategy-arg {key}: {cls.__name__} has no such argument; it takes "
+            raise UsageError(f"--strategy {name}: {cls.__name__} has no argument {key!r}; it takes "
                              f"{', '.join(sorted(accepted - set(MANAGED))) or 'no extra arguments'}")
-        kwargs[key] = _coerce(value, hints.get(key, str), f"--strategy-arg {key}")
+        kwargs[key] = coerce(value, hints.get(key, str), f"--strategy {name}: argument {key}")
     if config is not None:
         for key, derive in DERIVED_DEFAULTS.get(cls.__name__, {}).items():
             if key in accepted and key not in kwargs:
@@ -151,8 +156,8 @@ def build_strategy(name: str, args: str | dict[str, str], config: Any = None, **
                if n != "self" and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                and n not in kwargs]
     if missing:
-        raise UsageError(f"--strategy {name}: {cls.__name__} needs "
-                         + ", ".join(f"--strategy-arg {m}=..." for m in missing))
+        raise UsageError(f"--strategy {name}: {cls.__name__} needs " + ", ".join(f"{m}=..." for m in missing)
+                         + f"; write --strategy '{cls.__name__}({missing[0]}=...)'")
     try:
         strategy = cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -165,7 +170,7 @@ def build_strategy(name: str, args: str | dict[str, str], config: Any = None, **
 
 def strategy_for(config: Any):
     """The run's strategy, built, checked and adapted (raises UsageError on a bad name or argument)."""
-    return build_strategy(config.strategy, config.strategy_args, config=config, **managed_arguments(config))
+    return build_strategy(config.strategy, config=config, **managed_arguments(config))
 
 
 def train_loss_key(strategy: Any) -> str | None:

@@ -19,7 +19,7 @@ finetune   LoRA adapter, rank r_s      a fine-tuned private copy   FedAvg + loca
 pal        K prototype adapters        K mixture logits            PAL 2406.08469
 =========  ==========================  ==========================  =============================================
 
-Behaviour beyond the layout (carried out by ``fedpersona.client.local``):
+Behaviour beyond the layout (carried out by ``fedpersona.round``):
 
 * what a user fits for itself (``personal_fit``): its PRIVATE tensors (split, local, fedsa, pal), a private
   copy of the shared adapter (finetune), or nothing (global, ffa: personalized == global);
@@ -40,6 +40,7 @@ from typing import Protocol
 import torch
 
 from fedpersona.errors import UsageError
+from fedpersona.plugins import Registry, typed_arguments
 from fedpersona.model.adapters import SINGLE_ADAPTER, AdapterLayout, AdapterState, Role, SplitPolicy, by_adapter_name
 from fedpersona.strategies import pal
 
@@ -58,24 +59,67 @@ PERSONAL_FITS = ("private", "copy", "none")
 
 @dataclass(frozen=True)
 class Scheme:
+    """A personalization scheme: which LoRA tensors are shared, private or frozen, plus a little behaviour.
+
+    The contract a scheme of your own follows (``@register_scheme`` it, or name it by import path:
+    ``--scheme myschemes:MY_SCHEME``; a callable returning a ``Scheme`` works too, with arguments from the
+    spec, ``--scheme 'myschemes:make(rank=4)'``):
+
+    * ``build(settings) -> AdapterLayout``: the adapters on the frozen base (name -> rank) and the split
+      policy, a function from every adapter tensor's name (``...lora_A.<adapter>.weight``) to a ``Role``.
+      SHARED tensors are what the device sends and the server aggregates (any strategy); PRIVATE tensors
+      stay on the device; FROZEN ones keep their seeded initial values. ``settings`` carries the run's
+      ``shared_rank``, ``private_rank``, ``pal_prototypes`` and ``pal_init_std``.
+    * ``personal_fit``: what a new user fits at the final evaluation and what counts as personal:
+      ``"private"`` (its PRIVATE tensors), ``"copy"`` (a private copy of the SHARED ones) or ``"none"``
+      (personalized == global).
+    * optional hooks, each called on the device: ``setup(model, layout)`` adds modules the layout's LoRA
+      does not (PAL's mixture logits); ``init_private(state, seed, settings)`` sets a training user's first
+      private values; ``shape_update(state, received, trained) -> dict`` reshapes what is sent (PAL's
+      responsibility weighting). A scheme with ``setup``, hooks on LoRA modules or ``shape_update`` is
+      trained user by user (no stacked multi-user steps).
+
+    Args:
+        name: the scheme's name (reports and ``fedpersona settings``).
+        description: one line, with the paper it comes from.
+        build: the layout function above.
+        personal_fit: ``"private"``, ``"copy"`` or ``"none"``.
+        finetune_at_eval: the final evaluation fine-tunes the personal copy first (``finetune``).
+        supports_dp: whether pair-level DP-SGD can train it (its personal fit must fit in the ledger).
+        setup, init_private, shape_update: the optional hooks above.
+    """
+
     name: str
     description: str
     build: Callable[[LayoutSettings], AdapterLayout]
-    personal_fit: str = "private"  # what a user fits for itself: PRIVATE tensors, a "copy" of SHARED, "none"
-    finetune_at_eval: bool = False  # the final evaluation fine-tunes the personal copy first (finetune)
+    personal_fit: str = "private"
+    finetune_at_eval: bool = False
     supports_dp: bool = True
-    setup: Callable[[torch.nn.Module, AdapterLayout], object] | None = None  # extra modules (pal's mixture)
-    # a training user's first private values: (state, seed, settings)
+    setup: Callable[[torch.nn.Module, AdapterLayout], object] | None = None
     init_private: Callable[[AdapterState, int, LayoutSettings], None] | None = None
-    # (state, shared tensors received, shared tensors after training) -> what to send (pal's weighting)
     shape_update: Callable[[AdapterState, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
                            dict[str, torch.Tensor]] | None = None
 
+    def __post_init__(self) -> None:
+        if self.personal_fit not in PERSONAL_FITS:
+            raise ValueError(f"scheme {self.name}: personal_fit {self.personal_fit!r} is not one of {PERSONAL_FITS}")
+        if not callable(self.build):
+            raise ValueError(f"scheme {self.name}: build must be a function settings -> AdapterLayout")
+
     def layout(self, settings: LayoutSettings) -> AdapterLayout:
+        """The adapter layout for the run's ranks.
+
+        Args:
+            settings: the run's layout settings (``RunConfig`` has them).
+
+        Returns:
+            The ``AdapterLayout``.
+        """
         return self.build(settings)
 
     @property
     def roles(self) -> set[Role]:
+        """The roles this scheme's tensors take (probed on a rank-1 layout)."""
         layout = self.build(_PROBE)
         probes = [f"x.lora_{m}.{name}.weight" for name in layout.ranks for m in ("A", "B")]
         probes += list(layout.extra.get("extra_tensors", ()))
@@ -133,30 +177,83 @@ def _pal(s: LayoutSettings) -> AdapterLayout:
     return pal.pal_layout(s.pal_prototypes, s.shared_rank)
 
 
-SCHEMES: dict[str, Scheme] = {
-    s.name: s
-    for s in (
-        Scheme("split", "shared LoRA adapter + private per-user LoRA adapter, both active "
-                        "(FedPDPO 2603.19741, HYDRA 2406.02888, FDLoRA 2406.07925)", _split),
-        Scheme("global", "one LoRA adapter, all of it shared; no private part "
-                         "(FedAvg-LoRA; OpenFedLLM FedDPO 2402.06954)", _global, personal_fit="none"),
-        Scheme("local", "one LoRA adapter per user, nothing shared (OPPU 2402.04401)", _local),
-        Scheme("fedsa", "one LoRA adapter: A shared, B private (FedSA-LoRA 2410.01463)", _fedsa),
-        Scheme("ffa", "one LoRA adapter: A frozen from a shared seed, B shared (FFA-LoRA 2403.12313)", _ffa,
-               personal_fit="none"),
-        Scheme("finetune", "one shared LoRA adapter trained federatedly; at the final evaluation each user "
-                           "fine-tunes a private copy on its own pairs (FedAvg + local fine-tuning, "
-                           "Cheng et al. 2102.04925)", _global,
-               personal_fit="copy", finetune_at_eval=True, supports_dp=False),
-        Scheme("pal", "K shared prototype LoRA adapters mixed by private per-user weights "
-                      "(PAL 2406.08469)", _pal, setup=pal.install_mixture,
-               init_private=pal.init_mixture, shape_update=pal.weight_update),
-    )
-}
+def _check_scheme(obj: object) -> Scheme:
+    if isinstance(obj, Scheme):
+        return obj
+    if callable(obj):
+        return obj  # a factory (or class) returning a Scheme: called with the spec's arguments (get_scheme)
+    raise TypeError(f"{obj!r} is neither a Scheme nor a callable returning one")
 
 
-def get_scheme(name: str) -> Scheme:
+SCHEMES: Registry[Scheme] = Registry("scheme", "--scheme", _check_scheme)
+
+
+def register_scheme(scheme: Scheme | None = None, *, name: str | None = None, replace: bool = False):
+    """Register a personalization scheme (usable as ``--scheme NAME``).
+
+    Args:
+        scheme: a ``Scheme``, or a callable returning one (its spec arguments become its keyword
+            arguments); omitted, a decorator.
+        name: the name to register under (default: ``scheme.name``, or the callable's ``__name__``).
+        replace: replace an existing scheme of that name.
+
+    Returns:
+        ``scheme`` (or the decorator).
+
+    Raises:
+        ValueError: the name is taken.
+    """
+    if scheme is None:
+        return lambda target: register_scheme(target, name=name, replace=replace)
+    key = name or getattr(scheme, "name", None) or getattr(scheme, "__name__", "")
+    return SCHEMES.register(key, scheme, replace=replace)
+
+
+for _builtin in (
+    Scheme("split", "shared LoRA adapter + private per-user LoRA adapter, both active "
+                    "(FedPDPO 2603.19741, HYDRA 2406.02888, FDLoRA 2406.07925)", _split),
+    Scheme("global", "one LoRA adapter, all of it shared; no private part "
+                     "(FedAvg-LoRA; OpenFedLLM FedDPO 2402.06954)", _global, personal_fit="none"),
+    Scheme("local", "one LoRA adapter per user, nothing shared (OPPU 2402.04401)", _local),
+    Scheme("fedsa", "one LoRA adapter: A shared, B private (FedSA-LoRA 2410.01463)", _fedsa),
+    Scheme("ffa", "one LoRA adapter: A frozen from a shared seed, B shared (FFA-LoRA 2403.12313)", _ffa,
+           personal_fit="none"),
+    Scheme("finetune", "one shared LoRA adapter trained federatedly; at the final evaluation each user "
+                       "fine-tunes a private copy on its own pairs (FedAvg + local fine-tuning, "
+                       "Cheng et al. 2102.04925)", _global,
+           personal_fit="copy", finetune_at_eval=True, supports_dp=False),
+    Scheme("pal", "K shared prototype LoRA adapters mixed by private per-user weights "
+                  "(PAL 2406.08469)", _pal, setup=pal.install_mixture,
+           init_private=pal.init_mixture, shape_update=pal.weight_update),
+):
+    register_scheme(_builtin)
+
+
+def get_scheme(spec: str) -> Scheme:
+    """The scheme a spec names: a registered name (``split``), or ``package.module:NAME`` (a ``Scheme`` or
+    a callable returning one, called with the spec's arguments).
+
+    Args:
+        spec: ``NAME``, ``module:NAME`` or either with ``(key=value, ...)``.
+
+    Returns:
+        The ``Scheme``.
+
+    Raises:
+        fedpersona.errors.UsageError: unknown, not importable, not a scheme, or arguments it does not take.
+    """
+    obj, args = SCHEMES.get(spec)
+    if isinstance(obj, Scheme):
+        if args:
+            raise UsageError(f"--scheme {spec}: scheme {obj.name} takes no arguments (a callable returning a "
+                             "Scheme does)")
+        return obj
     try:
-        return SCHEMES[name]
-    except KeyError:
-        raise UsageError(f"--scheme {name}: unknown scheme; choose one of {', '.join(SCHEMES)}") from None
+        scheme = obj(**typed_arguments(obj, args, f"--scheme {spec}"))
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a broken plug-in factory: one line
+        raise UsageError(f"--scheme {spec}: building the scheme failed ({type(err).__name__}: {err})") from None
+    if not isinstance(scheme, Scheme):
+        raise UsageError(f"--scheme {spec}: returned {type(scheme).__name__}, not a fedpersona Scheme")
+    return scheme

@@ -85,7 +85,7 @@ def test_dp_reply_weighs_by_the_released_noised_count_and_nothing_else(split_res
     import json
 
     from fedpersona.client.app import LEDGER_KEY
-    from fedpersona.client.local import population_user
+    from fedpersona.round.users import population_user
 
     config = RunConfig(num_users=3, min_steps=2, epochs=1, dp_epsilon=8.0, dp_count_noise=count_noise,
                        dp_reproducible=True)

@@ -4,7 +4,11 @@ end with the same tensors, store the same private state and send the same replie
 import pytest
 import torch
 
-from fedpersona.client.local import MemoryStore, batching_refusal, population_user, train_cohort_rounds
+from fedpersona.round.stores import MemoryStore
+
+from fedpersona.round.train import batching_refusal, train_cohort_rounds
+
+from fedpersona.round.users import population_user
 from fedpersona.config import RunConfig
 from fedpersona.model.adapters import Role
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpersona.client import device_state as ds
-from fedpersona.client.device_state import DeviceState
-from fedpersona.client.ref_cache import RefLogpCache, ref_key
+from fedpersona.device import state as ds
+from fedpersona.device.state import DeviceState
+from fedpersona.device.ref_cache import RefLogpCache, ref_key
 from fedpersona.data.schema import PreferencePair
 from fedpersona.errors import UsageError
 
@@ -69,7 +69,7 @@ def test_empty_private_adapter_is_not_none(state: DeviceState) -> None:
 
 
 def test_implements_private_store_protocol(state: DeviceState) -> None:
-    from fedpersona.client.local import PrivateStore
+    from fedpersona.round.stores import PrivateStore
 
     for name in ("load_private", "save_private", "rounds_trained"):
         wanted = [p for p in inspect.signature(getattr(PrivateStore, name)).parameters if p != "self"]
@@ -184,7 +184,7 @@ def test_crash_mid_write_keeps_old_state(state: DeviceState, monkeypatch: pytest
 
 KILL_LOOP = textwrap.dedent("""
     import sys, torch
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
     state = DeviceState(sys.argv[1])
     k = state.rounds_trained()
     while True:
@@ -238,7 +238,7 @@ def test_lock_refuses_second_trainer(tmp_path: Path) -> None:
 def test_lock_held_by_other_process_and_freed_when_it_dies(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import time
-        from fedpersona.client.device_state import DeviceState
+        from fedpersona.device.state import DeviceState
         with DeviceState({str(tmp_path)!r}).lock():
             print("locked", flush=True)
             time.sleep(60)

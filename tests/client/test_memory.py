@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpersona.client.memory import MEMORY_FILE, PreferenceMemory
+from fedpersona.device.memory import MEMORY_FILE, PreferenceMemory
 from fedpersona.data.schema import PreferencePair, UserData, assign_split
 from fedpersona.errors import UsageError
 
@@ -228,7 +228,7 @@ def test_training_reads_while_another_process_adds(tmp_path: Path) -> None:
     path = tmp_path / MEMORY_FILE
     total = 60
     script = textwrap.dedent(f"""
-        from fedpersona.client.memory import PreferenceMemory
+        from fedpersona.device.memory import PreferenceMemory
         from fedpersona.data.schema import PreferencePair
         with PreferenceMemory({str(path)!r}) as mem:
             for i in range({total}):

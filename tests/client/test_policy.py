@@ -15,9 +15,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fedpersona.client import device as device_module
 from fedpersona.client.app import app as client_app
-from fedpersona.client.device_state import DeviceState
-from fedpersona.client.node import ClientOptions, check_device
-from fedpersona.client.policy import DevicePolicy, policy_for
+from fedpersona.device.state import DeviceState
+from fedpersona.deploy.node import ClientOptions, check_device
+from fedpersona.device.policy import DevicePolicy, policy_for
 from fedpersona.config import SIMULATION_ONLY, RunConfig
 from fedpersona.errors import UsageError
 from fedpersona.model.adapters import Role
@@ -178,7 +178,7 @@ def test_a_damaged_state_file_fails_before_anything_is_spent(device, shared):
     send(device, shared, **{"dp-epsilon": 8.0})
     before = ledger_bytes(device)
     (device / "counters.json").write_bytes(b"{not json")
-    # the executor turns this into an error reply naming the file (fedpersona.client.executor)
+    # the executor turns this into an error reply naming the file (fedpersona.deploy.executor)
     with pytest.raises(UsageError, match="counters.json"):
         send(device, shared, server_round=2, **{"dp-epsilon": 8.0})
     assert ledger_bytes(device) == before

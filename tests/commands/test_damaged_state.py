@@ -69,7 +69,7 @@ def big_state(trained: Path, tmp_path: Path, cli) -> Path:
 
 
 def _user(state: Path) -> str:
-    from fedpersona.client.memory import PreferenceMemory
+    from fedpersona.device.memory import PreferenceMemory
 
     with PreferenceMemory(state / MEMORY) as memory:
         user = memory.user_id()

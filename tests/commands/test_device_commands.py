@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpersona.client.device_state import DeviceState
+from fedpersona.device.state import DeviceState
 
 PROMPT = "how do I learn python?"
 
@@ -144,7 +144,7 @@ def test_forget_needs_confirmation(tmp_path: Path, cli, monkeypatch) -> None:
 
 def test_generate_text_and_strength_zero_is_global(trained: Path, cli) -> None:
     from fedpersona.alignment.generation import generate
-    from fedpersona.client.local import resident_for
+    from fedpersona.round.resident import resident_for
     from fedpersona.config import RunConfig
     from fedpersona.model.adapters import Role
 
@@ -159,7 +159,7 @@ def test_generate_text_and_strength_zero_is_global(trained: Path, cli) -> None:
     with DeviceState(trained) as st:
         shared, private = st.load_shared(), st.load_private()
     assert shared is not None and private is not None
-    resident = resident_for(RunConfig(device="cpu"))
+    resident = resident_for(RunConfig(accelerator="cpu"))
     resident.adapters.load(shared, Role.SHARED)
     resident.adapters.load(private, Role.PRIVATE)
     assert generate(resident, [PROMPT], max_new_tokens=24)[0] == personal.strip()

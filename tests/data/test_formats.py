@@ -86,7 +86,7 @@ def test_personalllm_users_are_seeded_and_stable() -> None:
 
 
 def test_personalllm_alpha_controls_disagreement() -> None:
-    from fedpersona.data.formats.inspect import inspect_pairs
+    from fedpersona.model.inspect import inspect_pairs
 
     def disagreement(alpha: float) -> float:
         pairs = load_personal_llm(PERSONALLLM, num_users=30, pairs_per_user=30, alpha=alpha, seed=0)
@@ -400,7 +400,7 @@ def test_load_format_dispatch_and_options() -> None:
     assert load_format(HH, "hh-rlhf", users=3, assign="round-robin") == load_hh_rlhf(HH, users=3, assign="round-robin")
     assert load_format(PSOUPS, None, users=None, alpha=None) == load_psoups(PSOUPS)
     assert len(load_format(PERSONALLLM, num_users=2, pairs_per_user=2)) == 4
-    assert "unknown dataset format 'csv'" in usage_error(load_format, PAIRS, "csv")
+    assert "--format csv: unknown data format" in usage_error(load_format, PAIRS, "csv")
     message = usage_error(load_format, PRISM, "prism", users=3)
     assert message == "option users does not apply to format 'prism' (it takes: history_turns)"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedpersona.data.formats.inspect import NO_OVERLAP_NOTE, format_inspection, inspect_pairs, percentile
+from fedpersona.model.inspect import NO_OVERLAP_NOTE, format_inspection, inspect_pairs, percentile
 from fedpersona.data.schema import PreferencePair, assign_split
 
 P = PreferencePair

@@ -138,7 +138,7 @@ def test_simulate_warns_before_ray_starts(cli, monkeypatch, tmp_path: Path, trun
 def test_import_on_a_device_without_the_model_notes_it(cli, monkeypatch, tmp_path: Path, unreadable: Path) -> None:
     """Building an embedded model of another seed than the shipped one takes a while: an import does not do
     it, it says the check was skipped."""
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
 
     monkeypatch.setenv("FEDPERSONA_CACHE", str(tmp_path / "empty-cache"))
     with DeviceState(tmp_path / "s", create=True) as st:
@@ -152,8 +152,8 @@ def test_import_on_a_device_without_the_model_notes_it(cli, monkeypatch, tmp_pat
 
 def test_the_client_warns_at_start_up_about_stored_pairs(tmp_path: Path, truncated: Path) -> None:
     """Train time on a device: `fedpersona client` checks the stored pairs with the state's model."""
-    from fedpersona.client.device_state import DeviceState
-    from fedpersona.client.node import signal_warnings
+    from fedpersona.device.state import DeviceState
+    from fedpersona.deploy.node import signal_warnings
 
     state = tmp_path / "state"
     with DeviceState(state) as st:

@@ -1,6 +1,6 @@
 """A fixed workload per simulated user: at most k training / test pairs, the same sample everywhere."""
 
-from fedpersona.client.local import population_user
+from fedpersona.round.users import population_user
 from fedpersona.config import RunConfig
 from fedpersona.data.sources import subset_user
 from fedpersona.data.synthetic import PreferenceSimulator

@@ -48,7 +48,7 @@ def test_undecodable_pair_files_are_one_line(tmp_path, capsys, kind, command):
 
 
 def _pairs(state: Path) -> int:
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
 
     with DeviceState(state, create=False) as st:
         return st.memory.count()

@@ -125,7 +125,7 @@ def make_device(tmp_path: Path) -> Callable[[int], Path]:
 
     At most 16 training and 8 test pairs: enough for two rounds, and cheap on a 2-core machine.
     """
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
     from fedpersona.data.synthetic import PreferenceSimulator
 
     simulator = PreferenceSimulator("conflicting", 3, 0)

@@ -206,7 +206,7 @@ def test_server_resumes_a_damaged_checkpoint_from_the_newest_round_that_loads(tm
     (No device joins: a resumed run training to its end is test_deployment's kill-and-resume test.)"""
     from flwr.serverapp.strategy import FedAvg
 
-    from fedpersona.client.local import resident_for
+    from fedpersona.round.resident import resident_for
     from fedpersona.model.adapters import Role
 
     config = RunConfig(rounds=3)  # the server's run below: same model, scheme and ranks, so its shapes

@@ -133,7 +133,7 @@ def test_killed_server_resumes_from_last_finished_round(tmp_path, procs, certs, 
     node_logs = [tmp_path / f"supernode-{i}.log" for i in range(2)]
     client_logs = [tmp_path / f"client-{i}.log" for i in range(2)]
     logs = [*server_logs, *client_logs, *node_logs, server_state / "logs" / "superlink.log"]
-    run = ("--rounds", "2", "--min-users", "2", "--strategy", "FedAdam", "--strategy-arg", "eta=0.01")
+    run = ("--rounds", "2", "--min-users", "2", "--strategy", "FedAdam(eta=0.01)")
 
     server = procs.fedpersona(*server_args(server_state, certs, port, *run), log=server_logs[0])
     h.wait_for(lambda: h.port_open(port), timeout=90, what="the SuperLink", alive=[server], logs=logs)

@@ -69,7 +69,7 @@ def test_a_server_asking_for_no_dp_is_declined_unless_the_user_allows_it(tmp_pat
 def test_a_device_whose_ledger_was_lost_refuses_to_start(tmp_path, make_device, h, damage):
     import torch
 
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
 
     device = make_device(0)
     with DeviceState(device) as state:

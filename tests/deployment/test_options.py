@@ -11,16 +11,16 @@ import pytest
 import yaml
 
 from fedpersona.client import device as dev
-from fedpersona.client.device_state import DeviceState
-from fedpersona.client.node import ClientOptions, StateGuard, supernode_command
+from fedpersona.device.state import DeviceState
+from fedpersona.deploy.node import ClientOptions, StateGuard, supernode_command
 from fedpersona.config import RunConfig
 from fedpersona.data.schema import PreferencePair
 from fedpersona.errors import UsageError
 from fedpersona.server.app import split_run_config
 from fedpersona.server.checkpoint import save_checkpoint
-from fedpersona.server.control import Control, write_app
-from fedpersona.server.launch import ServerOptions
-from fedpersona.server.superlink import SuperLinkOptions, TLSFiles, superlink_command
+from fedpersona.deploy.control import Control, write_app
+from fedpersona.deploy.server import ServerOptions
+from fedpersona.deploy.superlink import SuperLinkOptions, TLSFiles, superlink_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,7 @@ def test_an_earlier_checkpoint_needs_resume_or_fresh(tmp_path: Path, tls_dir: Pa
 
 
 def test_a_new_run_moves_the_earlier_outputs_aside(tmp_path: Path):
-    from fedpersona.server.launch import prepare_out
+    from fedpersona.deploy.server import prepare_out
 
     options = ServerOptions(state=tmp_path, insecure=True)
     options.out_dir.mkdir(parents=True)
@@ -149,7 +149,7 @@ def test_supernode_command(tmp_path: Path):
     cold = supernode_command(ClientOptions(server="h:1", state=tmp_path, insecure=True, cold=True,
                                            heartbeat_interval=10), 1)
     assert cold[cold.index("--isolation") + 1] == "subprocess" and "--insecure" in cold
-    assert cold[1:3] == ["-m", "fedpersona.client.supernode_main"]
+    assert cold[1:3] == ["-m", "fedpersona.deploy.supernode_main"]
 
 
 def test_one_client_per_state_directory(tmp_path: Path):

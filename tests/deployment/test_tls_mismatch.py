@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpersona.server.superlink import SuperLink, SuperLinkOptions, TLSFiles
+from fedpersona.deploy.superlink import SuperLink, SuperLinkOptions, TLSFiles
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +69,7 @@ def test_the_client_command_names_the_mismatch(links, stranger: Path, make_devic
 
 
 def test_every_mismatch_and_every_match(links, certs: Path, stranger: Path) -> None:
-    from fedpersona.client.tls_probe import tls_problem
+    from fedpersona.deploy.tls_probe import tls_problem
 
     def problem(link: str, insecure: bool = False, ca: Path | None = None) -> str | None:
         host, _, port = links[link].rpartition(":")

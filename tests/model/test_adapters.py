@@ -44,9 +44,9 @@ def test_private_strength_interpolates_and_restores(split_resident):
 def test_no_adapter_name_is_contained_in_peft_prefix():
     """PEFT warns ("should not be contained in the prefix 'lora_' ... reinitialization") for such names."""
     from fedpersona.model.adapters import PEFT_LORA_PREFIX, check_adapter_name
-    from fedpersona.strategies.schemes import _PROBE, SCHEMES
+    from fedpersona.strategies.schemes import _PROBE, SCHEMES, get_scheme
 
-    for scheme in SCHEMES.values():
+    for scheme in (get_scheme(n) for n in SCHEMES):
         for name in scheme.layout(_PROBE).ranks:
             assert name not in PEFT_LORA_PREFIX, (scheme.name, name)
     for bad in ("lora", "lora_", "ra", ""):
@@ -56,7 +56,7 @@ def test_no_adapter_name_is_contained_in_peft_prefix():
 
 def test_tensors_stored_under_the_old_adapter_name_still_load():
     """fedsa/ffa states written when their one adapter was named 'lora' load into today's 'single'."""
-    from fedpersona.client.local import resident_for
+    from fedpersona.round.resident import resident_for
     from fedpersona.config import RunConfig
     from fedpersona.model.adapters import current_tensor_name
 

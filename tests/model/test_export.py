@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpersona.client.device_state import DeviceState
+from fedpersona.device.state import DeviceState
 
 PROMPT = "what should I cook tonight?"
 MAX_NEW = 24
@@ -18,14 +18,15 @@ MAX_NEW = 24
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Iterator[Path]:
     """A device state after one brief local round (default model, scheme and ranks); resident reset after."""
-    from fedpersona.client.local import resident_for, train_round
+    from fedpersona.round.resident import resident_for
+    from fedpersona.round.train import train_round
     from fedpersona.config import RunConfig
     from fedpersona.data.schema import UserData
     from fedpersona.data.synthetic import PreferenceSimulator
     from fedpersona.model.adapters import Role
 
     state = tmp_path_factory.mktemp("export") / "state"
-    config = RunConfig(epochs=1, max_steps=4, batch_size=4, lr=2e-2, shared_lr=1e-2, device="cpu")
+    config = RunConfig(epochs=1, max_steps=4, batch_size=4, lr=2e-2, shared_lr=1e-2, accelerator="cpu")
     data = PreferenceSimulator("conflicting", 2, 0).user_data(0)
     user = UserData(data.user_id, data.train[:12], data.test[:4])
     resident = resident_for(config)
@@ -191,12 +192,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def personal_resident(model_dir: Path, scheme: str, seed: int = 0, prototypes: int = 3):
     """A fresh (not kept) resident model of ``scheme`` whose shared and private tensors are random and
     non-zero, as after training (frozen tensors keep their seeded start, as `generate` loads them)."""
-    from fedpersona.client.local import resident_for
+    from fedpersona.round.resident import resident_for
     from fedpersona.config import RunConfig
     from fedpersona.model.adapters import Role
 
     config = RunConfig(model=str(model_dir), scheme=scheme, shared_rank=2, private_rank=1, pal_prototypes=prototypes,
-                       seed=seed, device="cpu")
+                       seed=seed, accelerator="cpu")
     resident = resident_for(config, keep=False)
     generator = torch.Generator().manual_seed(1234 + seed)
     for role in (Role.SHARED, Role.PRIVATE):

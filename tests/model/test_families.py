@@ -13,7 +13,15 @@ import math
 import pytest
 import torch
 
-from fedpersona.client.local import MemoryStore, evaluate_round, population_user, resident_for, train_round
+from fedpersona.round.evaluate import evaluate_round
+
+from fedpersona.round.resident import resident_for
+
+from fedpersona.round.stores import MemoryStore
+
+from fedpersona.round.train import train_round
+
+from fedpersona.round.users import population_user
 from fedpersona.config import RunConfig
 from fedpersona.errors import UsageError
 from fedpersona.model.adapters import Role
@@ -77,7 +85,7 @@ def pair_file(tmp_path_factory):
 def run_config(model_dir, pair_file, **changes) -> RunConfig:
     settings = dict(model=str(model_dir), data=str(pair_file), num_users=2, rounds=1, epochs=1, min_steps=2,
                     batch_size=4, max_length=40, max_tokens_per_batch=160, shared_rank=2, private_rank=1,
-                    lr=1e-2, shared_lr=1e-2, gen_prompts=0, device="cpu")
+                    lr=1e-2, shared_lr=1e-2, gen_prompts=0, accelerator="cpu")
     return RunConfig(**{**settings, **changes})
 
 

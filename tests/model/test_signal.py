@@ -68,14 +68,14 @@ def smallest_apart(prompt_format, pair: PreferencePair, start: int) -> int:
 
 def test_defaults_are_the_run_defaults() -> None:
     from fedpersona.config import RunConfig
-    from fedpersona.data.formats import inspect
+    from fedpersona.model import inspect
 
     assert DEFAULT_MAX_LENGTH == inspect.DEFAULT_MAX_LENGTH == RunConfig().max_length
     assert inspect.DEFAULT_MODEL == RunConfig().model
     # `data inspect`'s flags (literals there: importing the data formats would slow every command's start)
     import inspect as python_inspect
 
-    from fedpersona.cli import data_inspect
+    from fedpersona.commands.data import data_inspect
 
     flags = python_inspect.signature(data_inspect).parameters
     assert (flags["max_length"].default, flags["model"].default) == (RunConfig().max_length, RunConfig().model)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedpersona.alignment.trainer import TrainSettings, encode_pairs, pair_losses, reference_logps
-from fedpersona.client.local import resident_for
+from fedpersona.round.resident import resident_for
 from fedpersona.config import RunConfig
 from fedpersona.data.synthetic import PreferenceSimulator
 from fedpersona.model.adapters import Role

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 from fedpersona.config import RunConfig
 from fedpersona.errors import UsageError
 from fedpersona.server import checkpoint as ck
-from fedpersona.server import launch
+from fedpersona.deploy import server as launch
 from fedpersona.server.federation import resume_point
 from fedpersona.server.strategy_state import restore_strategy_state
 from fedpersona.strategies.validation import TensorSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from fedpersona.server.display import ConsoleReporter, set_apart, summary_table
+from fedpersona.display import ConsoleReporter, set_apart, summary_table
 
 SUMMARY = {"num_users": 4, "rounds": 2, "scheme": "split", "strategy": "FedAvg", "shared_parameters": 10,
            "private_parameters_per_user": 2, "bytes_up_per_client_round": 40.0, "epsilon_max": None,

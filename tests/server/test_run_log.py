@@ -7,8 +7,8 @@ import logging
 import warnings
 from pathlib import Path
 
-from fedpersona.server.display import ConsoleReporter, RunLog
-from fedpersona.server.launch import RunWatch
+from fedpersona.display import ConsoleReporter, RunLog
+from fedpersona.deploy.server import RunWatch
 
 
 def test_warnings_and_library_records_go_to_the_log_not_the_terminal(tmp_path: Path, capsys):

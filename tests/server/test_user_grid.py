@@ -6,7 +6,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedpersona.client.app import app as client_app
-from fedpersona.client.user_store import UserStore
+from fedpersona.round.user_store import UserStore
 from fedpersona.config import RunConfig
 from fedpersona.model.adapters import Role
 from fedpersona.protocol import COHORT

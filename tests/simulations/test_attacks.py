@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpersona.config import RunConfig
 from fedpersona.protocol import status_record
-from fedpersona.simulations.attacks import ATTACKS, EXTRA_KEY, tamper
+from fedpersona.strategies.attacks import ATTACKS, EXTRA_KEY, tamper
 from fedpersona.strategies.validation import TensorSpec, tensor_problem
 
 SENT = {"a": np.ones((2, 3), np.float32), "b": np.zeros(4, np.float32)}
@@ -30,7 +30,7 @@ def sent_arrays(content: RecordDict) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in content["arrays"].items()}
 
 
-@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize("attack", ATTACKS.names())
 def test_each_attack_breaks_what_its_reason_names(attack):
     out = tamper(CONFIG.replace(attack=attack), 0, reply(), request())
     arrays, weight = sent_arrays(out), out["metrics"]["num-examples"]

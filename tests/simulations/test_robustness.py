@@ -164,7 +164,7 @@ def test_a_nan_strategy_state_is_refused_too(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_nan_tensors_before_any_round(tmp_path):
     """The server's own path: run_federation checks the checkpoint against the model's shared tensors."""
-    from fedpersona.client.local import resident_for
+    from fedpersona.round.resident import resident_for
     from fedpersona.model.adapters import Role
     from fedpersona.server.federation import run_federation
 

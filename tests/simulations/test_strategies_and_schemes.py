@@ -68,7 +68,7 @@ def session(tmp_path_factory):
         strategy.__class__ = Probe
         return strategy
 
-    configs = [BASE.replace(scheme=scheme, strategy=name, strategy_args=ARGS.get(name, "")) for scheme, name in RUNS]
+    configs = [BASE.replace(scheme=scheme, strategy=f"{name}({ARGS[name]})" if ARGS.get(name) else name) for scheme, name in RUNS]
     dirs = [out / f"{i:02d}" for i in range(len(RUNS))]
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(REPO))  # the custom strategy is imported by the server (this process)

@@ -58,12 +58,12 @@ def test_qfedavg_learning_rate_is_derived_from_the_run_unless_given():
 
 @pytest.mark.parametrize("name,args,message", [
     ("Nope", "", "unknown strategy; choose one of FedAvg, FedAvgM"),
-    ("FedProx", "mu=1", "FedProx has no such argument; it takes .*proximal_mu"),
+    ("FedProx", "mu=1", "FedProx has no argument .mu.; it takes .*proximal_mu"),
     ("FedAdam", "eta=abc", "cannot read 'abc' as float"),
     ("FedAvg", "fraction_train=0.3", "set through the run configuration"),
     ("FedAvg", "novalue", "expected key=value"),
     ("FedTrimmedAvg", "beta=0.7", "beta"),
-    ("nosuchmodule:Thing", "", "cannot import it"),
+    ("nosuchmodule:Thing", "", "no module .nosuchmodule. in the working directory"),
     ("fedpersona.config:RunConfig", "", "not a subclass"),
 ])
 def test_bad_names_and_arguments_are_usage_errors(name, args, message):
@@ -78,12 +78,12 @@ def test_byzantine_rules_need_enough_users_per_round():
     with pytest.raises(UsageError, match=r"Bulyan with num_malicious_nodes=0 needs at least 3 .*minus up to 1 new"):
         strategy_for(small.replace(strategy="Bulyan"))
     with pytest.raises(UsageError, match=r"Krum with num_malicious_nodes=1 needs at least 5"):
-        strategy_for(small.replace(strategy="Krum", strategy_args="num_malicious_nodes=1"))
+        strategy_for(small.replace(strategy="Krum(num_malicious_nodes=1)"))
     with pytest.raises(UsageError, match="num_nodes_to_select=9 exceeds"):
-        strategy_for(small.replace(strategy="MultiKrum", strategy_args="num_nodes_to_select=9", fraction_train=1.0))
+        strategy_for(small.replace(strategy="MultiKrum(num_nodes_to_select=9)", fraction_train=1.0))
     assert strategy_for(small.replace(strategy="Bulyan", fraction_train=1.0)).num_malicious_nodes == 0
-    assert strategy_for(RunConfig(num_users=7, fraction_train=1.0, strategy="Bulyan",
-                                  strategy_args="num_malicious_nodes=1")).num_malicious_nodes == 1
+    assert strategy_for(RunConfig(num_users=7, fraction_train=1.0,
+                                  strategy="Bulyan(num_malicious_nodes=1)")).num_malicious_nodes == 1
 
 
 def test_loss_weighted_strategy_is_refused_with_dp():
@@ -119,16 +119,16 @@ def test_adapted_strategies_aggregate_as_flower_does():
 
 def test_a_users_own_strategy_by_import_path(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
-    strategy = strategy_for(RunConfig(num_users=4, fraction_train=1.0, strategy=CUSTOM, strategy_args="damping=0.25"))
+    strategy = strategy_for(RunConfig(num_users=4, fraction_train=1.0, strategy=f"{CUSTOM}(damping=0.25)"))
     assert type(strategy).__name__ == "DampedFedAvg" and strategy.damping == 0.25
     assert strategy.fraction_train == 1.0  # the run's sampling still applies
     with pytest.raises(UsageError, match="damping must be in"):
-        strategy_for(RunConfig(strategy=CUSTOM, strategy_args="damping=2"))
+        strategy_for(RunConfig(strategy=f"{CUSTOM}(damping=2)"))
 
 
 def test_cli_prints_one_line_and_exits_2(capsys):
     for argv, needle in ((["--strategy", "Nope"], "choose one of FedAvg"),
-                         (["--strategy", "Krum", "--strategy-arg", "num_malicious_nodes=2", "-n", "4"], "2f+3"),
+                         (["--strategy", "Krum(num_malicious_nodes=2)", "-n", "4"], "2f+3"),
                          (["--scheme", "nope"], "choose one of split, global, local, fedsa, ffa, finetune, pal")):
         with pytest.raises(SystemExit) as done:
             main(["simulate", *argv, "--out", "/tmp/fedpersona-never-written"])

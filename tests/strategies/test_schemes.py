@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from fedpersona.alignment.trainer import train_local
-from fedpersona.client.local import (MemoryStore, evaluate_round, fit_personal, population_user, resident_for,
-                                     round_seed, train_round, win_rate)
+from fedpersona.round.evaluate import evaluate_round, fit_personal, win_rate
+from fedpersona.round.resident import resident_for
+from fedpersona.round.stores import MemoryStore
+from fedpersona.round.train import train_round
+from fedpersona.round.users import population_user, round_seed
 from fedpersona.config import RunConfig
 from fedpersona.model.adapters import Role
 from fedpersona.strategies import pal

@@ -166,9 +166,9 @@ ATTACKS = {
 
 
 def recording(name: str, args: str | None = None):
-    config = RunConfig(num_users=8, fraction_train=1.0, strategy=name,
-                       strategy_args=ARGS.get(name, "") if args is None else args)
-    strategy = build_strategy(name, config.strategy_args, config=config, fraction_train=1.0, min_train_nodes=2,
+    extra = ARGS.get(name, "") if args is None else args
+    config = RunConfig(num_users=8, fraction_train=1.0, strategy=f"{name}({extra})" if extra else name)
+    strategy = build_strategy(config.strategy, config=config, fraction_train=1.0, min_train_nodes=2,
                               min_available_nodes=2)
     recorder = RoundRecorder(num_rounds=10, eval_every=10, out_dir=None, screen=ReplyScreen(SPEC))
     strategy = attach_recorder(strategy, recorder)

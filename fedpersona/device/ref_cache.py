@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from fedpersona.client.memory import SQLITE_SIDECARS
+from fedpersona.device.memory import SQLITE_SIDECARS
 from fedpersona.data.schema import PreferencePair
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from typing import Any
 
 from fedpersona.errors import UsageError
 from fedpersona.privacy.accountant import MAX_DELTA
+from fedpersona.protocol import TRAIN_LOSS_KEY
 
 POLICY_FILE = "policy.json"
 
@@ -87,9 +88,9 @@ class DevicePolicy:
         return policy.validate(str(path))
 
     def save(self, state_dir: Path) -> None:
-        from fedpersona.client.device_state import write_json_atomically
+        from fedpersona.io import atomic_write_json
 
-        write_json_atomically(state_dir / POLICY_FILE, asdict(self))
+        atomic_write_json(state_dir / POLICY_FILE, asdict(self))
 
     def describe(self) -> str:
         """One line for people: what this device accepts."""
@@ -122,8 +123,6 @@ class DevicePolicy:
 
     def check_train(self, config: Any, extras: Mapping[str, Any]) -> Decline | None:
         """Whether the round's privacy settings are at least as private as this policy."""
-        from fedpersona.strategies.registry import TRAIN_LOSS_KEY
-
         dp = config.dp_epsilon > 0
         if self.require_dp and not dp:
             what = "only user-level DP (noise added by the server)" if config.user_dp_noise > 0 else "no DP"

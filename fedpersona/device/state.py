@@ -22,8 +22,8 @@ Files:
   privacy ledger was ever started (so a deleted ledger is noticed, never silently started afresh).
 - ``last_reply.safetensors``: the last training reply sent, with its run lineage and round: a round a
   resumed server asks for again is answered with it, not trained (and paid for) twice.
-- ``policy.json``: the user's privacy policy (``fedpersona.client.policy``); ``forget`` keeps it.
-- ``privacy_record.json``: what forgotten pairs had cost (``fedpersona.client.privacy_record``; hashes,
+- ``policy.json``: the user's privacy policy (``fedpersona.device.policy``); ``forget`` keeps it.
+- ``privacy_record.json``: what forgotten pairs had cost (``fedpersona.device.privacy_record``; hashes,
   no text); ``forget`` keeps it.
 - ``.lock``: held (``fcntl.flock``) by the one process training on this directory.
 
@@ -35,24 +35,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpersona.client.memory import MEMORY_FILE, SQLITE_SIDECARS, PreferenceMemory
-from fedpersona.client.policy import POLICY_FILE
-from fedpersona.client.privacy_record import RECORD_FILE
+from fedpersona.device.memory import MEMORY_FILE, SQLITE_SIDECARS, PreferenceMemory
+from fedpersona.device.policy import POLICY_FILE
+from fedpersona.device.privacy_record import RECORD_FILE
 from fedpersona.errors import UsageError
-from fedpersona.io import acquire_pid_lock, fsync_dir, release_pid_lock
+from fedpersona.io import acquire_pid_lock, atomic_write, atomic_write_json, fsync_dir, release_pid_lock
 
 if TYPE_CHECKING:
     import torch
 
-    from fedpersona.client.ref_cache import RefLogpCache
+    from fedpersona.device.ref_cache import RefLogpCache
 
 log = logging.getLogger(__name__)
 
@@ -99,31 +98,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` via ``write(temp_path)``, fsync, rename into place, fsync the folder.
-
-    On any failure the temp file is removed and ``path`` is untouched (old version or absent).
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_json_atomically(path: Path, obj: Any) -> None:
-    """``obj`` as indented UTF-8 JSON at ``path``, replaced atomically (``replace_atomically``)."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def _read_json_object(path: Path, what: str) -> dict[str, Any] | None:
     """A JSON object file, None if absent; a damaged file is a UsageError (never silently reset)."""
     try:
@@ -147,7 +121,7 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dic
 
     # clone: safetensors refuses tensors that share storage; cpu + contiguous: what the format stores.
     data = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    replace_atomically(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
 
 
 def _load_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -203,7 +177,7 @@ class StateFile:
 
 
 class DeviceState:
-    """A user's state directory; implements ``fedpersona.client.local.PrivateStore``.
+    """A user's state directory; implements ``fedpersona.round.stores.PrivateStore``.
 
     Open pieces lazily (``memory``, ``ref_cache``) so a ``feedback`` command touches only the memory.
     Use as a context manager (or call ``close``) to close databases and release the lock.
@@ -274,7 +248,7 @@ class DeviceState:
 
     @property
     def ref_cache(self) -> RefLogpCache:
-        from fedpersona.client.ref_cache import RefLogpCache
+        from fedpersona.device.ref_cache import RefLogpCache
 
         if self._ref_cache is None:
             self._ref_cache = RefLogpCache(self.ref_cache_path)
@@ -350,7 +324,7 @@ class DeviceState:
         counters.update(rounds_trained=int(rounds_trained), updated=_now())
         if server_round is not None:
             counters["last_round"] = int(server_round)
-        write_json_atomically(self.counters_path, counters)
+        atomic_write_json(self.counters_path, counters)
 
     def rounds_trained(self) -> int:
         metadata = _read_metadata(self.private_path, "private adapter")
@@ -380,8 +354,8 @@ class DeviceState:
     def save_ledger(self, ledger: Mapping[str, Any]) -> None:
         meta = self.meta()
         if meta is not None and not meta.get(LEDGER_STARTED):  # before the ledger: a crash leaves the flag set
-            write_json_atomically(self.meta_path, {**meta, LEDGER_STARTED: True})
-        write_json_atomically(self.ledger_path, dict(ledger))
+            atomic_write_json(self.meta_path, {**meta, LEDGER_STARTED: True})
+        atomic_write_json(self.ledger_path, dict(ledger))
 
     def ledger_problem(self) -> str | None:
         """Why this state must not start a fresh ledger (None if it may): the ledger is missing or empty
@@ -405,7 +379,7 @@ class DeviceState:
         """Read every state file a round depends on, so damage is a UsageError naming the file *before*
         anything is trained or spent (not after the ledger has paid for a round that cannot be sent):
         JSON files parse, adapters load and hold only finite values, every database page reads."""
-        from fedpersona.client.policy import DevicePolicy
+        from fedpersona.device.policy import DevicePolicy
         from fedpersona.privacy.ledger import PrivacyLedger
 
         self.meta()
@@ -461,7 +435,7 @@ class DeviceState:
             current = None
         if current is None:
             current = {"model_id": model_id, "scheme": scheme, "created": _now(), "format": FORMAT_VERSION}
-            write_json_atomically(self.meta_path, current)
+            atomic_write_json(self.meta_path, current)
         return current
 
     # ------------------------------------------------------------------ listing and forgetting
@@ -504,7 +478,7 @@ class DeviceState:
                     removed.append(name)
             meta = self.meta()
             if meta is not None:
-                write_json_atomically(self.meta_path, {**meta, LEDGER_STARTED: False, "budget_reset": _now()})
+                atomic_write_json(self.meta_path, {**meta, LEDGER_STARTED: False, "budget_reset": _now()})
             fsync_dir(self.dir)
         return removed
 
@@ -518,14 +492,14 @@ class DeviceState:
         first (so a process holding it open sees an empty memory), then deletes the files, their
         SQLite sidecars and any temp files of interrupted writes. Returns the names deleted.
         """
-        from fedpersona.client.privacy_record import PrivacyRecord
+        from fedpersona.device.privacy_record import PrivacyRecord
 
         removed: list[str] = []
         with self.lock():
             self._retire_ledger(PrivacyRecord(self.dir))
             meta = self.meta() if self.meta_path.exists() else None
             if meta and meta.get(LEDGER_STARTED):
-                write_json_atomically(self.meta_path, {**meta, LEDGER_STARTED: False})
+                atomic_write_json(self.meta_path, {**meta, LEDGER_STARTED: False})
             if self.memory_path.exists():
                 try:
                     self.memory.forget()

@@ -1,9 +1,9 @@
-"""Cohort-batched local training: a cohort's users trained together, one forward/backward per step.
+"""Stacked multi-user training: several users trained together, one forward/backward per step.
 
-A simulation worker receives a *cohort* of users per message. ``train_local`` trains them one after
-another on the resident model; on a small model most of that time is per-step overhead (Python, kernel
-launches, one optimizer step per user), not arithmetic. ``train_cohort`` gives the same result (to
-float tolerance) with one joint step for all the cohort's users:
+A simulation worker receives a *cohort* of users per message (``fedpersona.client.cohort``).
+``train_local`` trains them one after another on the resident model; on a small model most of that time is per-step overhead (Python, kernel
+launches, one optimizer step per user), not arithmetic. ``train_stacked`` gives the same result (to
+float tolerance) with one joint step for all of them, their adapters stacked:
 
 * every trainable adapter tensor (SHARED and PRIVATE LoRA A/B) gets a per-user copy, stacked along a new
   leading user dimension ``[U, *shape]``; FROZEN tensors (ffa's A) and the base stay single and shared;
@@ -20,7 +20,7 @@ float tolerance) with one joint step for all the cohort's users:
 * a joint step over ``resident.max_tokens_per_batch`` padded tokens runs as token-budget micro-batches
   (pairs sorted by width, so each micro-batch pads little) whose gradients accumulate.
 
-Not supported (``cohort_supported`` says why): pair-level DP-SGD (per-pair clipping and noise belong to
+Not supported (``stacking_supported`` says why): pair-level DP-SGD (per-pair clipping and noise belong to
 one user's optimizer; Opacus wraps the model for one user), adapter tensors that are not the A/B weights
 of a plain PEFT ``lora.Linear`` (PAL's mixture logits and its hooks on ``lora_B``, LoRA embeddings,
 quantized layers), LoRA variants (DoRA, ...), LoRA dropout, LoRA bias and merged adapters.
@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from fedpersona.alignment.batching import EncodedPair, encode_pairs
-from fedpersona.alignment.losses import LOSSES
 from fedpersona.alignment.microbatch import pair_chunks, pair_width
 from fedpersona.alignment.trainer import TrainSettings, TrainStats, pair_losses, reference_logps
 from fedpersona.data.schema import PreferencePair
@@ -46,7 +45,7 @@ from fedpersona.model.resident import ResidentModel
 
 
 @dataclass(frozen=True)
-class CohortJob:
+class StackedJob:
     """One user of a cohort: its training pairs, its ``train_local`` seed, and its starting tensors
     (``shared``: usually the server's, the same for every job; ``private``: the user's own), named as
     ``resident.adapters.tensors(Role.SHARED / Role.PRIVATE)`` names them."""
@@ -58,7 +57,7 @@ class CohortJob:
 
 
 @dataclass(frozen=True)
-class CohortResult:
+class StackedResult:
     """One user's trained tensors (detached CPU copies, same names and shapes as the job's) and stats."""
 
     shared: dict[str, torch.Tensor]
@@ -130,17 +129,16 @@ def _sites(resident: ResidentModel) -> tuple[list[_Site], str | None]:
     return sites, None
 
 
-def cohort_supported(resident: ResidentModel, settings: TrainSettings, *, dp: bool = False) -> str | None:
-    """None if ``train_cohort`` can train users of ``resident`` with ``settings`` (the result equals
+def stacking_supported(resident: ResidentModel, settings: TrainSettings, *, dp: bool = False) -> str | None:
+    """None if ``train_stacked`` can train users of ``resident`` with ``settings`` (the result equals
     ``train_local`` user after user), else a one-line reason.
 
     ``dp``: pair-level DP-SGD is asked for (never batched: its per-pair clipping and noise belong to one
     user's optimizer). Checks the model's LoRA layers (plain PEFT ``lora.Linear``, no variant, dropout,
-    bias, hooks or merge; every adapter tensor an A/B weight of one) and the loss name."""
+    bias, hooks or merge; every adapter tensor an A/B weight of one). Any pairwise loss works: the joint
+    step calls the same ``pair_losses`` as ``train_local``."""
     if dp:
         return "pair-level DP-SGD clips and noises per pair within one user: users train one after another"
-    if settings.loss not in LOSSES:
-        return f"unknown loss {settings.loss!r}"
     return _sites(resident)[1]
 
 
@@ -249,7 +247,7 @@ def batch_schedule(num_pairs: int, settings: TrainSettings, seed: int) -> list[l
 
 
 # ---- training -------------------------------------------------------------------------------------------
-def _stacked_start(resident: ResidentModel, jobs: Sequence[CohortJob]) -> dict[str, torch.Tensor]:
+def _stacked_start(resident: ResidentModel, jobs: Sequence[StackedJob]) -> dict[str, torch.Tensor]:
     """Leaf tensors ``[U, *shape]`` of every SHARED and PRIVATE tensor, slice u at job u's start values.
 
     Each job goes through ``AdapterState.load`` (its names checked, earlier releases' names accepted)."""
@@ -301,9 +299,9 @@ def _joint_step(resident: ResidentModel, settings: TrainSettings, items: Sequenc
         loss_sums.index_add_(0, users, losses.detach().to(loss_sums.dtype))
 
 
-def _train(resident: ResidentModel, sites: Sequence[_Site], jobs: Sequence[CohortJob],
+def _train(resident: ResidentModel, sites: Sequence[_Site], jobs: Sequence[StackedJob],
            encoded: Sequence[Sequence[EncodedPair]], refs: Sequence[torch.Tensor],
-           settings: TrainSettings, proximal_mu: float) -> list[CohortResult]:
+           settings: TrainSettings, proximal_mu: float) -> list[StackedResult]:
     state = resident.adapters
     stacked = _stacked_start(resident, jobs)
     weights = {**{n: p.detach() for n, p in state.params.items()}, **stacked}  # FROZEN ones stay single
@@ -334,11 +332,11 @@ def _train(resident: ResidentModel, sites: Sequence[_Site], jobs: Sequence[Cohor
     for u, schedule in enumerate(schedules):
         seen = sum(len(b) for b in schedule)
         stats = TrainStats(len(schedule), seen, float(loss_sums[u]) / max(seen, 1))
-        results.append(CohortResult(finals[u][0], finals[u][1], stats))
+        results.append(StackedResult(finals[u][0], finals[u][1], stats))
     return results
 
 
-def _cohort_references(resident: ResidentModel, encoded: Sequence[Sequence[EncodedPair]]) -> list[torch.Tensor]:
+def _stacked_references(resident: ResidentModel, encoded: Sequence[Sequence[EncodedPair]]) -> list[torch.Tensor]:
     """Each user's ``[n_u, 2]`` reference log-probs, user by user, exactly as ``train_local`` asks for them.
 
     Not one call for the whole cohort: a batched forward's last bits depend on the pairs batched with it
@@ -348,23 +346,23 @@ def _cohort_references(resident: ResidentModel, encoded: Sequence[Sequence[Encod
     return [reference_logps(resident, user) for user in encoded]
 
 
-def train_cohort(resident: ResidentModel, jobs: Sequence[CohortJob], settings: TrainSettings, *,
-                 proximal_mu: float = 0.0) -> list[CohortResult]:
+def train_stacked(resident: ResidentModel, jobs: Sequence[StackedJob], settings: TrainSettings, *,
+                 proximal_mu: float = 0.0) -> list[StackedResult]:
     """Train each job's user as ``train_local(resident, job.pairs, settings, job.seed)`` would, after loading
     the job's shared and private tensors, but all users in one forward/backward per step.
 
-    Returns one ``CohortResult`` per job, in order; each equals the sequential result to float tolerance
+    Returns one ``StackedResult`` per job, in order; each equals the sequential result to float tolerance
     (summation order differs). ``proximal_mu`` > 0 adds FedProx's ``mu/2 ||w - w_start||^2`` on each user's
     shared tensors (as ``train_local`` inside ``fedpersona.strategies.proximal.proximal_term``).
     The resident model's adapter tensors, trainability and forward are as before the call afterwards
     (also after an error); its reference cache gains the cohort's pairs.
 
-    Raises ``ValueError`` if ``cohort_supported`` refuses the resident or settings, or if a job's tensors
+    Raises ``ValueError`` if ``stacking_supported`` refuses the resident or settings, or if a job's tensors
     do not match the layout (as ``AdapterState.load``). Memory: the trainable adapter tensors ``x U``
     (values, gradients, two AdamW moments), plus activations of at most ``max_tokens_per_batch`` tokens.
     """
     sites, reason = _sites(resident)
-    reason = reason or cohort_supported(resident, settings)
+    reason = reason or stacking_supported(resident, settings)
     if reason is not None:
         raise ValueError(f"cohort training is not supported here: {reason}")
     if not jobs:
@@ -373,7 +371,7 @@ def train_cohort(resident: ResidentModel, jobs: Sequence[CohortJob], settings: T
     saved = {n: p.detach().clone() for n, p in state.params.items()}
     try:
         encoded = [encode_pairs(resident.prompt_format, job.pairs, settings.max_length) for job in jobs]
-        refs = _cohort_references(resident, encoded)  # before the per-user forward: needs disable_adapter()
+        refs = _stacked_references(resident, encoded)  # before the per-user forward: needs disable_adapter()
         return _train(resident, sites, jobs, encoded, refs, settings, proximal_mu)
     finally:
         with torch.no_grad():

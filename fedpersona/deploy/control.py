@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedpersona.errors import UsageError
-from fedpersona.processes import child_env, executable
+from fedpersona.deploy.processes import child_env, executable
 
 CONNECTION = "fedpersona"
 APP_NAME = "fedpersona-run"

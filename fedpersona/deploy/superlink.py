@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from fedpersona.errors import UsageError
-from fedpersona.processes import child_env, executable, spawn, stop, wait_for_port
+from fedpersona.deploy.processes import child_env, executable, spawn, stop, wait_for_port
 
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "server.pem", "server.key"
 DATABASE_FILE = "superlink.db"

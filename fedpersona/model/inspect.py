@@ -1,4 +1,5 @@
-"""What a preference data set looks like before training: users, sizes, splits, and how much users disagree.
+"""What a preference data set looks like to a model before training: users, sizes, splits, how much users
+disagree, and how the model encodes the pairs (it sits beside the encoding checks it uses, :mod:`fedpersona.model.signal`).
 
 Backs ``fedpersona data inspect FILE [--format F]``. :func:`inspect_pairs` returns plain JSON-ready
 numbers; :func:`format_inspection` renders them as a two-column text table.

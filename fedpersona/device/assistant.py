@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedpersona.alignment.generation import TextStream, check_personalization, context_length, decode
-from fedpersona.client.memory import CHAT_SOURCE
+from fedpersona.device.memory import CHAT_SOURCE
 from fedpersona.data.schema import PreferencePair, validate_row
 from fedpersona.errors import UsageError
 from fedpersona.model.adapters import Role
 
 if TYPE_CHECKING:
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
     from fedpersona.model.resident import ResidentModel
 
 _FORGED_TURN = re.compile(r"\n\s*\n(?=[ \t]*(?:Human|Assistant):)")

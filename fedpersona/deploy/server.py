@@ -32,11 +32,11 @@ from fedpersona.errors import UsageError
 from fedpersona.io import atomic_write_json
 from fedpersona.server.checkpoint import (LATEST, Checkpoint, discard_checkpoints, has_rounds, load_checkpoint,
                                           read_pointer)
-from fedpersona.server.control import Control, ControlError, write_app
-from fedpersona.server.display import QuietReporter
+from fedpersona.deploy.control import Control, ControlError, write_app
+from fedpersona.display import QuietReporter
 from fedpersona.server.federation import check_resumable
 from fedpersona.server.resume import finished_rows, restore_rows
-from fedpersona.server.superlink import SuperLink, SuperLinkOptions, TLSFiles
+from fedpersona.deploy.superlink import SuperLink, SuperLinkOptions, TLSFiles
 
 
 class RunFailed(RuntimeError):
@@ -319,7 +319,7 @@ def run_server(config: RunConfig, options: ServerOptions, *, reporter: Any = Non
     tls, checkpoint = options.check(config)
     state = options.state.resolve()
     state.mkdir(parents=True, exist_ok=True)
-    from fedpersona.server.display import RunLog
+    from fedpersona.display import RunLog
 
     if RunLog.active is not None:  # the options are sound: the server's log is written from here on
         RunLog.active.commit()

@@ -12,13 +12,12 @@ The folder is made by the server for one run and removed at its end (``UserStore
 ``UserStore.remove``) in its temp folder; every worker of a simulation on one machine reaches it. On a
 multi-machine Ray cluster that folder must be on storage every node mounts at the same path (set
 ``TMPDIR`` to such a path for the server). Real devices keep their state in their own state
-folder (``fedpersona.client.device_state``), not here.
+folder (``fedpersona.device.state``), not here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -27,9 +26,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedpersona.io import atomic_write, atomic_write_json
+
 
 class UserFiles:
-    """One simulated user's ``PrivateStore`` (``fedpersona.client.local``) in a ``UserStore`` folder."""
+    """One simulated user's ``PrivateStore`` (``fedpersona.round``) in a ``UserStore`` folder."""
 
     def __init__(self, root: Path, user: int) -> None:
         self.tensors_path = root / f"{user}.safetensors"
@@ -43,14 +44,14 @@ class UserFiles:
 
     def _write_meta(self, **changes) -> None:
         meta = {**self._meta(), **changes}
-        _atomic(self.meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta), encoding="utf-8"))
+        atomic_write_json(self.meta_path, meta)
 
     def load_private(self) -> dict[str, torch.Tensor] | None:
         return load_file(self.tensors_path) if self.tensors_path.exists() else None
 
     def save_private(self, tensors: Mapping[str, torch.Tensor], rounds_trained: int) -> None:
         cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        _atomic(self.tensors_path, lambda tmp: save_file(cpu, tmp))
+        atomic_write(self.tensors_path, lambda tmp: save_file(cpu, str(tmp)))
         self._write_meta(rounds_trained=rounds_trained)
 
     def rounds_trained(self) -> int:
@@ -85,14 +86,3 @@ class UserStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

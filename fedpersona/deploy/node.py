@@ -5,7 +5,7 @@ It starts ``flower-supernode`` (CPU) as a child process that dies with this one,
 (``fedpersona.client.device``), a Runtime API port of its own (several clients can share a machine),
 TLS towards the server by default, and optional SuperNode authentication (``--auth-key``).
 
-By default the ClientApp's tasks run in this process (``fedpersona.client.executor``: the model is
+By default the ClientApp's tasks run in this process (``fedpersona.deploy.executor``: the model is
 loaded once); ``cold=True`` leaves them to Flower, which starts one ``flwr-clientapp`` per message.
 
 What the terminal shows: the device's own lines (its policy, connected to the server, each round
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -36,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from fedpersona.client.supernode_main import ENV
+from fedpersona.deploy.supernode_main import ENV
 from fedpersona.errors import UsageError
 from fedpersona.io import acquire_pid_lock, release_pid_lock
-from fedpersona.processes import child_env, executable, free_port, parse_address, spawn, stop, wait_for_port
+from fedpersona.deploy.processes import child_env, executable, free_port, parse_address, spawn, stop, wait_for_port
 
 _log = logging.getLogger(__name__)
 GUARD_FILE = ".client.lock"  # held by the one `fedpersona client` serving a state directory
@@ -59,7 +58,7 @@ class ClientOptions:
     cold: bool = False
     max_wait_time: float | None = None  # give up after this long without the server (None: never)
     heartbeat_interval: float | None = None  # seconds; None: Flower's default (30 s)
-    # the user's privacy policy flags (fedpersona.client.policy.DevicePolicy fields; None: keep the saved value)
+    # the user's privacy policy flags (fedpersona.device.policy.DevicePolicy fields; None: keep the saved value)
     policy: tuple[tuple[str, object], ...] = ()
 
     def validate(self) -> None:
@@ -80,7 +79,7 @@ class ClientOptions:
             raise UsageError(f"--heartbeat-interval {self.heartbeat_interval}: the SuperLink accepts 10 to 1800 seconds")
         if self.runtime_port is not None and not 0 < self.runtime_port < 65536:
             raise UsageError(f"--runtime-port {self.runtime_port}: not a TCP port")
-        from fedpersona.client.policy import DevicePolicy
+        from fedpersona.device.policy import DevicePolicy
 
         given = {k: v for k, v in self.policy if v is not None}  # the flags alone, before any state is read
         DevicePolicy(**given).validate("fedpersona client")
@@ -94,8 +93,8 @@ def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
         node_config += f" user-index={int(options.user_index)}"
     if options.heartbeat_interval is None:
         launcher = [executable("flower-supernode")]
-    else:  # Flower has no flag for it: see fedpersona.client.supernode_main
-        launcher = [sys.executable, "-m", "fedpersona.client.supernode_main"]
+    else:  # Flower has no flag for it: see fedpersona.deploy.supernode_main
+        launcher = [sys.executable, "-m", "fedpersona.deploy.supernode_main"]
     command = [*launcher, "--superlink", options.server, "--node-config", node_config,
                "--isolation", "subprocess" if options.cold else "process",
                "--host", "127.0.0.1", "--port", str(runtime_port)]
@@ -142,8 +141,8 @@ def check_device(options: ClientOptions):
     state file, a missing ledger where budget was spent); returns its privacy policy (saved with the
     user's flags applied)."""
     from fedpersona.client.device import readiness_problem
-    from fedpersona.client.device_state import DeviceState
-    from fedpersona.client.policy import DevicePolicy, policy_for
+    from fedpersona.device.state import DeviceState
+    from fedpersona.device.policy import DevicePolicy, policy_for
 
     if not options.state.is_dir():
         raise UsageError(f"--state {options.state}: no device state here; import feedback first with "
@@ -164,7 +163,7 @@ def signal_warnings(state_dir: Path) -> list[str]:
     """How the state's model encodes the stored pairs at the default max-length (pairs that carry no
     signal, text it cannot read; ``fedpersona.model.signal``), as warning lines; none before the state
     is bound to a model or when its tokenizer cannot be loaded here."""
-    from fedpersona.client.device_state import DeviceState
+    from fedpersona.device.state import DeviceState
     from fedpersona.model.signal import check_data
 
     with DeviceState(state_dir, create=False) as state:
@@ -210,7 +209,7 @@ def run_client(options: ClientOptions, *, node_log: Path | None = None, verbose:
     refused while the SuperLink still counts its previous self as online (until that one's heartbeat
     lapses, at most twice the heartbeat interval); so a refusal is retried for that long, plus a margin.
     """
-    from fedpersona.client.tls_probe import tls_problem
+    from fedpersona.deploy.tls_probe import tls_problem
 
     options.validate()
     policy = check_device(options)
@@ -288,7 +287,7 @@ def _serve_once(options: ClientOptions, log: IO[bytes] | None, stop_event: threa
             node.wait()
         else:
             # import the ClientApp (torch, transformers) while the SuperNode boots in its own process
-            from fedpersona.client import executor
+            from fedpersona.deploy import executor
             from fedpersona.client.app import app as client_app
 
             wait_for_port("127.0.0.1", port, timeout=120, process=node, what="flower-supernode")

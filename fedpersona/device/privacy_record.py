@@ -59,7 +59,7 @@ class PrivacyRecord:
 
     def retire(self, ledger: dict[str, Any] | None, pairs: Iterable[PreferencePair], *, readable: bool = True) -> None:
         """Record that ``ledger`` (its JSON object; None or unreadable -> unbounded spend) covered ``pairs``."""
-        from fedpersona.client.device_state import write_json_atomically
+        from fedpersona.io import atomic_write_json
         from fedpersona.privacy.ledger import PrivacyLedger
 
         data = self._load()
@@ -83,7 +83,7 @@ class PrivacyRecord:
                                 "delta": float(parsed.delta) if parsed is not None else None,
                                 "epsilon": "inf" if epsilon == float("inf") else epsilon,
                                 "retired": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        write_json_atomically(self.path, data)
+        atomic_write_json(self.path, data)
 
     def _covering(self, pairs: Iterable[PreferencePair]) -> list[dict[str, Any]]:
         """The retired entries whose pairs include any of ``pairs``."""

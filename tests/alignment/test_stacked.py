@@ -1,12 +1,13 @@
-"""``train_cohort``: a cohort's users in one forward/backward per step end where ``train_local`` takes each of
+"""``train_stacked``: a cohort's users in one forward/backward per step end where ``train_local`` takes each of
 them one after another, for every scheme it accepts; what it refuses, it refuses with a reason."""
 
 import pytest
 import torch
 
-from fedpersona.alignment.cohort import CohortJob, batch_schedule, cohort_supported, train_cohort
+from fedpersona.alignment.stacked import StackedJob, batch_schedule, stacking_supported, train_stacked
 from fedpersona.alignment.trainer import TrainSettings, train_local
-from fedpersona.client.local import population_user, resident_for
+from fedpersona.round.resident import resident_for
+from fedpersona.round.users import population_user
 from fedpersona.config import RunConfig
 from fedpersona.model.adapters import Role
 
@@ -35,7 +36,7 @@ def resident_of():
         resident.adapters.reset(Role.PRIVATE)
 
 
-def _jobs(resident, pair_counts: list[int]) -> list[CohortJob]:
+def _jobs(resident, pair_counts: list[int]) -> list[StackedJob]:
     """One job per count: that many of a population user's pairs, a seed, the server's shared tensors and a
     private start of its own (perturbed, so a user's slice mixing with another's would show)."""
     config = RunConfig(num_users=len(pair_counts), max_train_pairs=16)
@@ -47,7 +48,7 @@ def _jobs(resident, pair_counts: list[int]) -> list[CohortJob]:
                    for n, t in resident.adapters.tensors(Role.PRIVATE).items()}
         pairs = population_user(config, u).train[:count]
         assert len(pairs) == count, "the population user has fewer pairs than the test asks for"
-        jobs.append(CohortJob(pairs=pairs, seed=1000 + u, shared=shared, private=private))
+        jobs.append(StackedJob(pairs=pairs, seed=1000 + u, shared=shared, private=private))
     return jobs
 
 
@@ -68,9 +69,9 @@ def _one_after_another(resident, jobs, settings):
 def test_cohort_equals_users_one_after_another(resident_of, scheme):
     """Users of unequal sizes (so unequal step counts: some finish while others go on) and one without pairs."""
     resident = resident_of(scheme)
-    assert cohort_supported(resident, SETTINGS) is None
+    assert stacking_supported(resident, SETTINGS) is None
     jobs = _jobs(resident, [3, 8, 0, 5])
-    batched = train_cohort(resident, jobs, SETTINGS)
+    batched = train_stacked(resident, jobs, SETTINGS)
     sequential = _one_after_another(resident, jobs, SETTINGS)
     assert len(batched) == len(jobs)
     for job, got, (shared, private, stats) in zip(jobs, batched, sequential, strict=True):
@@ -95,8 +96,8 @@ def test_cohort_equals_users_one_after_another(resident_of, scheme):
 def test_fedprox_term_matches(resident_of):
     resident = resident_of("split")
     jobs = _jobs(resident, [5, 8])
-    plain = train_cohort(resident, jobs, SETTINGS)
-    prox = train_cohort(resident, jobs, SETTINGS, proximal_mu=5.0)
+    plain = train_stacked(resident, jobs, SETTINGS)
+    prox = train_stacked(resident, jobs, SETTINGS, proximal_mu=5.0)
     # mu pulls the shared tensors back toward the start: a smaller step than without it
     for p, q, job in zip(plain, prox, jobs, strict=True):
         drift_plain = sum(float((p.shared[n] - job.shared[n]).norm()) for n in job.shared)
@@ -108,7 +109,7 @@ def test_resident_is_left_as_found(resident_of):
     resident = resident_of("split")
     before = {n: p.detach().clone() for n, p in resident.adapters.params.items()}
     trainable = {n: p.requires_grad for n, p in resident.adapters.params.items()}
-    train_cohort(resident, _jobs(resident, [4, 4]), SETTINGS)
+    train_stacked(resident, _jobs(resident, [4, 4]), SETTINGS)
     for n, p in resident.adapters.params.items():
         assert torch.equal(p.detach(), before[n]) and p.requires_grad == trainable[n]
     assert not any("forward" in vars(m) for m in resident.model.modules()), "a per-row forward was left patched"
@@ -119,9 +120,9 @@ def test_a_failing_job_leaves_the_resident_as_found(resident_of):
     resident = resident_of("split")
     before = {n: p.detach().clone() for n, p in resident.adapters.params.items()}
     good = _jobs(resident, [4])[0]
-    bad = CohortJob(pairs=good.pairs, seed=1, shared={"no.such.tensor": torch.zeros(2)}, private=good.private)
+    bad = StackedJob(pairs=good.pairs, seed=1, shared={"no.such.tensor": torch.zeros(2)}, private=good.private)
     with pytest.raises((KeyError, ValueError)):
-        train_cohort(resident, [good, bad], SETTINGS)
+        train_stacked(resident, [good, bad], SETTINGS)
     for n, p in resident.adapters.params.items():
         assert torch.equal(p.detach(), before[n])
     assert not any("forward" in vars(m) for m in resident.model.modules())
@@ -139,20 +140,19 @@ def test_batch_schedule_is_train_locals_order():
 
 def test_what_is_not_batched_says_why(resident_of):
     resident = resident_of("split")
-    assert "DP-SGD" in cohort_supported(resident, SETTINGS, dp=True)
-    assert "unknown loss" in cohort_supported(resident, TrainSettings(loss="no-such-loss"))
+    assert "DP-SGD" in stacking_supported(resident, SETTINGS, dp=True)
     pal = resident_of("pal")
-    reason = cohort_supported(pal, SETTINGS)
+    reason = stacking_supported(pal, SETTINGS)
     assert reason is not None and ("hooks" in reason or "mixture" in reason)
     with pytest.raises(ValueError, match="not supported"):
-        train_cohort(pal, _jobs(pal, [2, 2]), SETTINGS)
+        train_stacked(pal, _jobs(pal, [2, 2]), SETTINGS)
 
 
 def test_reference_values_do_not_depend_on_the_cohort(resident_of):
     """A user's reference log-probs are those it gets alone, to the bit, whoever shares its cohort: they are
     cached per worker and a seeded simulation must repeat whichever worker took the cohort."""
     from fedpersona.alignment.batching import encode_pairs
-    from fedpersona.alignment.cohort import _cohort_references
+    from fedpersona.alignment.stacked import _stacked_references
     from fedpersona.alignment.trainer import reference_logps
     from fedpersona.model.resident import RefLogpCache
 
@@ -166,7 +166,7 @@ def test_reference_values_do_not_depend_on_the_cohort(resident_of):
             resident.ref_cache = RefLogpCache()
             alone.append(reference_logps(resident, user))
         resident.ref_cache = RefLogpCache()
-        together = _cohort_references(resident, encoded[::-1])[::-1]
+        together = _stacked_references(resident, encoded[::-1])[::-1]
     finally:
         resident.ref_cache = saved
     for a, b in zip(alone, together, strict=True):
@@ -176,7 +176,7 @@ def test_reference_values_do_not_depend_on_the_cohort(resident_of):
 def test_a_cohort_of_one_equals_train_local(resident_of):
     resident = resident_of("split")
     job = _jobs(resident, [6])[0]
-    (got,) = train_cohort(resident, [job], SETTINGS)
+    (got,) = train_stacked(resident, [job], SETTINGS)
     ((shared, private, _),) = _one_after_another(resident, [job], SETTINGS)
     for name in shared:
         _close(got.shared[name], shared[name])
@@ -187,7 +187,7 @@ def test_a_cohort_of_one_equals_train_local(resident_of):
 def test_joined_adapters_are_the_sum_of_each_adapters_update():
     """``_joined``: one rank-(r1+r2) LoRA equals sum_k scaling_k B_k A_k, per user, also when one adapter's
     tensor is single (FROZEN) among stacked ones."""
-    from fedpersona.alignment.cohort import _joined, _Site
+    from fedpersona.alignment.stacked import _joined, _Site
 
     g = torch.Generator().manual_seed(0)
     users, r1, r2, d_in, d_out = 3, 4, 2, 6, 5

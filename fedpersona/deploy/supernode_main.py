@@ -1,4 +1,4 @@
-"""``flower-supernode`` with a chosen node heartbeat interval: ``python -m fedpersona.client.supernode_main ARGS``.
+"""``flower-supernode`` with a chosen node heartbeat interval: ``python -m fedpersona.deploy.supernode_main ARGS``.
 
 Why: the SuperLink takes a node for dead only when its heartbeat lapses, after twice the interval
 the node declared (30 s in flwr 1.41, a constant). A device killed mid-round therefore stalls the
