@@ -54,6 +54,7 @@ GROUPS = {
     "validation": "Reply validation on the server",
     "attacks": "Simulated attacks (simulation only)",
     "resources": "Resources",
+    "outputs": "Outputs and tracking",
     "internal": "Set by fedpersona itself",
 }
 
@@ -221,6 +222,10 @@ class RunConfig:
     # ---- resources
     accelerator: str = setting("auto", "Where the model computes: auto, cpu, cuda or cuda:N (old name: device).",
                                "resources", simulation_only=True)
+    # ---- outputs
+    tracker: str = setting("", "Send every finished round's figures to an experiment tracker: tensorboard (OUT/"
+                           "tensorboard), wandb, mlflow (each needs its package) or package.module:Class; '': none.",
+                           "outputs")
     # ---- set by fedpersona
     dp_defaults_applied: str = setting("", "Which DP defaults a DP run took because the user left them unset "
                                        "(key=value,...).", "internal")

@@ -426,6 +426,6 @@ class RunLog:
 
 
 def _version() -> str:
-    from fedpersona import __version__
+    from fedpersona._version import __version__
 
     return __version__

@@ -181,10 +181,23 @@ def coerce(value: str, annotation: Any, where: str) -> Any:
                 return kind(value)
             except ValueError:
                 continue
-    if annotation in (Any, inspect.Parameter.empty) or not options:
-        return value
+    if annotation in (Any, inspect.Parameter.empty, None) or not options:
+        return literal(value)
     name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
     raise UsageError(f"{where}: cannot read {value!r} as {name}")
+
+
+def literal(value: str) -> bool | int | float | str:
+    """An untyped argument read as what it looks like: ``true``/``false``, an int, a float, else the text."""
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            continue
+    return value
 
 
 def type_hints(obj: Any) -> dict[str, Any]:
@@ -197,7 +210,7 @@ def type_hints(obj: Any) -> dict[str, Any]:
 
 
 def typed_arguments(obj: Callable[..., Any], args: dict[str, str], what: str,
-                    reserved: tuple[str, ...] = ()) -> dict[str, Any]:
+                    reserved: tuple[str, ...] = (), named_only: bool = False) -> dict[str, Any]:
     """``args`` checked against ``obj``'s signature and typed from its annotations.
 
     Args:
@@ -205,6 +218,8 @@ def typed_arguments(obj: Callable[..., Any], args: dict[str, str], what: str,
         args: string arguments from a spec.
         what: how errors name the place.
         reserved: parameters fedpersona passes itself (refused as arguments).
+        named_only: accept only parameters ``obj`` names, even when it also takes ``**kwargs`` (losses and
+            attacks take ``**_`` to ignore what fedpersona passes; a misspelt argument must not vanish there).
 
     Returns:
         Keyword arguments ready for ``obj``.
@@ -217,7 +232,7 @@ def typed_arguments(obj: Callable[..., Any], args: dict[str, str], what: str,
     except (TypeError, ValueError):
         return dict(args)
     params = signature.parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    takes_any = not named_only and any(p.kind is p.VAR_KEYWORD for p in params.values())
     known = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - set(reserved)
     hints = type_hints(obj)
     out: dict[str, Any] = {}
@@ -226,7 +241,11 @@ def typed_arguments(obj: Callable[..., Any], args: dict[str, str], what: str,
             raise UsageError(f"{what}: argument {key} is set by fedpersona itself")
         if key not in known and not takes_any:
             raise UsageError(f"{what}: no argument {key!r}; it takes {', '.join(sorted(known)) or 'none'}")
-        out[key] = coerce(value, hints.get(key, params[key].annotation if key in params else str), f"{what} {key}")
+        annotation = hints.get(key)
+        if annotation is None and key in params:
+            default = params[key].default
+            annotation = type(default) if default not in (params[key].empty, None) else params[key].annotation
+        out[key] = coerce(value, annotation, f"{what} {key}")
     return out
 
 

@@ -173,4 +173,5 @@ def get_loss(spec: str) -> PairLoss:
     fn, args = LOSSES.get(spec)
     if not args:
         return fn
-    return functools.partial(fn, **typed_arguments(fn, args, f"loss {spec}", reserved=RESERVED))
+    return functools.partial(fn, **typed_arguments(fn, args, f"loss {spec}", reserved=RESERVED,
+                                                        named_only=True))

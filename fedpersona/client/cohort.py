@@ -59,7 +59,7 @@ def train_cohort(msg: Message, context: Context, config: RunConfig, extras: Mapp
     users, store = cohort_of(msg)
     server_round = int(extras.get("server-round", 0))
     try:
-        work = [(u, population_user(config, u), store.user(u)) for u in users]
+        work = [(u, population_user(config, u), store.user(u, server_round, as_of=server_round - 1)) for u in users]
         results = train_cohort_rounds(config, work, server_round, shared, extras)
     except Exception as err:  # noqa: BLE001 - every user of the cohort failed with it
         results = [err] * len(users)
@@ -76,10 +76,12 @@ def evaluate_cohort(msg: Message, config: RunConfig, extras: Mapping[str, Any],
                     shared: Mapping[str, torch.Tensor] | None) -> RecordDict:
     """Evaluate every user of the cohort, one after another on the resident model."""
     users, store = cohort_of(msg)
+    server_round = int(extras.get("server-round", 0))
     out: dict[int, RecordDict | BaseException] = {}
     for user in users:
         try:
-            out[user] = RecordDict({"metrics": evaluation_metrics(config, user, shared, store.user(user), extras)})
+            files = store.user(user, server_round, as_of=server_round)
+            out[user] = RecordDict({"metrics": evaluation_metrics(config, user, shared, files, extras)})
         except Exception as err:  # noqa: BLE001 - this user's failure only
             out[user] = err
     return _pack(RecordDict(), out)

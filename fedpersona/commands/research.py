@@ -39,7 +39,10 @@ def simulate(
     ray_address: Annotated[Optional[str], Opt(help="Join an existing Ray cluster ('auto' or ray://host:port).")] = None,
     config: Annotated[Optional[Path], Opt("--config", help="TOML file of settings.")] = None,
     set_: Annotated[list[str], Opt("--set", help="Any setting key=value (`fedpersona settings` lists them).")] = [],
-    out: Annotated[Path, Opt("--out", "-o", help="Output folder: metrics.jsonl, summary.json, per_user.json.")] = Path("runs/latest"),
+    out: Annotated[Path, Opt("--out", "-o", help="Output folder: metrics.jsonl, summary.json, per_user.json, accuracy_per_round.png.")] = Path("runs/latest"),
+    checkpoint_dir: Annotated[Optional[Path], Opt("--checkpoint-dir", help="Save every finished round (shared adapter, strategy state, users' private state) here; default OUT/checkpoints.")] = None,
+    no_checkpoints: Annotated[bool, Opt("--no-checkpoints", help="Save no checkpoints (the run cannot be resumed).")] = False,
+    resume: Annotated[bool, Opt("--resume", help="Continue a stopped simulation after its last finished round (same --out, or --checkpoint-dir); --rounds may be raised to train further.")] = False,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress display.")] = False,
     verbose: Annotated[bool, Opt("--verbose", help="Show the run's log (OUT/fedpersona.log: Flower's, Ray's and the libraries' records and warnings) on the terminal too.")] = False,
     json_out: Annotated[bool, Opt("--json", help="Print summary.json to stdout instead of the table.")] = False,
@@ -55,11 +58,14 @@ def simulate(
     from fedpersona.display import LOG_NAME, ConsoleReporter, QuietReporter, RunLog, summary_table
     from fedpersona.simulations.launcher import Resources, simulate as run
 
+    if resume and no_checkpoints:
+        raise UsageError("--resume continues from checkpoints: drop --no-checkpoints")
+    checkpoints = None if no_checkpoints else (checkpoint_dir or out / "checkpoints")
     reporter = QuietReporter() if quiet else ConsoleReporter()
     stop_cleanly(out)
-    with RunLog(out / LOG_NAME, verbose=verbose) as log:
+    with RunLog(out / LOG_NAME, verbose=verbose, append=resume) as log:
         summary = run(cfg, out_dir=out, resources=Resources(num_cpus, num_gpus, ray_address), reporter=reporter,
-                      verbose=verbose)
+                      verbose=verbose, checkpoint_dir=checkpoints, resume=resume).summary
     if json_out:
         print(json.dumps(summary, indent=2))
     else:

@@ -39,7 +39,7 @@ def _toml(document: dict[str, Any]) -> str:
 
 def write_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
     """Write the app folder whose bundle ``flwr run`` submits; returns it."""
-    from fedpersona import __version__
+    from fedpersona._version import __version__
 
     app_dir.mkdir(parents=True, exist_ok=True)
     for stray in app_dir.iterdir():  # the bundle is the folder's content: nothing else may be in it

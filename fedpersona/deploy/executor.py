@@ -16,7 +16,7 @@ run stopped while it was being received); pulling it waits up to two hours. In i
 such a task blocks nothing; with Flower's per-message processes it would not either.
 
 This speaks Flower's Runtime API through the same helpers ``flwr-clientapp`` uses; they are
-internal to flwr 1.41, which pyproject pins (>=1.41,<1.42). ``fedpersona client --cold`` falls back
+internal to flwr 1.41 and 1.42 (identical there), which pyproject pins (>=1.41,<1.43). ``fedpersona client --cold`` falls back
 to Flower's own per-message processes if a Flower upgrade breaks this.
 """
 

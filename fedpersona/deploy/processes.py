@@ -44,8 +44,8 @@ def executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise UsageError(f"{name}: not found next to {sys.executable} nor on PATH; install flwr 1.41 "
-                         "(`pip install 'flwr[simulation]>=1.41,<1.42'`) in this environment")
+        raise UsageError(f"{name}: not found next to {sys.executable} nor on PATH; install flwr 1.42 "
+                         "(`pip install 'flwr[simulation]>=1.41,<1.43'`) in this environment")
     return found
 
 

@@ -34,8 +34,7 @@ from fedpersona.server.checkpoint import (LATEST, Checkpoint, discard_checkpoint
                                           read_pointer)
 from fedpersona.deploy.control import Control, ControlError, write_app
 from fedpersona.display import QuietReporter
-from fedpersona.server.federation import check_resumable
-from fedpersona.server.resume import finished_rows, restore_rows
+from fedpersona.server.resume import Checkpointing, finished_rows, restore_rows
 from fedpersona.deploy.superlink import SuperLink, SuperLinkOptions, TLSFiles
 
 
@@ -109,7 +108,7 @@ class ServerOptions:
             if checkpoint.round >= config.rounds:
                 raise UsageError(f"--resume: {where} is at round {checkpoint.round} of {config.rounds} already; raise "
                                  "--rounds to train further")
-            check_resumable(config, self.checkpoints, checkpoint)  # the ServerApp checks too
+            Checkpointing(config, self.checkpoints, False).check_resumable(checkpoint)  # the ServerApp checks too
             return tls, checkpoint
         if self.fresh:
             return tls, None

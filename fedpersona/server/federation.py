@@ -1,8 +1,11 @@
 """The server side of a run: strategy over shared tensors, per-round records, the summary contract.
 
-With a checkpoint folder every finished round is saved (shared adapter, strategy state, round); with
-``resume`` the run continues after the last saved round: initial arrays and strategy state from the
-checkpoint, the remaining rounds only, ``metrics.jsonl`` keeping the rows of the finished rounds.
+``run_federation`` is the whole loop on one screen: checkpoints opened (``server.resume.Checkpointing``),
+the shared tensors' shapes, the recorder that screens and records every reply, the strategy, the grid,
+then Flower's ``Strategy.start``, then the summary. With a checkpoint folder every finished round is saved
+(shared adapter, strategy state, round); with ``resume`` the run continues after the last saved round:
+initial arrays and strategy state from the checkpoint, the remaining rounds only, ``metrics.jsonl``
+keeping the rows of the finished rounds.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import gc
 import random
 import time
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +33,9 @@ from fedpersona.model.loading import model_sha256
 from fedpersona.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
 from fedpersona.server.user_grid import UserGrid
-from fedpersona.server.checkpoint import Checkpoint, load_checkpoint, sound_checkpoint
-from fedpersona.server.strategy_state import restore_strategy_state
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
 from fedpersona.server.sampling import round_seed_sampling
-from fedpersona.server.resume import (checkpoint_hook, finished_rows, offset_rounds, restore_recorder_totals,
-                                      restore_rows)
+from fedpersona.server.resume import Checkpointing
 from fedpersona.privacy.user_level import user_level_report, wrap_strategy
 from fedpersona.strategies.registry import build_strategy
 from fedpersona.strategies.validation import ReplyScreen, ScreenSettings, TensorSpec
@@ -62,99 +62,120 @@ def sampled_per_round(config: RunConfig, num_users: int) -> int:
     return max(int(num_users * config.fraction_train), config.min_users)
 
 
-def resume_point(config: RunConfig, checkpoint_dir: str | Path | None, resume: bool) -> Checkpoint | None:
-    """The checkpoint to continue from (None for a fresh run): the newest round that loads, past damaged
-    ones (``load_checkpoint``, one warning line). Raises UsageError when there is none, or it cannot be
-    continued (``check_resumable``)."""
-    if not resume:
-        return None
-    if not checkpoint_dir:
-        raise UsageError("resume=true needs checkpoint-dir (the folder the interrupted run saved its rounds to)")
-    checkpoint = load_checkpoint(checkpoint_dir)
-    if checkpoint is None:
-        raise UsageError(f"checkpoint-dir {checkpoint_dir}: no checkpoint to resume from; start without --resume")
-    check_resumable(config, checkpoint_dir, checkpoint)
-    return checkpoint
+@dataclass(frozen=True)
+class FederationResult:
+    """What a run produced, kept in memory as well as written to ``out_dir``.
+
+    Attributes:
+        summary: the ``summary.json`` dict (the output contract's flat keys and more).
+        rounds: the ``metrics.jsonl`` rows, one per finished round.
+        per_user: the ``per_user.json`` rows: each training user's final accuracies.
+        new_users: held-out (cold-start) users' final accuracies (``new_users.json``), empty without them.
+    """
+
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    per_user: list[dict[str, Any]] = field(default_factory=list)
+    new_users: list[dict[str, Any]] = field(default_factory=list)
 
 
-def check_resumable(config: RunConfig, checkpoint_dir: str | Path, checkpoint: Checkpoint) -> None:
-    """UsageError unless ``config`` can continue ``checkpoint``: rounds left, same model, scheme, strategy
-    and adapter ranks."""
-    if checkpoint.round >= config.rounds:
-        raise UsageError(f"checkpoint-dir {checkpoint_dir}: already at round {checkpoint.round} of {config.rounds}; "
-                         "raise --rounds to continue training")
-    saved, flat = checkpoint.config, config.to_flat()
-    for key in ("model", "scheme", "strategy", "shared-rank", "private-rank"):
-        if key in saved and saved[key] != flat[key]:
-            raise UsageError(f"checkpoint-dir {checkpoint_dir}: was made with {key}={saved[key]!r}, not "
-                             f"{flat[key]!r}; resume with the same {key}, or start afresh")
+@dataclass(frozen=True)
+class SharedShapes:
+    """The run's shared tensors at their initial values and the adapter sizes, from the resident model.
+
+    The server trains nothing: it keeps these, not the model (hundreds of MB for a real LLM, beside every
+    worker's copy). Same seed as every client: identical initial adapters."""
+
+    initial: dict[str, Any]
+    shared_count: int
+    private_count: int
+
+    @classmethod
+    def of(cls, config: RunConfig) -> SharedShapes:
+        resident = resident_for(config, keep=False)
+        out = cls(resident.adapters.tensors(Role.SHARED), resident.adapters.count(Role.SHARED),
+                  resident.adapters.count(Role.PRIVATE))
+        del resident
+        gc.collect()
+        release_free_memory()
+        return out
+
+    @property
+    def spec(self) -> TensorSpec:
+        """What every reply, and a checkpoint resumed from, must match."""
+        return TensorSpec.of(self.initial)
 
 
-def run_lineage(checkpoint: Checkpoint | None) -> str:
-    """One id for a run and all its resumptions (``fedpersona.protocol.RUN_LINEAGE``): a device answers a
-    round of the same lineage it already answered with its stored reply instead of training it again."""
-    saved = checkpoint.config.get(RUN_LINEAGE) if checkpoint is not None else None
-    return str(saved) if saved else uuid.uuid4().hex
+def message_config(config: RunConfig, *, deployment: bool, lineage: str) -> dict[str, Any]:
+    """The run configuration as every train and evaluate message carries it.
+
+    In deployment, devices read their own pairs, hardware and randomness: simulation-only settings stay on
+    the server (a device declines a message carrying one), and the run lineage is added. Without num-users
+    among them, the recorder and the clients treat no device as a held-out "new user" (device indices are
+    hashes, not ranks)."""
+    flat = config.to_flat()
+    if deployment:
+        for key in SIMULATION_ONLY:
+            flat.pop(key.replace("_", "-"), None)
+        flat[RUN_LINEAGE] = lineage
+    return flat
+
+
+def seed_server_randomness(config: RunConfig, done: int) -> None:
+    """Flower samples nodes with the ``random`` module: same seed, same users. Training samples are reseeded
+    per round (``server.sampling``) over users listed in order (``server.user_grid``); this start seed covers
+    the rest (a resumed run: a seed of its own, so it does not replay round 1's draws)."""
+    random.seed(config.seed if not done else f"{config.seed}/resume/{done}")
+    np.random.seed(config.seed + done)
 
 
 def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None = None,
                    reporter: Any = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                   deployment: bool = False, pool_size: int = 1) -> dict[str, Any]:
-    """Run ``config.rounds`` rounds on ``grid``; write outputs to ``out_dir``; return the summary.
+                   deployment: bool = False, pool_size: int = 1) -> FederationResult:
+    """Run ``config.rounds`` rounds on ``grid``; write outputs to ``out_dir``; return what the run produced.
 
-    ``checkpoint_dir``: save every finished round there. ``resume``: continue from its last round.
-    ``deployment``: users are real devices (their count is the number that reported, not the data's).
-    Otherwise a simulation: the grid's nodes are a pool of workers (``pool_size`` of them, waited for
-    before the first round) that train and evaluate cohorts of simulated users (``UserGrid``).
+    The federated loop is Flower's ``Strategy.start``; around it: checkpoints (save every finished round to
+    ``checkpoint_dir``; with ``resume`` continue after the last sound one), the recorder that screens and
+    records every reply, and the grid users are reached through.
+
+    Args:
+        grid: Flower's grid (simulation or deployment).
+        config: the validated run configuration.
+        out_dir: where ``metrics.jsonl``, ``summary.json`` and ``per_user.json`` go (None: nowhere).
+        reporter: the progress display (``fedpersona.display``; default quiet).
+        checkpoint_dir: save every finished round there.
+        resume: continue from the last checkpoint in ``checkpoint_dir``.
+        deployment: users are real devices (their count is the number that reported, not the data's).
+            Otherwise a simulation: the grid's nodes are a pool of workers (``pool_size`` of them, waited
+            for before the first round) that train and evaluate cohorts of simulated users (``UserGrid``).
+        pool_size: the simulation's worker nodes.
+
+    Returns:
+        The ``FederationResult``.
+
+    Raises:
+        UsageError: a checkpoint that cannot be resumed (before anything runs).
     """
     started = time.monotonic()
     reporter = reporter or QuietReporter()
-    checkpoint = resume_point(config, checkpoint_dir, resume)
-    # same seed as every client: identical initial adapters. The server trains nothing: it keeps the
-    # tensors and sizes it needs, not the model (hundreds of MB for a real LLM, beside every worker's copy)
-    resident = resident_for(config, keep=False)
-    initial_shared = resident.adapters.tensors(Role.SHARED)
-    shared_count, private_count = resident.adapters.count(Role.SHARED), resident.adapters.count(Role.PRIVATE)
-    del resident
-    gc.collect()
-    release_free_memory()
-    spec = TensorSpec.of(initial_shared)  # what every reply, and a checkpoint resumed from, must match
-    if checkpoint is not None:  # a NaN or foreign checkpoint falls back to an earlier round, or is refused
-        checkpoint = sound_checkpoint(checkpoint_dir, checkpoint, spec)
-    done = checkpoint.round if checkpoint else 0
-    # Flower samples nodes with the `random` module: same seed, same users. Training samples are reseeded
-    # per round (server.sampling) over users listed in order (server.user_grid); this start seed covers the rest.
-    random.seed(config.seed if not done else f"{config.seed}/resume/{done}")
-    np.random.seed(config.seed + done)
-    kept = finished_rows(Path(out_dir) / "metrics.jsonl", done) if (out_dir and checkpoint) else []
+    checkpoints = Checkpointing(config, checkpoint_dir, resume, out_dir)
+    shapes = SharedShapes.of(config)
+    checkpoints.verify(shapes.spec)  # a NaN or foreign checkpoint falls back to an earlier round, or is refused
+    seed_server_randomness(config, checkpoints.done)
     recorder = RoundRecorder(num_rounds=config.rounds, eval_every=config.eval_every, out_dir=out_dir,
                              on_round=reporter.round_done, on_phase=reporter.phase,
-                             screen=ReplyScreen(spec, ScreenSettings.from_config(config)),
+                             screen=ReplyScreen(shapes.spec, ScreenSettings.from_config(config)),
                              evaluate_fraction=config.evaluate_fraction, seed=config.seed,
                              per_user_rows=config.per_user_rows)
     strategy = make_strategy(config, recorder)
-    initial = ArrayRecord(initial_shared)
-    if checkpoint:
-        if out_dir:
-            restore_rows(Path(out_dir) / "metrics.jsonl", kept)
-        restore_recorder_totals(recorder, checkpoint.recorder)
-        restore_strategy_state(strategy, checkpoint.strategy_state)
-        initial = checkpoint.arrays
-    round_seed_sampling(strategy, config.seed)  # sees true round numbers: offset_rounds wraps it
-    offset_rounds(strategy, done)
-    message_config = config.to_flat()
-    if deployment:
-        # Devices read their own pairs, hardware and randomness: simulation-only settings stay here (a
-        # device declines a message carrying one). Without num-users among them, the recorder and the
-        # clients treat no device as a held-out "new user" (device indices are hashes, not ranks).
-        for key in SIMULATION_ONLY:
-            message_config.pop(key.replace("_", "-"), None)
-        message_config[RUN_LINEAGE] = run_lineage(checkpoint)
-    hook = (checkpoint_hook(checkpoint_dir, strategy, recorder, done=done, num_rounds=config.rounds,
-                            config=dict(message_config)) if checkpoint_dir else None)
+    round_seed_sampling(strategy, config.seed)  # sees true round numbers: resume_into's shift wraps it
+    initial = checkpoints.resume_into(strategy, recorder) or ArrayRecord(shapes.initial)
+    messages = message_config(config, deployment=deployment, lineage=checkpoints.lineage())
     # a simulation's users are virtual nodes in user order (the seeded sampling picks the same users every
     # run) over a pool of worker nodes; their private state lives in a user store made for this run
-    store = None if deployment else UserStore.create()
+    store = None if deployment else UserStore.create(checkpoint_dir)
+    if store is not None and checkpoint_dir and not checkpoints.done:
+        store.clear()  # a fresh run in a kept folder: no user starts from an earlier run's state
     run_grid = (ProgressGrid(grid, on_reply=reporter.replies) if store is None else
                 UserGrid(grid, num_users=config.num_users + config.new_users, cohort_size=config.cohort_size,
                          store=str(store.root), pool_size=pool_size, on_reply=reporter.replies))
@@ -163,16 +184,29 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         strategy.start(
             grid=run_grid,
             initial_arrays=initial,
-            num_rounds=config.rounds - done,
+            num_rounds=config.rounds - checkpoints.done,
             timeout=config.round_timeout,
-            train_config=ConfigRecord(dict(message_config)),
-            evaluate_config=ConfigRecord(dict(message_config)),
-            evaluate_fn=hook,
+            train_config=ConfigRecord(dict(messages)),
+            evaluate_config=ConfigRecord(dict(messages)),
+            evaluate_fn=checkpoints.hook(strategy, recorder, messages),
         )
     finally:
         reporter.stop()
-        if store is not None:
-            store.remove()
+        if store is not None and not checkpoint_dir:
+            store.remove()  # kept beside the checkpoints: what a resumed run continues from
+    summary = run_summary(config, recorder, shapes, deployment=deployment, seconds=time.monotonic() - started)
+    if checkpoints.done:
+        summary["resumed_from_round"] = checkpoints.done
+    per_user = [{"user_index": u, **acc} for u, acc in recorder.per_user().items()]
+    if out_dir:
+        write_outputs(out_dir, summary, recorder.per_user())
+    return FederationResult(summary, list(recorder.rows), per_user,
+                            [{"user_index": u, **acc} for u, acc in sorted(recorder.last_new.items())])
+
+
+def run_summary(config: RunConfig, recorder: RoundRecorder, shapes: SharedShapes, *, deployment: bool,
+                seconds: float) -> dict[str, Any]:
+    """The ``summary.json`` dict of a finished run (the output contract's keys first)."""
     num_users = (len(recorder.per_user()) if deployment else
                  count_users(config.data, num_users=config.num_users, test_fraction=config.test_fraction,
                              min_pairs=config.min_pairs))
@@ -182,9 +216,9 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         "scheme": config.scheme,
         "strategy": config.strategy,
         **recorder.summary_stats(),
-        "shared_parameters": shared_count,
-        "private_parameters_per_user": recorder.private_parameters_per_user(private_count),
-        "wall_seconds": round(time.monotonic() - started, 2),
+        "shared_parameters": shapes.shared_count,
+        "private_parameters_per_user": recorder.private_parameters_per_user(shapes.private_count),
+        "wall_seconds": round(seconds, 2),
         "model": config.model,
         # the base model's bits (sha256 of its weight files; the .gguf file's for GGUF): null where this
         # machine does not hold them (a deployment's server need not)
@@ -211,10 +245,6 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
             noise_multiplier=config.user_dp_noise, num_sampled=sampled_per_round(config, num_users),
             num_users=num_users, rounds=config.rounds,
             delta=config.user_dp_delta or 1.0 / num_users ** 1.1))
-    if done:
-        summary["resumed_from_round"] = done
-    if out_dir:
-        write_outputs(out_dir, summary, recorder.per_user())
     return summary
 
 

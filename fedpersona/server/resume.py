@@ -1,4 +1,6 @@
-"""Continuing a run from a checkpoint: round numbering, recorder totals, the per-round save hook.
+"""Continuing a run from a checkpoint: one ``Checkpointing`` object that ``run_federation`` calls at three
+points (open it before anything heavy, ``resume_into`` the strategy and recorder, ``hook`` for every
+finished round), and the pieces it is made of: round numbering, recorder totals, the per-round save hook.
 
 Flower's ``Strategy.start`` always counts rounds from 1. A resumed run starts it for the remaining
 rounds only and shifts the round number every strategy hook sees by the rounds already done, so the
@@ -18,8 +20,16 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
+from fedpersona.errors import UsageError
 from fedpersona.io import atomic_write_text
-from fedpersona.server.checkpoint import save_checkpoint
+from fedpersona.protocol import RUN_LINEAGE
+from fedpersona.server.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    sound_checkpoint,
+)
+from fedpersona.server.strategy_state import restore_strategy_state
 
 _HOOKS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
 
@@ -103,3 +113,91 @@ def checkpoint_hook(directory: str | Path, strategy: Any, recorder: Any, *, done
         return None
 
     return hook
+
+
+class Checkpointing:
+    """Checkpoints of one run: every finished round saved to ``directory``, and on ``resume`` the run
+    continued after the newest sound round (strategy state, recorder totals, ``metrics.jsonl`` rows, round
+    numbers). Without a directory it does nothing (``done`` is 0, ``hook`` None).
+
+    Args:
+        config: the run configuration (a resumed checkpoint must match its model, scheme, strategy, ranks).
+        directory: the checkpoint folder, or None.
+        resume: continue from the newest round that loads.
+        out_dir: the run's output folder: its ``metrics.jsonl`` rows of the finished rounds are read here,
+            before a recorder starts the file afresh, and written back by ``resume_into``.
+
+    Raises:
+        UsageError: ``resume`` without a directory or a checkpoint, a checkpoint already at the last round, or
+            one made with another model, scheme, strategy or adapter ranks (one line, before anything heavy).
+    """
+
+    def __init__(self, config: Any, directory: str | Path | None, resume: bool,
+                 out_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.directory = Path(directory) if directory else None
+        self.metrics = Path(out_dir) / "metrics.jsonl" if out_dir else None
+        self.checkpoint: Checkpoint | None = None
+        self._rows: list[str] = []
+        if resume:
+            if self.directory is None:
+                raise UsageError("resume=true needs checkpoint-dir (the folder the interrupted run saved its rounds to)")
+            self.checkpoint = load_checkpoint(self.directory)
+            if self.checkpoint is None:
+                raise UsageError(f"checkpoint-dir {self.directory}: no checkpoint to resume from; start without --resume")
+            self.check_resumable(self.checkpoint)
+            if self.metrics is not None:
+                self._rows = finished_rows(self.metrics, self.done)
+
+    def check_resumable(self, checkpoint: Checkpoint) -> None:
+        """UsageError unless this run can continue ``checkpoint``: rounds left, same model, scheme, strategy
+        and adapter ranks."""
+        if checkpoint.round >= self.config.rounds:
+            raise UsageError(f"checkpoint-dir {self.directory}: already at round {checkpoint.round} of "
+                             f"{self.config.rounds}; raise --rounds to continue training")
+        saved, flat = checkpoint.config, self.config.to_flat()
+        for key in ("model", "scheme", "strategy", "shared-rank", "private-rank"):
+            if key in saved and saved[key] != flat[key]:
+                raise UsageError(f"checkpoint-dir {self.directory}: was made with {key}={saved[key]!r}, not "
+                                 f"{flat[key]!r}; resume with the same {key}, or start afresh")
+
+    @property
+    def done(self) -> int:
+        """Rounds already finished (0 for a fresh run)."""
+        return self.checkpoint.round if self.checkpoint else 0
+
+    def verify(self, spec: Any) -> None:
+        """Fall back past a checkpoint whose tensors do not fit the run's shared tensors ``spec`` (NaN,
+        foreign shapes) to the newest earlier round that does (one warning line); UsageError when none does."""
+        if self.checkpoint is not None:
+            self.checkpoint = sound_checkpoint(self.directory, self.checkpoint, spec)
+
+    def lineage(self) -> str:
+        """One id for a run and all its resumptions (``fedpersona.protocol.RUN_LINEAGE``): a device answers a
+        round of the same lineage it already answered with its stored reply instead of training it again."""
+        import uuid
+
+        saved = self.checkpoint.config.get(RUN_LINEAGE) if self.checkpoint is not None else None
+        return str(saved) if saved else uuid.uuid4().hex
+
+    def resume_into(self, strategy: Any, recorder: Any) -> ArrayRecord | None:
+        """Continue the checkpointed run in ``strategy`` and ``recorder`` (their state, the finished rounds'
+        ``metrics.jsonl`` rows, round numbers shifted past the finished rounds); returns the arrays to start
+        from, None for a fresh run. Call after every other wrapper of the strategy (the shift must see the
+        true rounds) and after the recorder started its file."""
+        if self.checkpoint is None:
+            return None
+        if self.metrics is not None:
+            restore_rows(self.metrics, self._rows)
+        restore_recorder_totals(recorder, self.checkpoint.recorder)
+        restore_strategy_state(strategy, self.checkpoint.strategy_state)
+        offset_rounds(strategy, self.done)
+        return self.checkpoint.arrays
+
+    def hook(self, strategy: Any, recorder: Any, message_config: dict[str, Any]
+             ) -> Callable[[int, ArrayRecord], MetricRecord | None] | None:
+        """``Strategy.start``'s ``evaluate_fn`` saving every finished round, or None without a directory."""
+        if self.directory is None:
+            return None
+        return checkpoint_hook(self.directory, strategy, recorder, done=self.done, num_rounds=self.config.rounds,
+                               config=dict(message_config))

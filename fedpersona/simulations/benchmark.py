@@ -188,7 +188,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 # ---- driver --------------------------------------------------------------------------------------------
 def run_benchmark(base: RunConfig, specs: Sequence[RunSpec], out_dir: str | Path, *,
-                  simulate: Callable[..., dict[str, Any]] | None = None,
+                  simulate: Callable[..., Any] | None = None,
                   reporter_for: Callable[[str], Any] | None = None, resources: Any = None,
                   verbose: bool = False, command: str = "", log: Callable[[str], None] = lambda line: None,
                   plots: bool = True) -> dict[str, Any]:
@@ -212,8 +212,9 @@ def run_benchmark(base: RunConfig, specs: Sequence[RunSpec], out_dir: str | Path
         run_dir = out / "runs" / spec.slug
         t0 = time.monotonic()
         try:
-            summary = simulate(config, out_dir=run_dir, resources=resources or Resources(),
+            outcome = simulate(config, out_dir=run_dir, resources=resources or Resources(),
                                reporter=reporter_for(label) if reporter_for else None, verbose=verbose)
+            summary = getattr(outcome, "summary", outcome)  # a FederationResult, or a summary dict
             per_user = json.loads((run_dir / "per_user.json").read_text())
             row = analyse(spec, summary, per_user, groups, time.monotonic() - t0)
         except UsageError:

@@ -14,7 +14,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpersona.config import RunConfig
 from fedpersona.data.sources import count_users
@@ -22,6 +22,9 @@ from fedpersona.errors import UsageError
 from fedpersona.model.loading import resolve_model_path
 from fedpersona.strategies.registry import strategy_for
 from fedpersona.strategies.schemes import get_scheme
+
+if TYPE_CHECKING:
+    from fedpersona.server.federation import FederationResult
 
 
 @dataclass(frozen=True)
@@ -247,15 +250,41 @@ def node_slots(resources: Resources, nodes: list[dict[str, Any]]) -> list[int]:
 
 
 def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resources = Resources(),
-             reporter: Any = None, verbose: bool = False) -> dict[str, Any]:
-    """Run the federation for ``config`` on Ray and return its summary (also written to ``out_dir``)."""
+             reporter: Any = None, verbose: bool = False, checkpoint_dir: str | Path | None = None,
+             resume: bool = False) -> FederationResult:
+    """Run the federation for ``config`` on Flower's simulation engine on Ray.
+
+    Args:
+        config: the validated run configuration (``prepare_config`` resolves data and model first).
+        out_dir: where outputs go (None: kept in memory only).
+        resources: CPUs/GPUs per worker, an existing Ray cluster.
+        reporter: the progress display (default quiet).
+        verbose: Flower's and Ray's logs on the terminal too.
+        checkpoint_dir: save every finished round there (what ``resume`` continues from).
+        resume: continue a stopped simulation after its last checkpointed round.
+
+    Returns:
+        The run's ``FederationResult`` (``summary`` is also ``out_dir/summary.json``).
+
+    Raises:
+        UsageError: bad resources, data, model, strategy or checkpoint (one line, before Ray starts where it
+            can be known then).
+        RunFailed: every client training call failed.
+    """
     from flwr.simulation import run_simulation
 
     from fedpersona.client.app import app as client_app
-    from fedpersona.server.app import RESULT, make_server_app
+    from fedpersona.server.app import make_server_app
 
     resources.validate()
     config = prepare_config(config)
+    from fedpersona.simulations.tracking import TrackedReporter, check_tracker, open_tracker, run_plot
+
+    check_tracker(config.tracker)
+    if resume:  # a checkpoint that cannot continue is one line now, not after Ray has started
+        from fedpersona.server.resume import Checkpointing
+
+        Checkpointing(config, checkpoint_dir, True)
     from fedpersona.display import RunLog
 
     if RunLog.active is not None:
@@ -269,12 +298,18 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
         "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
         "init_args": init_args,
     }
-    RESULT.clear()
+    results: list[FederationResult] = []  # this call's own: nothing of a run is kept in module state
+    tracker = open_tracker(config, Path(out_dir) if out_dir else None)
+    if tracker is not None:
+        from fedpersona.display import QuietReporter
+
+        reporter = TrackedReporter(reporter or QuietReporter(), tracker)
     started = start_ray(init_args)
     try:
         pool = worker_pool_size(resources, config.num_users + config.new_users)
         run_simulation(
-            server_app=make_server_app(config, out_dir, reporter, pool_size=pool),
+            server_app=make_server_app(config, out_dir, reporter, pool_size=pool, on_result=results.append,
+                                       checkpoint_dir=checkpoint_dir, resume=resume),
             client_app=client_app,
             num_supernodes=pool,  # workers, not users: each message names its users (server.user_grid)
             backend_name="ray",
@@ -284,10 +319,11 @@ def simulate(config: RunConfig, *, out_dir: str | Path | None, resources: Resour
     finally:
         if started:
             stop_ray()
-    if not RESULT:
+    if not results:
         where = f"see {RunLog.active.path}" if RunLog.active is not None else "rerun with --verbose to see Flower's log"
         raise RuntimeError(f"the simulation ended without a summary; {where}")
     from fedpersona.server.federation import check_clients_answered
 
-    check_clients_answered(RESULT, out_dir)
-    return dict(RESULT)
+    check_clients_answered(results[-1].summary, out_dir)
+    run_plot(Path(out_dir) if out_dir else None)
+    return results[-1]

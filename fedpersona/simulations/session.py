@@ -43,7 +43,7 @@ def simulate_session(configs: Sequence[RunConfig], out_dirs: Sequence[str | Path
         for i, (config, out) in enumerate(zip(prepared, out_dirs, strict=True)):
             try:
                 result: dict[str, Any] | BaseException = run_federation(grid, config, out_dir=out,
-                                                                        pool_size=pool["size"])
+                                                                        pool_size=pool["size"]).summary
             except Exception as err:  # noqa: BLE001 - one failed run must not stop the session
                 result = err
             results.append(result)

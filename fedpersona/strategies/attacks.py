@@ -177,7 +177,7 @@ def tamper(config: Any, index: int, reply: RecordDict, request: RecordDict) -> R
     sent = {k: v.numpy() for k, v in sent_record.items()} if sent_record is not None else {}
     metrics = dict(reply[METRICS])
     rng = np.random.default_rng([config.seed, index, server_round])
-    kwargs = typed_arguments(attack, args, f"attack {config.attack}", reserved=("scale", "rng"))
+    kwargs = typed_arguments(attack, args, f"attack {config.attack}", reserved=("scale", "rng"), named_only=True)
     arrays, weight = attack(trained, sent, metrics[NUM_EXAMPLES], scale=config.attack_scale, rng=rng, **kwargs)
     metrics[NUM_EXAMPLES] = weight
     return RecordDict({ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),

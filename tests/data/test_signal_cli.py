@@ -99,23 +99,31 @@ def test_simulate_warns_before_ray_starts(cli, monkeypatch, tmp_path: Path, trun
     minute; tests/simulations run real ones), and the summary carries the signal_* counts."""
     import flwr.simulation
 
-    from fedpersona.server.app import RESULT
-    from fedpersona.server.federation import signal_keys
+    import fedpersona.server.app as server_app
+    from fedpersona.server.federation import FederationResult, signal_keys
     from fedpersona.simulations import launcher
 
     prepared: list = []  # the run's configuration, as the server app would get it
+    on_result: list = []  # the launcher's callback, as the real ServerApp would call it
 
     def prepare(config):
         prepared.append(real_prepare(config))
         return prepared[-1]
 
+    def app(*_: object, on_result=None, **__: object) -> object:
+        on_result_of.append(on_result)
+        return object()
+
+    on_result_of = on_result
+
     def engine(**_: object) -> None:
         print("engine starts", file=sys.stderr)
-        RESULT.update({"num_users": 2, "rounds": 1, "train_answers": 2,
-                       **signal_keys(prepared[-1], deployment=False)})  # as run_federation adds them
+        on_result_of[-1](FederationResult({"num_users": 2, "rounds": 1, "train_answers": 2,
+                                           **signal_keys(prepared[-1], deployment=False)}))  # as run_federation adds
 
     real_prepare = launcher.prepare_config
     monkeypatch.setattr(launcher, "prepare_config", prepare)
+    monkeypatch.setattr(server_app, "make_server_app", app)
     monkeypatch.setattr(flwr.simulation, "run_simulation", engine)
     code, out, err = cli("simulate", "--data", str(truncated), "--rounds", "1", "--out", str(tmp_path / "out"),
                          "--json", "-q")

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from fedpersona.config import RunConfig
 from fedpersona.errors import UsageError
 from fedpersona.server import checkpoint as ck
-from fedpersona.server.federation import resume_point
+from fedpersona.server.resume import Checkpointing
 from fedpersona.server.resume import (finished_rows, offset_rounds, recorder_totals, restore_recorder_totals,
                                       restore_rows)
 from fedpersona.server.strategy_state import restore_strategy_state, strategy_state
@@ -106,17 +106,17 @@ def test_no_checkpoint_and_damaged_pointer(tmp_path: Path):
         ck.latest_info(tmp_path)
 
 
-def test_resume_point_refuses_what_cannot_continue(tmp_path: Path):
+def test_checkpointing_refuses_what_cannot_continue(tmp_path: Path):
     config = RunConfig(rounds=3, strategy="FedAdam")
-    assert resume_point(config, tmp_path, resume=False) is None
+    assert Checkpointing(config, tmp_path, False).checkpoint is None
     with pytest.raises(UsageError, match="no checkpoint"):
-        resume_point(config, tmp_path, resume=True)
+        Checkpointing(config, tmp_path, True).checkpoint
     ck.save_checkpoint(tmp_path, 3, shared(1.0), FedAdam(), config=config.to_flat())
     with pytest.raises(UsageError, match="already at round 3 of 3"):
-        resume_point(config, tmp_path, resume=True)
+        Checkpointing(config, tmp_path, True).checkpoint
     with pytest.raises(UsageError, match="strategy"):
-        resume_point(config.replace(rounds=5, strategy="FedYogi"), tmp_path, resume=True)
-    assert resume_point(config.replace(rounds=5), tmp_path, resume=True).round == 3
+        Checkpointing(config.replace(rounds=5, strategy="FedYogi"), tmp_path, True).checkpoint
+    assert Checkpointing(config.replace(rounds=5), tmp_path, True).checkpoint.round == 3
 
 
 def test_offset_rounds_shifts_every_hook():

@@ -25,14 +25,7 @@ from fedpersona.round.users import population_user
 from fedpersona.config import RunConfig
 from fedpersona.errors import UsageError
 from fedpersona.model.adapters import Role
-from fedpersona.model.embedded import build_tokenizer
 from fedpersona.model.targets import DEFAULT_TARGETS
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-WORDS = ("how do i cook rice bake bread learn chess plan a trip write code fix my bike explain it "
-         "briefly in detail with steps and examples sure here is short answer long friendly formal "
-         "first then finally boil water add salt wait . , !").split()
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
@@ -46,24 +39,6 @@ FAMILIES = {
     "gpt2": ("GPT2Config", dict(n_embd=16, n_layer=1, n_head=2, n_positions=128), False, True),
     "gpt_neox": ("GPTNeoXConfig", dict(SMALL), True, False),
 }
-
-
-def save_tiny_model(folder, config_class: str, sizes: dict, chat: bool):
-    """A random tiny model of ``config_class`` with a tokenizer of matching vocabulary, saved to ``folder``."""
-    import transformers
-
-    tokenizer = build_tokenizer(WORDS)
-    if chat:
-        tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
-        tokenizer.eos_token = "<|im_end|>"  # as ChatML models end a turn
-        tokenizer.chat_template = CHATML
-    config = getattr(transformers, config_class)(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, **sizes)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +72,9 @@ def lora_targets(model) -> set[str]:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_trains_and_evaluates(family, pair_file, tmp_path):
+def test_family_trains_and_evaluates(tiny_model, family, pair_file, tmp_path):
     config_class, sizes, chat, dp = FAMILIES[family]
-    folder = save_tiny_model(tmp_path / family, config_class, sizes, chat)
+    folder = tiny_model(tmp_path / family, config_class, sizes, chat)
     config = run_config(folder, pair_file, dp_epsilon=8.0 if dp else 0.0)
     resident = resident_for(config)
     assert resident.model.config.model_type == family
@@ -122,9 +97,9 @@ def test_family_trains_and_evaluates(family, pair_file, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def biogpt_dir(tmp_path_factory):
+def biogpt_dir(tiny_model, tmp_path_factory):
     """A tiny BioGPT: an architecture with no default LoRA targets in fedpersona.model.targets."""
-    return save_tiny_model(tmp_path_factory.mktemp("biogpt"), "BioGptConfig", dict(SMALL), False)
+    return tiny_model(tmp_path_factory.mktemp("biogpt"), "BioGptConfig", dict(SMALL), False)
 
 
 def test_unknown_architecture_needs_targets(biogpt_dir, pair_file):
@@ -144,16 +119,16 @@ def test_all_linear_override_covers_an_unknown_architecture(biogpt_dir, pair_fil
     assert not result.declined and all(torch.isfinite(t).all() for t in result.shared.values())
 
 
-def test_wrong_target_name_is_a_usage_error(pair_file, tmp_path):
-    folder = save_tiny_model(tmp_path / "llama", *FAMILIES["llama"][:3])
+def test_wrong_target_name_is_a_usage_error(tiny_model, pair_file, tmp_path):
+    folder = tiny_model(tmp_path / "llama", *FAMILIES["llama"][:3])
     with pytest.raises(UsageError, match="lora-target-modules.*not found") as err:
         resident_for(run_config(folder, pair_file, lora_target_modules="no_such_proj"))
     assert "\n" not in str(err.value)
 
 
-def test_simulate_a_tiny_gpt2_with_dp_through_the_cli(cli, pair_file, tmp_path):
+def test_simulate_a_tiny_gpt2_with_dp_through_the_cli(tiny_model, cli, pair_file, tmp_path):
     """A real `fedpersona simulate` (Flower on Ray) on a GPT-2 folder, DP-SGD on, 2 users, 1 round."""
-    folder = save_tiny_model(tmp_path / "gpt2", *FAMILIES["gpt2"][:3])
+    folder = tiny_model(tmp_path / "gpt2", *FAMILIES["gpt2"][:3])
     out = tmp_path / "out"
     code, stdout, stderr = cli(
         "simulate", "--model", str(folder), "--data", str(pair_file), "--users", "2", "--rounds", "1",

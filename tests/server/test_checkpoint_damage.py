@@ -23,7 +23,7 @@ from fedpersona.config import RunConfig
 from fedpersona.errors import UsageError
 from fedpersona.server import checkpoint as ck
 from fedpersona.deploy import server as launch
-from fedpersona.server.federation import resume_point
+from fedpersona.server.resume import Checkpointing
 from fedpersona.server.strategy_state import restore_strategy_state
 from fedpersona.strategies.validation import TensorSpec
 
@@ -117,7 +117,7 @@ def test_resume_falls_back_to_the_newest_round_that_loads(tmp_path: Path, caplog
     assert f"resuming from round {expected} ({folder / f'round-{expected:05d}'}) instead" in warnings[0]
     assert snapshot(folder) == before  # a load writes and deletes nothing, the damaged files included
     # the server's and the simulation's resume go through the same loader
-    assert resume_point(RunConfig(rounds=4, strategy="FedAdam"), folder, resume=True).round == expected
+    assert Checkpointing(RunConfig(rounds=4, strategy="FedAdam"), folder, True).checkpoint.round == expected
 
 
 @pytest.mark.parametrize("name", sorted(n for n in DAMAGES if DAMAGES[n][2] == 1))

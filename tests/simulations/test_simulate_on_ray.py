@@ -48,7 +48,7 @@ def run(tmp_path_factory):
     try:
         config = RunConfig(num_users=6, rounds=3, fraction_train=0.5, epochs=1, min_steps=4,
                            strategy="fp_inspect:InspectingFedAvg")
-        summary = simulate(config, out_dir=folder / "out", resources=Resources(num_cpus=1.0))
+        summary = simulate(config, out_dir=folder / "out", resources=Resources(num_cpus=1.0)).summary
         import fp_inspect
     finally:
         sys.path.remove(str(folder))
