@@ -1,5 +1,6 @@
-"""Data commands: ``fedpersona data inspect`` (users, sizes, disagreement, encoding) and ``data styles`` (the
-generated:styles pair file).
+"""Data commands: ``fedpersona data inspect`` (users, sizes, disagreement, encoding), ``data styles`` (the
+generated:styles pair file) and ``data synthetic`` (one synthetic user's pair file, data for a device without
+writing code).
 
 Commands of this group are added by ``register``.
 """
@@ -59,6 +60,37 @@ def data_styles(
     atomic_write_bytes(out, pairs.read_bytes())
     rows = sum(1 for line in pairs.open(encoding="utf-8") if line.strip())
     print(f"wrote {rows} pairs of {users} users to {out}\nanswers cache: {answers}")
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    out: Annotated[Path, Opt("--out", "-o", help="Pair file to write (JSONL), for `fedpersona feedback import`.")],
+    user: Annotated[int, Opt("--user", help="Which user of the population (0-based).")] = 0,
+    users: Annotated[int, Opt("--users", "-n", help="Users in the population (as in simulate --users).")] = 32,
+    scenario: Annotated[str, Opt(help="conflicting, majority-minority, low-disagreement or mixed.")] = "conflicting",
+    seed: Annotated[int, Opt(help="Seed of the population (as in simulate --seed).")] = 0,
+    user_id: Annotated[Optional[str], Opt("--user-id", help="user_id written in every row (default: user-NNNNN).")] = None,
+) -> None:
+    """One synthetic user's pair file (training and held-out test pairs), the same pairs a simulation gives
+    that user: data for a device (`fedpersona feedback import FILE --state DIR`)."""
+    from fedpersona.data.schema import PreferencePair, write_pairs_jsonl
+    from fedpersona.data.synthetic import SCENARIOS, PreferenceSimulator
+
+    if scenario not in SCENARIOS:
+        raise UsageError(f"--scenario {scenario}: unknown; use one of {', '.join(SCENARIOS)}")
+    if users < 1:
+        raise UsageError(f"--users {users}: need at least 1 user")
+    if not 0 <= user < users:
+        raise UsageError(f"--user {user}: outside the population's users 0..{users - 1}; raise --users or pick "
+                         "another --user")
+    if user_id is not None and not user_id.strip():
+        raise UsageError("--user-id: empty; give a name such as alice, or leave it out")
+    data = PreferenceSimulator(scenario, users, seed).user_data(user)
+    name = user_id if user_id is not None else data.user_id
+    pairs = [PreferencePair(name, p.prompt, p.chosen, p.rejected, p.split) for p in data.train + data.test]
+    write_pairs_jsonl(pairs, out)
+    print(f"wrote {len(pairs)} pairs of user {user} ({scenario}, seed {seed}) as {name!r} to {out}: "
+          f"{len(data.train)} training, {len(data.test)} test")
 
 
 def register(app: typer.Typer) -> None:

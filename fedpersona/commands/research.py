@@ -7,11 +7,14 @@ Commands of this group are added by ``register``.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from click.core import ParameterSource
 
 from fedpersona.commands.common import checked_config, say_log, stop_cleanly, with_format
 from fedpersona.config import setting_help
@@ -124,8 +127,7 @@ def benchmark(
         result = run_benchmark(
             base, specs, out, resources=Resources(num_cpus, num_gpus, ray_address), verbose=verbose,
             reporter_for=(lambda label: QuietReporter()) if quiet else (lambda label: ConsoleReporter(label=label)),
-            command=f"fedpersona benchmark --schemes {schemes} --strategies '{strategies}' --out {out} "
-                    "(full configuration in benchmark.json)",
+            command=given_command(click.get_current_context()),
             log=log, plots=not no_plots,
         )
     print((out / "benchmark.md").read_text(encoding="utf-8"))
@@ -134,6 +136,39 @@ def benchmark(
         log(f"{len(failed)} run(s) failed: {', '.join(failed)} (see runs/*/error.txt and {run_log.path})")
         raise typer.Exit(1)
     say_log(run_log)
+
+
+def given_command(ctx: click.Context) -> str:
+    """The command line as given, for ``benchmark.md``: ``fedpersona``, the command's name and every option
+    and argument set on the command line (options by their long name, in declaration order), shell-quoted.
+
+    Built from what click parsed rather than ``sys.argv``, so it is the same whether the command runs as a
+    program or in-process (``fedpersona.cli.main([...])``); pasting it into a shell runs the same benchmark.
+
+    Args:
+        ctx: the command's click context (``click.get_current_context()`` inside a command).
+
+    Returns:
+        The command line, e.g. ``fedpersona benchmark --schemes split,pal --users 8 --set max-steps=2``.
+    """
+    words = ["fedpersona", ctx.info_name or "benchmark"]
+    for param in ctx.command.params:
+        if param.name is None or ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            words += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+            continue
+        long = [o for o in param.opts if o.startswith("--")] or list(param.opts)
+        if isinstance(param, click.Option) and param.is_flag:
+            names = long if value else [o for o in param.secondary_opts if o.startswith("--")]
+            words += names[:1]
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                words += [long[0], str(item)]
+        else:
+            words += [long[0], str(value)]
+    return shlex.join(words)
 
 
 def settings(
