@@ -152,7 +152,9 @@ def benchmark(config: ConfigLike = None, *, schemes: Sequence[str] = ("split", "
         schemes: personalization schemes (registered names or ``module:NAME``).
         strategies: strategy specs, ``NAME`` or ``NAME(key=value,...)``.
         out_dir: ``benchmark.md``, ``benchmark.json``, the plots and every run's outputs under ``runs/``.
-        num_cpus, num_gpus, ray_address: resources per worker, as for ``simulate``.
+        num_cpus: CPUs per simulation worker, as for ``simulate``.
+        num_gpus: GPUs per worker, as for ``simulate``.
+        ray_address: an existing Ray cluster to join, as for ``simulate``.
         plots: write the PNG figures.
         command: the command line to record in ``benchmark.md`` (the CLI passes its own).
         **settings: any ``RunConfig`` field, shared by every run.

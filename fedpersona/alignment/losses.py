@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ def _check_loss(obj: object) -> PairLoss:
 LOSSES: Registry[PairLoss] = Registry("loss", "loss", _check_loss)
 
 
-def register_loss(name: str, fn: PairLoss | None = None, *, replace: bool = False):
+def register_loss(name: str, fn: PairLoss | None = None, *, replace: bool = False) -> Any:
     """Register a pairwise loss under ``name`` (usable as ``--set loss=name``); a decorator without ``fn``.
 
     Args:

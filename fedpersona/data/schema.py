@@ -1,4 +1,4 @@
-"""The preference-pair schema (DESIGN.md contract) and JSONL pair files.
+"""The preference-pair schema (the contract in docs/reference/pair-files.md) and JSONL pair files.
 
 One JSON object a line: ``user_id``, ``prompt``, ``chosen``, ``rejected`` (strings) and an optional
 ``split`` ("train" or "test"). A bad row stops the load with one line naming the file, the line number

@@ -18,7 +18,7 @@ instruction sentence and one demonstration answer to a demo question that is not
 135M-parameter model follows a one-shot demonstration far better than an instruction alone (checked by
 reading its outputs; the numbers are in ``fedpersona.simulations.styles``).
 
-Pure data: no torch, transformers or Flower imports (DESIGN.md: data/ imports none of them).
+Pure data: no torch, transformers or Flower imports (docs/explanation/architecture.md: data/ imports none of them).
 """
 
 from __future__ import annotations

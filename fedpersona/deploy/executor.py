@@ -3,7 +3,7 @@
 Flower 1.41's default (``--isolation subprocess``) starts a fresh ``flwr-clientapp`` process for
 every message: Python, torch and transformers imported and the base model built again for each
 train and each evaluate. On a CPU device that is several seconds of start-up per message, often more
-than the training itself (DESIGN.md: load the base model once per worker and keep it). So
+than the training itself (docs/explanation/architecture.md: load the base model once per worker and keep it). So
 ``fedpersona client`` starts the SuperNode with ``--isolation process`` and plays the part of
 Flower's SuperExec itself: it polls the SuperNode's Runtime API for ClientApp tasks and runs each
 one here, exactly as ``flwr-clientapp`` would (pull the message and context, call the ClientApp,

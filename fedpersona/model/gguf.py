@@ -4,7 +4,7 @@ A GGUF file (llama.cpp's format) is read by transformers' GGUF loader (it needs 
 dequantized to fp32; ``save_pretrained`` refuses such a model, so it is rebuilt from its config with the
 loaded weights and saved as an ordinary HF folder under ``cache_root()/models/gguf-<sha256[:16]>``. After
 that one conversion every process loads the folder through the normal ``from_pretrained`` path, with no
-``gguf`` package needed (facts: /work/shared/notes/real-models.md).
+``gguf`` package needed (the facts: docs/how-to/real-models.md).
 
 References this module accepts (:func:`gguf_source`):
 

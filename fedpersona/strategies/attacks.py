@@ -57,7 +57,7 @@ def _check_attack(obj: object) -> Attack:
 ATTACKS: Registry[Attack] = Registry("attack", "attack", _check_attack)
 
 
-def register_attack(name: str, fn: Attack | None = None, *, replace: bool = False):
+def register_attack(name: str, fn: Attack | None = None, *, replace: bool = False) -> Any:
     """Register a simulated attack (usable as ``--set attack=NAME``); a decorator without ``fn``.
 
     Args:

@@ -56,7 +56,7 @@ for _name in BUILTIN:
     STRATEGIES.register(_name, LazyImport(f"flwr.serverapp.strategy:{_name}"))
 
 
-def register_strategy(name: str, cls: type | None = None, *, replace: bool = False):
+def register_strategy(name: str, cls: type | None = None, *, replace: bool = False) -> Any:
     """Register an aggregation strategy (usable as ``--strategy NAME``); a decorator without ``cls``.
 
     Args:

@@ -3,7 +3,8 @@
 A scheme is an adapter layout (which adapters sit on the base, their ranks) with a split policy (the role
 of every tensor: SHARED goes to the server, PRIVATE stays on the device, FROZEN is not trained), and at
 most a little extra behaviour on the device. It composes with every aggregation strategy, because
-strategies only ever see the shared tensors. See ``../shared/notes/methods.md``.
+strategies only ever see the shared tensors. The schemes' sources and how the field evaluates them:
+docs/explanation/schemes.md.
 
 =========  ==========================  ==========================  =============================================
 scheme     shared (aggregated)         private (device)            source
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -86,7 +87,9 @@ class Scheme:
         personal_fit: ``"private"``, ``"copy"`` or ``"none"``.
         finetune_at_eval: the final evaluation fine-tunes the personal copy first (``finetune``).
         supports_dp: whether pair-level DP-SGD can train it (its personal fit must fit in the ledger).
-        setup, init_private, shape_update: the optional hooks above.
+        setup: optional hook ``setup(model, layout)``, above.
+        init_private: optional hook ``init_private(state, seed, settings)``, above.
+        shape_update: optional hook ``shape_update(state, received, trained) -> dict``, above.
     """
 
     name: str
@@ -188,7 +191,7 @@ def _check_scheme(obj: object) -> Scheme:
 SCHEMES: Registry[Scheme] = Registry("scheme", "--scheme", _check_scheme)
 
 
-def register_scheme(scheme: Scheme | None = None, *, name: str | None = None, replace: bool = False):
+def register_scheme(scheme: Scheme | None = None, *, name: str | None = None, replace: bool = False) -> Any:
     """Register a personalization scheme (usable as ``--scheme NAME``).
 
     Args:

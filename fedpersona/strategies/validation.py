@@ -1,6 +1,6 @@
 """Reply validation: the server checks every reply before any strategy aggregates it.
 
-The server trusts no reply (DESIGN.md, "Trust model"). Flower's strategies aggregate whatever they are
+The server trusts no reply (docs/explanation/trust-model.md). Flower's strategies aggregate whatever they are
 given: one NaN or Inf tensor makes a FedAvg global adapter NaN for every user, a claimed weight of 1e9
 makes one user's tensors the global model, a tensor of the wrong shape or a missing key stops the
 aggregation (or broadcasts a shape-[1] tensor into every coordinate), and even FedMedian passes a NaN

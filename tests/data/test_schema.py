@@ -1,4 +1,4 @@
-"""The pair-file contract (DESIGN.md): validation messages, per-user grouping, the stable split."""
+"""The pair-file contract (docs/reference/pair-files.md): validation messages, per-user grouping, the stable split."""
 
 from __future__ import annotations
 

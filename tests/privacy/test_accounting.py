@@ -1,4 +1,4 @@
-"""Accountant, ledger and calculator: reference epsilons (shared/notes/privacy.md), errors, persistence."""
+"""Accountant, ledger and calculator: reference epsilons (docs/explanation/privacy.md), errors, persistence."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ FORMATS: Registry[Format] = Registry("data format", "--format", _check_format)
 
 
 def register_data_format(name: str, load: Callable[..., list[PreferencePair]] | None = None, *, summary: str = "",
-                         options: tuple[str, ...] | None = None, replace: bool = False):
+                         options: tuple[str, ...] | None = None, replace: bool = False) -> Any:
     """Register a dataset format (usable as ``--format NAME`` and ``--data NAME:PATH``); a decorator
     without ``load``.
 
