@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 if ! .venv/bin/python -c "import mkdocs, material, mkdocstrings_handlers.python, mkdocs_gen_files" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q -e ".[docs]"
 fi
-export NO_MKDOCS_2_WARNING=1  # Material's notice about a future MkDocs 2, printed on every build: not about this site
+export NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true  # a notice about a future MkDocs 2 on every build, not about this site
 start=$(date +%s)
 .venv/bin/mkdocs build --strict --site-dir "${1:-runs/site}"
 echo "build_docs: the site is in ${1:-runs/site} ($(( $(date +%s) - start ))s)"

@@ -24,7 +24,15 @@ REQUIRED_FIELDS = ("user_id", "prompt", "chosen", "rejected")
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One unit of preference feedback, and the unit of pair-level differential privacy."""
+    """One unit of preference feedback, and the unit of pair-level differential privacy.
+
+    Attributes:
+        user_id: whose feedback it is.
+        prompt: the prompt, or a conversation in HH-RLHF's ``Human: ... Assistant: ...`` layout.
+        chosen: the answer the user preferred.
+        rejected: the answer the user did not (different from ``chosen``).
+        split: ``"train"``, ``"test"`` or None (a stable hash of the pair decides when the file is loaded).
+    """
 
     user_id: str
     prompt: str
@@ -38,7 +46,13 @@ class PreferencePair:
 
 @dataclass
 class UserData:
-    """One user's pairs, split into a training part and a held-out test part."""
+    """One user's pairs, split into a training part and a held-out test part.
+
+    Attributes:
+        user_id: the user.
+        train: the pairs the user trains on.
+        test: the held-out pairs the user is evaluated on.
+    """
 
     user_id: str
     train: list[PreferencePair] = field(default_factory=list)
@@ -174,7 +188,12 @@ def load_users(path: str | Path, *, test_fraction: float = 0.2, min_pairs: int =
 
 
 def write_pairs_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> None:
-    """Write pairs as JSONL atomically (a temp file renamed into place)."""
+    """Write pairs as a JSONL pair file, atomically (a temp file renamed into place).
+
+    Args:
+        pairs: the pairs, written in order, one JSON object a line (``split`` left out when None).
+        path: the file to write; its folder must exist.
+    """
     from fedpersona.io import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in pairs))

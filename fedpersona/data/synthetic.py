@@ -148,7 +148,16 @@ def utility(weights: tuple[float, ...], helpfulness_weight: float, response: Res
 
 
 class PreferenceSimulator:
-    """Deterministic, lazy population of synthetic users for one scenario and seed."""
+    """Deterministic, lazy population of synthetic users for one scenario and seed.
+
+    A user's data is a pure function of (scenario, seed, user index): users cost nothing until asked for, and
+    every process (server, simulation worker, ``fedpersona data synthetic``) makes the same pairs.
+
+    Args:
+        scenario: ``conflicting``, ``majority-minority``, ``low-disagreement``, ``mixed``, or a ``Scenario``.
+        num_users: users in the population (indices ``0 .. num_users - 1``).
+        seed: the population's seed.
+    """
 
     def __init__(self, scenario: str | Scenario = "conflicting", num_users: int = 40, seed: int = 0) -> None:
         self.scenario = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
@@ -159,7 +168,17 @@ class PreferenceSimulator:
         return np.random.default_rng([self.seed, *stream])
 
     def user(self, index: int) -> SyntheticUser:
-        """The hidden profile of user ``index`` (persona, utility weights, data quantity)."""
+        """The hidden profile of user ``index`` (persona, utility weights, data quantity).
+
+        Args:
+            index: the user, ``0 <= index < num_users``.
+
+        Returns:
+            The user's ``SyntheticUser``.
+
+        Raises:
+            IndexError: ``index`` outside the population.
+        """
         if not 0 <= index < self.num_users:
             raise IndexError(f"user index {index} outside 0..{self.num_users - 1}")
         sc = self.scenario
@@ -198,7 +217,14 @@ class PreferenceSimulator:
         return PreferencePair(user.user_id, prompt, chosen.text, rejected.text, split)
 
     def user_data(self, index: int) -> UserData:
-        """Generate user ``index``'s train and test pairs (the same every call)."""
+        """Generate user ``index``'s train and test pairs (the same every call).
+
+        Args:
+            index: the user, ``0 <= index < num_users``.
+
+        Returns:
+            The user's ``UserData``: 8 to 160 training pairs (log-normally skewed) and the scenario's test pairs.
+        """
         user = self.user(index)
         rng = self._rng(2, index)
         train = [self._pair(user, rng, "train") for _ in range(user.num_train_pairs)]

@@ -19,6 +19,9 @@ import torch
 
 
 class Role(str, enum.Enum):
+    """The role of one adapter tensor: SHARED tensors are sent to the server and aggregated, PRIVATE ones stay
+    on the device, FROZEN ones keep their seeded initial values and are not trained."""
+
     SHARED = "shared"
     PRIVATE = "private"
     FROZEN = "frozen"
@@ -49,7 +52,14 @@ def check_adapter_name(name: str) -> None:
 
 
 def by_adapter_name(roles: Mapping[str, Role]) -> SplitPolicy:
-    """Policy for layouts with one adapter per role: the role is the adapter's (``...lora_A.<name>.weight``)."""
+    """Policy for layouts with one adapter per role: the role is the adapter's (``...lora_A.<name>.weight``).
+
+    Args:
+        roles: adapter name -> its tensors' role, e.g. ``{"shared": Role.SHARED, "private": Role.PRIVATE}``.
+
+    Returns:
+        The split policy; it raises ``KeyError`` for a tensor of no listed adapter.
+    """
 
     def policy(tensor_name: str) -> Role:
         for adapter, role in roles.items():
@@ -62,7 +72,16 @@ def by_adapter_name(roles: Mapping[str, Role]) -> SplitPolicy:
 
 @dataclass(frozen=True)
 class AdapterLayout:
-    """Which LoRA adapters sit on the base and which role each tensor plays."""
+    """Which LoRA adapters sit on the base and which role each tensor plays.
+
+    Attributes:
+        ranks: adapter name -> LoRA rank (e.g. ``{"shared": 8, "private": 4}``); names must not contain ``lora_``.
+        policy: the split policy, tensor name (``...lora_A.<adapter>.weight``) -> ``Role``.
+        target_modules: the modules LoRA goes on (``"a,b"`` or ``"all-linear"``); ``""``: the architecture's
+            default.
+        alpha_per_rank: LoRA alpha divided by rank (the scaling is ``alpha / r``).
+        extra: anything a scheme's hooks need (PAL: its prototype count and its extra tensors' names).
+    """
 
     ranks: Mapping[str, int]
     policy: SplitPolicy
