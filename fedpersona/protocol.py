@@ -5,11 +5,18 @@ A training reply is a ``RecordDict`` with
 * ``arrays`` (ArrayRecord): the shared tensors, exactly the run's shared keys; empty when declined;
 * ``metrics`` (MetricRecord): ``num-examples`` (the aggregation weight; 0 when declined), ``declined``
   (0/1) and the few non-private counters ``fedpersona.client.app.train_reply`` documents;
-* ``status`` (ConfigRecord, declined replies only): ``reason`` (one of ``DECLINE_REASONS``) and
-  ``detail`` (one line for the operator's log; never data).
+* ``status`` (ConfigRecord, declined replies only): ``reason``, one of ``DECLINE_REASONS``, and nothing
+  else.
 
 An evaluation reply carries ``metrics``; a device whose policy keeps its accuracies to itself replies
 with ``declined=1`` and a ``status`` record instead of accuracies.
+
+A device whose task fails replies with a Flower error (``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``) whose
+reason is one of ``FAILURE_REASONS``, nothing else. Why codes only: a server chooses the message, so any
+text a device derives from its data or its file system (pair counts, a sample rate, the state folder's
+path, an exception's text) would let a server learn for free what DP hides, by asking for rounds that
+fail (a ``min-pairs`` of a million, a count noise of 1e-6). The full reason stays on the device: its
+terminal and ``STATE/logs`` (``fedpersona.client.watch``).
 
 The device decides (``fedpersona.device.policy``); the server records what it is told and validates what
 it aggregates (``fedpersona.strategies.validation``). Neither side trusts the other's message.
@@ -25,7 +32,7 @@ STATUS = "status"
 NUM_EXAMPLES = "num-examples"
 DECLINED = "declined"
 REASON = "reason"
-DETAIL = "detail"
+DETAIL = "detail"  # no longer sent: a device sends the code alone (kept for old readers)
 # Simulation only (fedpersona.server.user_grid): the users one message is for, and where their replies sit
 # in the cohort's reply (one record per user and kind: ``user-7.arrays``, ``user-7.metrics``, ...)
 COHORT = "fedpersona.cohort"  # ConfigRecord {"users": [user indices]}
@@ -53,6 +60,24 @@ DECLINE_REASONS: dict[str, str] = {
     "stale-round": "the device already answered this round of this run",
     "bad-shared": "the server's shared adapter holds NaN or Inf; the device neither stores nor trains on it",
     "diverged": "local training produced NaN or Inf (learning rate too high?); nothing was kept or sent",
+    "epsilon-unreachable": "the round asks for a smaller epsilon than this device can keep to (its earlier spending "
+                           "already reaches it, or no noise does); nothing was spent or stored",
+    "bad-request": "the message carries a value the device does not accept (a wrong type, a number out of range, "
+                   "a plug-in import); nothing was spent or stored",
+    "message-too-large": "a field of the message is larger than the device accepts (too many keys, a long text, "
+                         "tensors beyond the run's shared ones); nothing was spent or stored",
+}
+
+# Why a device's task failed: the reason of its error reply (``fedpersona.client.failures``). Stable strings too.
+FAILURE_REASONS: dict[str, str] = {
+    "state-damaged": "a file of the device's state folder is unreadable; its owner must repair or restore it",
+    "state-busy": "another process on the device is using its state folder",
+    "storage-unwritable": "the device could not write its state (no space left, a quota, read-only storage)",
+    "model-unavailable": "the device cannot load the round's model",
+    "train-failed": "local training raised an error on the device; nothing was sent",
+    "evaluate-failed": "local evaluation raised an error on the device",
+    "unsupported-message": "the device answers only the train and evaluate messages of fedpersona apps",
+    "task-failed": "the device's runtime could not run the task",
 }
 
 
@@ -61,11 +86,38 @@ def cohort_key(user: int, kind: str) -> str:
     return f"user-{user}.{kind}"
 
 
-def status_record(reason: str, detail: str = "") -> dict[str, str]:
-    """The ``status`` ConfigRecord content of a declined reply (``reason`` must be a known code)."""
+def status_record(reason: str) -> dict[str, str]:
+    """The ``status`` ConfigRecord content of a declined reply: the code alone.
+
+    Args:
+        reason: a ``DECLINE_REASONS`` code.
+
+    Returns:
+        ``{"reason": reason}``.
+
+    Raises:
+        ValueError: ``reason`` is not a known code.
+    """
     if reason not in DECLINE_REASONS:
         raise ValueError(f"unknown decline reason {reason!r}; known: {', '.join(DECLINE_REASONS)}")
-    return {REASON: reason, DETAIL: (detail or DECLINE_REASONS[reason]).splitlines()[0][:300]}
+    return {REASON: reason}
+
+
+def failure_reason(code: str) -> str:
+    """The reason string of a device's error reply: the code alone (Flower's ``Error`` needs a string).
+
+    Args:
+        code: a ``FAILURE_REASONS`` code.
+
+    Returns:
+        ``code``.
+
+    Raises:
+        ValueError: ``code`` is not a known code.
+    """
+    if code not in FAILURE_REASONS:
+        raise ValueError(f"unknown failure reason {code!r}; known: {', '.join(FAILURE_REASONS)}")
+    return code
 
 
 def decline_reason(content: Any) -> str | None:

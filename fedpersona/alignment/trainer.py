@@ -3,11 +3,15 @@
 The trainer works on a resident model (see ``fedpersona.model.resident``): it trains whatever adapter
 tensors the split policy marks trainable (shared and private) and never touches the frozen base.
 Reference log-probs come from the frozen base, computed once per pair and cached.
+
+Who watches a round (a device's terminal) passes a ``Progress`` callable: ``progress(phase, done, total)``
+with phase ``"reference"`` (chunks of pairs whose reference log-probs are computed) or ``"train"``
+(optimizer steps). It is a plain callable so that this floor knows nothing of Flower or of run settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +23,9 @@ from fedpersona.alignment.microbatch import pair_chunks
 from fedpersona.data.schema import PreferencePair
 from fedpersona.model.adapters import Role
 from fedpersona.model.resident import ResidentModel
+
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total): see the module doc
 
 
 @dataclass(frozen=True)
@@ -37,20 +44,29 @@ def inference_chunks(resident: ResidentModel, encoded: Sequence[EncodedPair],
 
 
 @torch.no_grad()
-def reference_logps(resident: ResidentModel, encoded: Sequence[EncodedPair], batch_size: int = 64) -> torch.Tensor:
+def reference_logps(resident: ResidentModel, encoded: Sequence[EncodedPair], batch_size: int = 64,
+                    progress: Progress | None = None) -> torch.Tensor:
     """``[N, 2]`` (chosen, rejected) log-probs under the frozen base, from the cache where possible;
-    computed in chunks of at most ``batch_size`` pairs and ``resident.max_tokens_per_batch`` tokens."""
+    computed in chunks of at most ``batch_size`` pairs and ``resident.max_tokens_per_batch`` tokens.
+    ``progress("reference", pairs done, pairs missing)`` before the first chunk and after each (only when
+    some are missing from the cache)."""
     cache = resident.ref_cache
     missing = [e for e in encoded if cache.get(e.key) is None]
     if missing:
         was_training = resident.model.training
         resident.model.eval()
+        done = 0
+        if progress is not None:
+            progress("reference", 0, len(missing))
         with resident.model.disable_adapter():
             for chunk in inference_chunks(resident, missing, batch_size):
                 sides = [e.chosen for e in chunk] + [e.rejected for e in chunk]
                 logps, _ = sequence_logprobs(resident.model, collate(sides, resident.pad_id, resident.device))
                 for i, e in enumerate(chunk):
                     cache.put(e.key, (float(logps[i]), float(logps[len(chunk) + i])))
+                done += len(chunk)
+                if progress is not None:
+                    progress("reference", done, len(missing))
         resident.model.train(was_training)
     # PEFT's disable_adapter() (here and in evaluation) ends by marking every active adapter tensor
     # trainable again, FROZEN ones too (ffa's A): put the split policy's trainability back before training.
@@ -100,18 +116,21 @@ def parameter_groups(resident: ResidentModel, settings: TrainSettings) -> list[d
 
 
 def train_local(resident: ResidentModel, pairs: Sequence[PreferencePair], settings: TrainSettings,
-                seed: int) -> TrainStats:
+                seed: int, progress: Progress | None = None) -> TrainStats:
     """Plain (non-private) local training: shuffled mini-batches for ``settings.epochs`` epochs.
 
     Each optimizer step sees ``batch_size`` pairs; a batch over ``resident.max_tokens_per_batch`` padded
-    tokens runs as several micro-batches whose gradients accumulate (the mean over the whole batch)."""
+    tokens runs as several micro-batches whose gradients accumulate (the mean over the whole batch).
+    ``progress`` (optional) hears ``("reference", ...)`` and ``("train", step, total steps)``."""
     encoded = encode_pairs(resident.prompt_format, pairs, settings.max_length)
-    ref = reference_logps(resident, encoded)
+    ref = reference_logps(resident, encoded, progress=progress)
     optimizer = torch.optim.AdamW(parameter_groups(resident, settings), weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(int(seed))
     total_steps = settings.steps_for(len(encoded))
     resident.model.train()
     steps, seen, loss_sum = 0, 0, 0.0
+    if progress is not None:
+        progress("train", 0, total_steps)
     while steps < total_steps:
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), settings.batch_size):
@@ -125,6 +144,8 @@ def train_local(resident: ResidentModel, pairs: Sequence[PreferencePair], settin
                 batch_loss += float(losses.detach().sum())
             optimizer.step()
             steps, seen, loss_sum = steps + 1, seen + len(idx), loss_sum + batch_loss
+            if progress is not None:
+                progress("train", steps, total_steps)
             if steps >= total_steps:
                 break
     resident.model.eval()

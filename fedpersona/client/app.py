@@ -16,11 +16,10 @@ from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-
-from fedpersona.client.device import device_for, evaluate_on_device, train_on_device
+from fedpersona.client.device import device_for, evaluate_on_device, read_request, train_on_device
+from fedpersona.client.failures import DeviceClientApp
 from fedpersona.client.cohort import cohort_of, evaluate_cohort, evaluation_metrics, train_cohort, user_view
-from fedpersona.round.train import RoundResult, train_round
+from fedpersona.round.train import RoundResult, declined_result, train_round
 from fedpersona.round.users import population_user
 from fedpersona.device.policy import Decline
 from fedpersona.config import RunConfig
@@ -80,12 +79,12 @@ def train_reply(config: RunConfig, result: RoundResult) -> RecordDict:
     (budget spent, a round its policy refuses, ...) replies with no tensors, ``declined=1`` and a
     ``status`` record with the reason: nothing of its data, not even its pair count.
     """
-    if result.declined:
+    if result.declined:  # the code alone: its detail stays on the device (fedpersona.client.watch)
         metrics = {NUM_EXAMPLES: 0, DECLINED: 1}
         if config.dp_epsilon > 0 and result.epsilon is not None:
             metrics["epsilon"] = float(result.epsilon)
         return RecordDict({ARRAYS: ArrayRecord(), METRICS: MetricRecord(metrics),
-                           STATUS: ConfigRecord(status_record(result.reason or "budget-spent", result.detail))})
+                           STATUS: ConfigRecord(status_record(result.reason or "budget-spent"))})
     dp = config.dp_epsilon > 0 or config.user_dp_noise > 0
     weight = 1 if config.user_dp_noise > 0 else result.num_examples
     metrics: dict[str, float | int] = {NUM_EXAMPLES: weight, DECLINED: 0}
@@ -118,17 +117,19 @@ def _cohort_user_reply(msg: Message, context: Context):
 def declined_evaluation(decline: Decline) -> RecordDict:
     """An evaluation reply that keeps the user's accuracies on the device (its policy under DP)."""
     return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 0, DECLINED: 1}),
-                       STATUS: ConfigRecord(status_record(decline.reason, decline.detail))})
+                       STATUS: ConfigRecord(status_record(decline.reason))})
 
 
-app = ClientApp()
+app = DeviceClientApp()  # on a device every failure is answered with a code alone (fedpersona.client.failures)
 
 
 @app.train(mods=[clipping_mod_when_asked])  # user-level DP: clip the shared update when the server asks
 def train(msg: Message, context: Context) -> Message:
     if (state := device_for(context.node_config)) is not None:  # a real device: its own state and policy
-        config, extras, simulation_keys = RunConfig.from_device_message(msg.content["config"])
-        result = train_on_device(state, config, extras, _shared_from(msg), context.node_config, simulation_keys)
+        if isinstance(request := read_request(msg.content), Decline):  # every field within its bound, first
+            return Message(train_reply(RunConfig(), declined_result(request.reason)), reply_to=msg)
+        config, extras, simulation_keys, shared = request
+        result = train_on_device(state, config, extras, shared, context.node_config, simulation_keys)
         return Message(train_reply(config, result), reply_to=msg)
     config, extras = RunConfig.from_message(msg.content["config"])
     if cohort_of(msg) is not None:  # a simulation's cohort of users (fedpersona.server.user_grid)
@@ -146,8 +147,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     if (state := device_for(context.node_config)) is not None:  # a real device: its own state and policy
-        config, extras, simulation_keys = RunConfig.from_device_message(msg.content["config"])
-        metrics = evaluate_on_device(state, config, extras, _shared_from(msg), context.node_config, simulation_keys)
+        if isinstance(request := read_request(msg.content), Decline):  # every field within its bound, first
+            return Message(declined_evaluation(request), reply_to=msg)
+        config, extras, simulation_keys, shared = request
+        metrics = evaluate_on_device(state, config, extras, shared, context.node_config, simulation_keys)
         if isinstance(metrics, Decline):
             return Message(declined_evaluation(metrics), reply_to=msg)
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

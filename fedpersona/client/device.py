@@ -8,6 +8,13 @@ in ``Context.state``), and stores the shared tensors it receives so generation w
 Why a stable ``user-index``: the server keys its per-user accuracy table by it, and the per-round
 training seed derives from it; a device that restarts (new Flower node id) is still the same user.
 It is ``user-index`` from the node config if given, else derived from the device's user id.
+
+What leaves the device when it does not train: a decline's code (``fedpersona.protocol``), or a failure's
+code (``fedpersona.client.failures``); the full reason goes to the device's own log and terminal
+(``fedpersona.client.watch.note``). Every check that can decline runs before anything is spent or stored:
+the message's bounds (``fedpersona.client.request``), the state files, the policy, the ledger, the pairs,
+the shared tensors against the run's model, the room on the disk, and whether the round's epsilon can be
+kept to (``prepare_ledger``).
 """
 
 from __future__ import annotations
@@ -16,11 +23,15 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fedpersona.alignment.trainer import TrainStats
+from fedpersona.client.failures import DeviceFailure, failing_as
+from fedpersona.client.request import check_request, shared_problem
+from fedpersona.client.watch import note, progress, progress_callback
 from fedpersona.device.state import DeviceState
 from fedpersona.round.train import RoundResult
 from fedpersona.device.policy import Decline, DevicePolicy
@@ -47,9 +58,16 @@ def device_state(state_dir: str | Path) -> DeviceState:
 
 
 def device_for(node_config: Mapping[str, Any]) -> DeviceState | None:
-    """The node's DeviceState in device mode, None in simulation (no ``state-dir`` in node config)."""
+    """The node's DeviceState in device mode, None in simulation (no ``state-dir`` in node config).
+
+    Raises:
+        DeviceFailure: ``state-damaged`` when the state folder is gone or not a folder.
+    """
     state_dir = node_config.get(STATE_DIR_KEY)
-    return device_state(str(state_dir)) if state_dir else None
+    if not state_dir:
+        return None
+    with failing_as("state-damaged"):
+        return device_state(str(state_dir))
 
 
 class DeviceStore:
@@ -130,35 +148,160 @@ def _open_round(state: DeviceState, config: RunConfig, simulation_keys: Mapping[
 
 def prepare_ledger(state: DeviceState, policy: DevicePolicy, config: RunConfig, user: UserData,
                    index: int, server_round: int) -> Decline | None:
-    """The ledger this round trains on, within the policy, saved before training (nothing spent yet).
+    """Whether this round's privacy request can be served, decided before anything is spent or stored.
 
-    A new ledger is calibrated at the policy-capped epsilon and delta, starting with what retired ledgers
-    spent on the same pairs (``PrivacyRecord``); an existing one keeps its noise and only ever lowers its
-    target (a round asking for more privacy). Declines when the noise is below the policy's floor or the
-    pairs' earlier spending already reaches the target."""
-    from fedpersona.round.users import round_seed
+    How a round's epsilon applies: the ledger's lasting target is the policy's ``max_epsilon`` (what this
+    state may spend over its whole life), set when the ledger is created and never changed by a message. A
+    round's own ``dp-epsilon`` (and ``dp-delta``) is a cap for that round only: the round is trained if the
+    epsilon spent after it, accounted at the round's delta when that is smaller than the ledger's, stays
+    within ``min(dp-epsilon, max_epsilon)``; else it is declined (``epsilon-unreachable``; ``budget-spent``
+    when the lasting target is what would be passed) and nothing is written. A new ledger's noise is
+    calibrated for the round's cap over the run's planned rounds (the run gets the privacy it asks for), at
+    the policy-capped delta, after what retired ledgers spent on the same pairs (``PrivacyRecord``); it is
+    saved only once the round is known to be served. Declines too when the noise is below the policy's floor.
+
+    Args:
+        state: the device's state (locked by the caller).
+        policy: the device's privacy policy.
+        config: the round's settings as the device sees them.
+        user: the user's pairs (``train`` sets n).
+        index: the user's index (the ledger's seed).
+        server_round: the round (the ledger's seed).
+
+    Returns:
+        A ``Decline`` (its detail stays on the device), or None when the round is served (ledger saved).
+    """
     from fedpersona.device.privacy_record import PrivacyRecord
+    from fedpersona.errors import UsageError
+    from fedpersona.privacy.accountant import sample_rate_for
     from fedpersona.privacy.dp_training import plan_ledger
     from fedpersona.privacy.ledger import BudgetSpent, PrivacyLedger
+    from fedpersona.round.users import round_seed
 
-    target = policy.epsilon_for(config)
+    cap = policy.epsilon_for(config)
+    n, settings = len(user.train), config.train_settings
+    steps, rate = settings.steps_for(n), sample_rate_for(settings.batch_size, n)
     saved = state.load_ledger()
     if saved:
         ledger = PrivacyLedger.from_json(saved)
-        ledger.target_epsilon = min(ledger.target_epsilon, target)
     else:
-        dp = dataclasses.replace(config.dp_settings, target_epsilon=target,
-                                 delta=policy.delta_for(config, len(user.train)))
+        dp = dataclasses.replace(config.dp_settings, target_epsilon=cap, delta=policy.delta_for(config, n))
         try:
-            ledger = plan_ledger(len(user.train), config.train_settings, dp, config.dp_rounds_planned,
-                                 seed=round_seed(config, index, server_round),
+            ledger = plan_ledger(n, settings, dp, config.dp_rounds_planned, seed=round_seed(config, index, server_round),
                                  prior=PrivacyRecord(state.dir).prior_for(user.train))
-        except BudgetSpent as err:
-            return Decline("budget-spent", str(err))
-    decline = policy.check_noise(ledger.noise_multiplier)
-    if decline is None:
+        except BudgetSpent as err:  # these pairs' retired ledgers already spent the cap
+            return Decline("budget-spent" if cap >= policy.max_epsilon else "epsilon-unreachable", str(err))
+        except (UsageError, ValueError, ArithmeticError) as err:  # no noise reaches the cap (an epsilon of 1e-300,
+            # a nearly noiseless pair-count release beside it): the accountant's search gives up or overflows
+            return Decline("epsilon-unreachable", str(err))
+        ledger.target_epsilon = policy.max_epsilon  # lasting: the state's whole life, not this run's request
+    if (decline := policy.check_noise(ledger.noise_multiplier)) is not None:
+        return decline
+    if ledger.would_exceed(steps, rate):
+        return Decline("budget-spent", f"epsilon spent {ledger.spent_epsilon():.2f}; this round would pass the "
+                       f"lasting target {ledger.target_epsilon:g}")
+    delta = min(config.dp_delta or ledger.delta, ledger.delta)
+    after = dataclasses.replace(ledger, delta=delta).epsilon_after(steps, rate)
+    if after > cap * (1.0 + 1e-9):
+        return Decline("epsilon-unreachable", f"epsilon after this round would be {after:.3g} at delta {delta:g}; "
+                       f"the round asks for at most {cap:g} (spent so far {ledger.spent_epsilon():.3g})")
+    if not saved:
         state.save_ledger(ledger.to_json())
+    return None
+
+
+class DeviceRequest(NamedTuple):
+    """A round's message as a device reads it (``read_request``)."""
+
+    config: RunConfig
+    extras: dict[str, Any]  # the strategy's keys (server-round, run-lineage, ...)
+    simulation_keys: dict[str, Any]  # simulation-only settings the message carries (the policy declines them)
+    shared: dict[str, torch.Tensor] | None  # the server's shared tensors (None: the message has none)
+
+
+def read_request(content: Any) -> DeviceRequest | Decline:
+    """A round's message as this device reads it: every field within its bound (``client.request``), then
+    parsed; a ``Decline`` (``message-too-large``, ``bad-request``, ``bad-shared``; noted on the device)
+    when it cannot be.
+
+    Args:
+        content: the message's ``RecordDict``.
+
+    Returns:
+        The ``DeviceRequest``, or a Decline.
+    """
+    from fedpersona.config import RunConfig
+    from fedpersona.protocol import ARRAYS
+
+    decline = check_request(content)
+    if decline is None:
+        try:
+            config, extras, simulation_keys = RunConfig.from_device_message(content.config_records["config"])
+        except (ValueError, TypeError, KeyError) as err:  # UsageError is a ValueError
+            decline = Decline("bad-request", f"the message's config cannot be read: {err}")
+    if decline is None:
+        record = content.array_records.get(ARRAYS)
+        try:
+            shared = None if record is None or not len(record) else record.to_torch_state_dict()
+        except Exception as err:  # noqa: BLE001 - arrays torch cannot hold (an odd dtype, a broken buffer)
+            decline = Decline("bad-shared", f"the server's shared tensors cannot be read: {err}")
+    if decline is not None:
+        return _noted(decline)
+    return DeviceRequest(config, extras, simulation_keys, shared)
+
+
+def _noted(decline: Decline) -> Decline:
+    """``decline``, its reason kept on the device (log and terminal: ``client.watch.note``); only its code
+    is sent."""
+    note(f"{decline.detail or decline.reason} ({decline.reason})")
     return decline
+
+
+@contextmanager
+def _round_lock(state: DeviceState) -> Iterator[None]:
+    """The state's training lock; a held lock is ``state-busy``, a lock file that cannot be written
+    ``storage-unwritable`` (``client.failures``)."""
+    with ExitStack() as stack:
+        with failing_as("state-busy"):
+            stack.enter_context(state.lock())
+        yield
+
+
+def _shared_declined(config: RunConfig, shared: Mapping[str, torch.Tensor] | None) -> Decline | None:
+    """The run's model loaded (``model-unavailable`` if it cannot be) and the server's shared tensors checked
+    against it: exactly its shared names and shapes, floating point, finite (``bad-shared``)."""
+    from fedpersona.model.adapters import Role
+    from fedpersona.round.resident import resident_for
+
+    with failing_as("model-unavailable"):
+        resident = resident_for(config)
+    expected = {name: resident.adapters.params[name] for name in resident.adapters.names(Role.SHARED)}
+    return shared_problem(expected, shared)
+
+
+ROUND_MARGIN_BYTES = 1 << 20  # ledger, counters, meta and SQLite's journal beside the adapters
+
+
+def check_room(state: DeviceState, shared: Mapping[str, torch.Tensor] | None) -> None:
+    """Fail ``storage-unwritable`` before anything is spent when the disk holding the state cannot take
+    what a round writes: the shared adapter and the reply (each beside its old copy until the rename), the
+    private adapter, and a margin. A disk that fills up later still fails the write; this keeps the common
+    case (a disk already full) from paying for a round it cannot store.
+
+    Raises:
+        DeviceFailure: too little free space.
+    """
+    import os
+
+    shared_bytes = sum(t.numel() * t.element_size() for t in (shared or {}).values())
+    private = state.private_path.stat().st_size if state.private_path.exists() else shared_bytes
+    needed = 3 * shared_bytes + 2 * private + ROUND_MARGIN_BYTES
+    stat = os.statvfs(state.dir)
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed:
+        raise DeviceFailure("storage-unwritable", f"no space left on the device holding --state {state.dir}: "
+                            f"{free / 2**20:.1f} MiB free, a round writes about {needed / 2**20:.1f} MiB; free some "
+                            "space, then the next round trains")
 
 
 def train_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, Any],
@@ -174,15 +317,16 @@ def train_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, 
     from fedpersona.protocol import RUN_LINEAGE
 
     server_round = int(extras.get("server-round", 0))
-    with state.lock():  # one training at a time on this directory, across processes
-        policy, decline = _open_round(state, config, simulation_keys or {}, shared)
+    with _round_lock(state):  # one training at a time on this directory, across processes
+        with failing_as("state-damaged"):
+            policy, decline = _open_round(state, config, simulation_keys or {}, shared)
         decline = decline or policy.check_train(config, extras)
         if decline is None and (config.dp_epsilon > 0 or policy.require_dp) and (problem := state.ledger_problem()):
             decline = Decline("ledger-missing", problem)
         if decline is None and (problem := readiness_problem(state, config.min_pairs)):
             decline = Decline("not-enough-pairs", problem)
         if decline is not None:
-            return declined_result(decline.reason, decline.detail)
+            return declined_result(_noted(decline).reason)
         lineage = str(extras.get(RUN_LINEAGE, "") or "")
         if lineage and (replay := state.load_reply(lineage, server_round)) is not None:
             tensors, info = replay
@@ -190,21 +334,40 @@ def train_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, 
                 tensors = {name: tensors[name] for name in shared}  # the run's key order (aggregation pairs keys)
             return RoundResult(tensors, int(info["weight"]), TrainStats(0, 0, math.nan),
                                epsilon=info.get("epsilon"))
-        state.bind(config.model, config.scheme)
-        if shared is not None:
-            state.save_shared(shared, server_round=server_round)
         index = device_user_index(state, node_config)
-        user = state.memory.user_data()
         device_config = _as_device(config, index)
+        if (decline := _shared_declined(device_config, shared)) is not None:
+            return declined_result(_noted(decline).reason)
+        check_room(state, shared)
+        state.bind(config.model, config.scheme)
+        user = state.memory.user_data()
         if config.dp_epsilon > 0 and (decline := prepare_ledger(state, policy, device_config, user, index,
                                                                 server_round)) is not None:
-            return declined_result(decline.reason, decline.detail)
+            return declined_result(_noted(decline).reason)
+        if shared is not None:
+            state.save_shared(shared, server_round=server_round)
         result = train_round(device_config, user, index, server_round, shared, DeviceStore(state, server_round),
-                             extras)
-        if lineage and not result.declined:
-            state.save_reply(result.shared, {"lineage": lineage, "round": server_round,
-                                             "weight": result.num_examples, "epsilon": result.epsilon})
+                             extras, progress=progress_callback())
+        if result.declined:  # diverged (or budget-spent after all): the code alone leaves, no epsilon
+            return declined_result(_noted(Decline(result.reason, result.detail)).reason)
+        if lineage:
+            _keep_reply(state, result, lineage, server_round)
         return result
+
+
+def _keep_reply(state: DeviceState, result: RoundResult, lineage: str, server_round: int) -> None:
+    """Store the reply for a resumed server's repeat of the round; a disk too full for it still sends the
+    reply (the round is paid for; only its replay is lost, noted on the device)."""
+    from fedpersona.client.failures import storage_code
+
+    try:
+        state.save_reply(result.shared, {"lineage": lineage, "round": server_round,
+                                         "weight": result.num_examples, "epsilon": result.epsilon})
+    except OSError as err:
+        if storage_code(err) is None:
+            raise
+        note(f"the reply of round {server_round} is sent but not kept for a repeat ({err}); free space on the "
+             f"disk holding --state {state.dir}")
 
 
 def evaluate_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, Any],
@@ -217,10 +380,15 @@ def evaluate_on_device(state: DeviceState, config: RunConfig, extras: Mapping[st
     from fedpersona.round.train import current_epsilon
 
     server_round = int(extras.get("server-round", 0))
-    with state.lock():
-        policy, decline = _open_round(state, config, simulation_keys or {}, shared)
+    with _round_lock(state):
+        with failing_as("state-damaged"):
+            policy, decline = _open_round(state, config, simulation_keys or {}, shared)
+        index = device_user_index(state, node_config)
+        device_config = _as_device(config, index)
+        if decline is None:
+            decline = _shared_declined(device_config, shared)
         if decline is not None:
-            return decline
+            return _noted(decline)
         state.bind(config.model, config.scheme)
         if shared is not None:  # the newest global adapter: what `fedpersona generate` uses offline
             state.save_shared(shared, server_round=server_round)
@@ -228,12 +396,13 @@ def evaluate_on_device(state: DeviceState, config: RunConfig, extras: Mapping[st
         if decline is None and (problem := readiness_problem(state, config.min_pairs)):
             decline = Decline("not-enough-pairs", problem)
         if decline is not None:
-            return decline
-        index = device_user_index(state, node_config)
+            return _noted(decline)
         user = state.memory.user_data()
         store = DeviceStore(state, server_round)
+        progress("evaluate", 0, 1)
         # index=None: no simulation-only extras (held-out-user fit, synthetic generation check)
-        evaluation = evaluate_round(_as_device(config, index), user, shared, store, index=None, extras=extras)
+        evaluation = evaluate_round(device_config, user, shared, store, index=None, extras=extras)
+        progress("evaluate", 1, 1)
         epsilon = current_epsilon(store)
         return {
             "num-examples": len(user.test),

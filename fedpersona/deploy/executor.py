@@ -9,6 +9,10 @@ Flower's SuperExec itself: it polls the SuperNode's Runtime API for ClientApp ta
 one here, exactly as ``flwr-clientapp`` would (pull the message and context, call the ClientApp,
 push the reply and the task status, heartbeat while working) but without exiting afterwards.
 
+What a failed task sends: a ``fedpersona.protocol.FAILURE_REASONS`` code, as the error reply's reason and
+as the task's status details, never the exception's text (it may name the user's files and counts;
+``fedpersona.client.failures``); the text goes to this device's log.
+
 Each acquired task gets a thread of its own for the network part (pulling the message, pushing
 the reply) while the ClientApp calls themselves run one at a time (one resident model). Why
 threads: flwr 1.41's SuperNode can leave a task behind whose message never arrives (a message of a
@@ -68,16 +72,16 @@ def run_task(address: str, token: str, client_app: Any, stop: threading.Event | 
 
     ``app_lock`` serialises the ClientApp calls of concurrent tasks (they share one model).
     """
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    from fedpersona.client.failures import failure_code, failure_reply, task_code
 
     client = _runtime_client(address, "flwr-clientapp", stop or threading.Event(), token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message = context = reply = None
-    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    status, details = SubStatus.FAILED, "task-failed"
     try:
         heartbeat.start()
         message, context, run, _fab = pull_task_input(client)
@@ -87,11 +91,13 @@ def run_task(address: str, token: str, client_app: Any, stop: threading.Event | 
             reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
         log.info("run %s: %s task done", run.run_id, message.metadata.message_type)
-    except Exception as err:  # the server gets an error reply; the device keeps serving
+    except Exception as err:  # the server gets an error reply with a code; the device keeps serving
         log.error("ClientApp task failed: %s", err, exc_info=not isinstance(err, PermissionError))
-        details = f"{type(err)}:<'{err}'>"
-        if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        if message is None:  # nothing to answer: the SuperNode reports the task failed
+            details = "task-failed"
+        else:
+            details = "unsupported-message" if isinstance(err, PermissionError) else failure_code(err, task_code(message))
+            reply = failure_reply(message, details)
     finally:
         try:
             if reply is not None and context is not None:

@@ -8,8 +8,10 @@ TLS towards the server by default, and optional SuperNode authentication (``--au
 By default the ClientApp's tasks run in this process (``fedpersona.deploy.executor``: the model is
 loaded once); ``cold=True`` leaves them to Flower, which starts one ``flwr-clientapp`` per message.
 
-What the terminal shows: the device's own lines (its policy, connected to the server, each round
-trained, evaluated or declined and why, a task that failed). Flower's SuperNode writes its output to
+What the terminal shows: the device's own lines (its policy, connected to the server, each round's
+phases while it runs: reference log-probs, training step k of K, evaluation; each round trained,
+evaluated or declined and why, a task that failed, with the whole reason although the server is told a
+code only; a stop line on Ctrl-C saying what was cut short). Flower's SuperNode writes its output to
 ``STATE/logs/supernode.log`` (``--log``), and this process's records (fedpersona's, Flower's runtime
 client, library warnings) go to ``STATE/logs/fedpersona.log``; both are named when the client starts
 (``--verbose`` shows them on the terminal as well).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import signal
 import subprocess
@@ -227,8 +230,12 @@ def run_client(options: ClientOptions, *, node_log: Path | None = None, verbose:
     interrupted = threading.Event()
     stop_event = threading.Event()
     stopping = stopping if stopping is not None else threading.Event()
+    activity = Activity()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if not stopping.is_set():
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            say(f"stopping ({name}): {activity.describe()}")
         stopping.set()
         interrupted.set()
         stop_event.set()
@@ -245,7 +252,7 @@ def run_client(options: ClientOptions, *, node_log: Path | None = None, verbose:
             say(f"connecting to the server at {options.server} ...")
             while True:
                 started = time.monotonic()
-                code = _serve_once(options, handle, stop_event, say)
+                code = _serve_once(options, handle, stop_event, say, activity)
                 if interrupted.is_set():
                     return 0
                 refused = options.auth_key is not None and code not in (0, None)
@@ -277,7 +284,7 @@ def _join_tasks(timeout: float) -> None:
 
 
 def _serve_once(options: ClientOptions, log: IO[bytes] | None, stop_event: threading.Event,
-                say: Callable[[str], None] = _stderr) -> int | None:
+                say: Callable[[str], None] = _stderr, activity: Activity | None = None) -> int | None:
     """One SuperNode process, served until it exits or ``stop_event``; returns its exit status."""
     port = options.runtime_port or free_port()
     env = child_env({ENV: str(options.heartbeat_interval)} if options.heartbeat_interval else None)
@@ -292,7 +299,7 @@ def _serve_once(options: ClientOptions, log: IO[bytes] | None, stop_event: threa
 
             wait_for_port("127.0.0.1", port, timeout=120, process=node, what="flower-supernode")
             threading.Thread(target=_stop_when_exits, args=(node, stop_event), daemon=True).start()
-            executor.serve(f"127.0.0.1:{port}", stop=stop_event, client_app=reporting(client_app, say))
+            executor.serve(f"127.0.0.1:{port}", stop=stop_event, client_app=reporting(client_app, say, activity))
     except RuntimeError as err:  # the SuperNode exited before listening: its status says why
         if node.poll() is None:
             raise
@@ -309,46 +316,120 @@ def _stop_when_exits(node: subprocess.Popen[bytes], stop_event: threading.Event)
 
 
 # ---- what the terminal shows ----------------------------------------------------------------------------
-def reporting(client_app: Any, say: Callable[[str], None]) -> Callable[..., Any]:
-    """``client_app`` as the executor calls it, plus one line per task: what the device did with the round
-    (trained, evaluated, declined and why, failed). The line is the user's own: it may say what the server
-    never learns (the true pair count under DP)."""
+class Activity:
+    """What this device is doing now (a task's round and phase), for the stop line on Ctrl-C."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._task: str | None = None
+        self._phase = ""
+
+    def start(self, where: str, kind: str) -> None:
+        with self._lock:
+            self._task, self._phase = where, {"train": "training", "evaluate": "evaluating"}.get(kind, kind)
+
+    def phase(self, text: str) -> None:
+        with self._lock:
+            self._phase = text
+
+    def finish(self) -> None:
+        with self._lock:
+            self._task = None
+
+    def describe(self) -> str:
+        """``round 3 was training (step 2 of 8): it stops here, nothing of it is sent`` or ``no round was
+        running``."""
+        with self._lock:
+            if self._task is None:
+                return "no round was running"
+            return f"{self._task} was {self._phase}: it stops here, and nothing of it is sent"
+
+
+class PhaseLines:
+    """The terminal's lines of a round's phases (``fedpersona.client.watch`` progress): the start of the
+    reference log-probs and of the evaluation, and training step k of K (the first, the last, and one
+    every ``every`` seconds between)."""
+
+    def __init__(self, where: str, say: Callable[[str], None], activity: Activity | None = None,
+                 every: float = 5.0) -> None:
+        self.where, self.say, self.activity, self.every = where, say, activity, every
+        self.last = -math.inf
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if phase == "train":
+            text = f"training step {done} of {total}"
+            if self.activity is not None:
+                self.activity.phase(text)
+            if done == 0 or (done < total and done != 1 and now - self.last < self.every):
+                return
+        elif phase == "reference":
+            text = f"computing reference log-probs of {total} pairs (once per pair)"
+            if self.activity is not None:
+                self.activity.phase(f"computing reference log-probs ({done} of {total} pairs)")
+            if done != 0:
+                return
+        elif phase == "evaluate":
+            text = "evaluating on your held-out pairs"
+            if self.activity is not None:
+                self.activity.phase("evaluating")
+            if done != 0:
+                return
+        else:
+            return
+        self.last = now
+        self.say(f"{self.where}: {text}")
+
+
+def reporting(client_app: Any, say: Callable[[str], None], activity: Activity | None = None) -> Callable[..., Any]:
+    """``client_app`` as the executor calls it, plus the device's own lines: the round's phases while it runs
+    (``PhaseLines``) and one line per task on what the device did with the round (trained, evaluated,
+    declined and why, failed and why). The lines are the user's own: they may say what the server never
+    learns (the true pair count under DP, the reason behind a code: ``fedpersona.client.watch``)."""
+    from fedpersona.client.watch import TaskWatch, watching
 
     def run(message: Any, context: Any) -> Any:
         kind = str(message.metadata.message_type).split(".", 1)[0]
         config = message.content.config_records.get("config")
         server_round = config.get("server-round") if config is not None else None
-        where = f"round {server_round}" if server_round is not None else f"run {message.metadata.run_id}"
+        where = f"round {server_round}" if isinstance(server_round, int) else f"run {message.metadata.run_id}"
+        watch = TaskWatch(on_progress=PhaseLines(where, say, activity))
         started = time.monotonic()
+        if activity is not None:
+            activity.start(where, kind)
         try:
-            reply = client_app(message=message, context=context)
+            with watching(watch):
+                reply = client_app(message=message, context=context)
         except Exception as err:
             say(f"{where}: {kind} failed on this device: {_first_line(err)} (details in the log)")
             raise
-        say(f"{where}: {describe_reply(kind, reply, context)}  [{time.monotonic() - started:.0f} s]")
+        finally:
+            if activity is not None:
+                activity.finish()
+        say(f"{where}: {describe_reply(kind, reply, context, watch.notes)}  [{time.monotonic() - started:.0f} s]")
         return reply
 
     return run
 
 
-def describe_reply(kind: str, reply: Any, context: Any = None) -> str:
+def describe_reply(kind: str, reply: Any, context: Any = None, notes: list[str] | tuple[str, ...] = ()) -> str:
     """One line on a ClientApp reply: ``trained on your 17 training pairs (2 steps, epsilon 0.41 spent)``,
-    ``declined to train: ... (epsilon-above-policy)``, ``evaluated: personalized 0.750, ...``."""
-    from fedpersona.protocol import DECLINED, DETAIL, METRICS, REASON, STATUS
+    ``declined to train: ... (epsilon-above-policy)``, ``evaluated: personalized 0.750, ...``; ``notes``:
+    what the device noted on the task (``fedpersona.client.watch``: the reason behind the code sent)."""
+    from fedpersona.protocol import DECLINED, METRICS, REASON, STATUS
 
     if reply.has_error():
-        return f"{kind} failed on this device: {reply.error.reason}"
+        return notes[-1] if notes else f"{kind} failed on this device (the server is told: {reply.error.reason})"
     content = reply.content
     metrics = content.metric_records.get(METRICS) or {}
     status = content.config_records.get(STATUS)
     verb = {"train": "train", "evaluate": "evaluate"}.get(kind, f"answer the {kind} message")
     if metrics.get(DECLINED):
         reason = str(status.get(REASON, "")) if status is not None else ""
-        detail = str(status.get(DETAIL, "")) if status is not None else ""
         if reason == "evaluation-private":
             return "evaluated nothing for the server: your policy keeps the accuracies on this device " \
                    "(--share-evaluation sends them)"
-        return f"declined to {verb}: {detail or reason}" + (f" ({reason})" if detail and reason else "")
+        return f"declined to {verb}: {notes[-1] if notes else reason} (the server is told only the code)"
     epsilon = metrics.get("epsilon")
     spent = f"epsilon {float(epsilon):.2f} spent so far" if epsilon is not None else "no DP"
     if kind == "train":

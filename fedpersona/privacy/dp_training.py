@@ -56,6 +56,7 @@ import torch
 from fedpersona.alignment.batching import EncodedPair
 from fedpersona.alignment.microbatch import pair_chunks
 from fedpersona.alignment.trainer import (
+    Progress,
     TrainSettings,
     encode_pairs,
     pair_losses,
@@ -259,12 +260,15 @@ def _generators(seed: int, reproducible: bool, device: str) -> tuple[torch.Gener
 
 
 def train_local_dp(resident: ResidentModel, pairs: Sequence[PreferencePair], settings: TrainSettings, seed: int,
-                   dp: DPSettings, ledger: PrivacyLedger, *, on_step: StepProbe | None = None) -> DPTrainStats:
+                   dp: DPSettings, ledger: PrivacyLedger, *, on_step: StepProbe | None = None,
+                   progress: Progress | None = None) -> DPTrainStats:
     """One round of pair-level DP-SGD on this user's pairs; records the steps taken in ``ledger``.
 
     Takes ``settings.steps_for(n)`` logical steps at ``q = batch_size / n`` with the ledger's noise
     multiplier. If that would push the ledger past its target epsilon, nothing is trained and the stats
     say ``declined=True``. ``on_step`` (optional) sees each step's privatized gradient (post-processing).
+    ``progress`` (optional, ``fedpersona.alignment.trainer.Progress``) hears the reference log-probs and
+    ``("train", step, total steps)`` for the device's own terminal; it never leaves the device.
     """
     dp.validate()
     n = len(pairs)
@@ -281,7 +285,7 @@ def train_local_dp(resident: ResidentModel, pairs: Sequence[PreferencePair], set
         return stats(declined=True)
 
     encoded = encode_pairs(resident.prompt_format, pairs, settings.max_length)
-    ref = reference_logps(resident, encoded).to(resident.device)  # the cache returns CPU tensors
+    ref = reference_logps(resident, encoded, progress=progress).to(resident.device)  # the cache returns CPU tensors
     params = _trainable(resident)
     names = {id(p): name for name, p in params.items()}
     sampling, noise_gen = _generators(seed, dp.reproducible, resident.device)
@@ -305,15 +309,19 @@ def train_local_dp(resident: ResidentModel, pairs: Sequence[PreferencePair], set
 
     optimizer.attach_step_hook(step_hook)
     seen, physical, empty, loss_sum = 0, 0, 0, 0.0
+    if progress is not None:
+        progress("train", 0, total_steps)
     try:
         with per_pair_hooks(resident):
-            for _ in range(total_steps):
+            for step in range(total_steps):
                 batch = torch.nonzero(torch.rand(n, generator=sampling) < q).flatten().tolist()  # Poisson
                 current["batch"] = batch
                 loss, chunks = _logical_step(optimizer, resident, encoded, ref, settings, params, batch,
                                              dp.max_physical_batch)
                 seen, physical, loss_sum = seen + len(batch), physical + chunks, loss_sum + loss
                 empty += not batch
+                if progress is not None:
+                    progress("train", step + 1, total_steps)
     finally:  # steps taken changed the adapters: they count even if a later one failed
         ledger.record(len(taken), q)
     if len(taken) != total_steps:

@@ -26,6 +26,7 @@ import torch
 
 from fedpersona.alignment.batching import encode_pairs
 from fedpersona.alignment.trainer import (
+    Progress,
     TrainSettings,
     TrainStats,
     inference_chunks,
@@ -101,7 +102,7 @@ def declined_result(reason: str, detail: str = "", epsilon: float | None = None)
 
 def _train_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[PreferencePair],
                    settings: TrainSettings, seed: int, store: PrivateStore, planned_rounds: int,
-                   release_count: bool = True):
+                   release_count: bool = True, progress: Progress | None = None):
     """Pair-level DP-SGD on the user's persistent ledger (calibrated for ``planned_rounds`` rounds, with
     the released pair count when ``release_count``, if it has none yet), saved before anything leaves
     the device. Saved only when training completed: a round that fails before its update exists
@@ -113,7 +114,7 @@ def _train_private(config: RunConfig, resident: ResidentModel, pairs: Sequence[P
     ledger = (PrivacyLedger.from_json(saved) if saved is not None
               else plan_ledger(len(pairs), settings, config.dp_settings, planned_rounds=planned_rounds,
                                release_count=release_count, seed=seed))
-    stats = train_local_dp(resident, pairs, settings, seed, config.dp_settings, ledger)
+    stats = train_local_dp(resident, pairs, settings, seed, config.dp_settings, ledger, progress=progress)
     store.save_ledger(ledger.dumps())
     return stats
 
@@ -141,7 +142,24 @@ def _private_init(config: RunConfig, resident: ResidentModel, scheme: Scheme, us
 
 def train_round(config: RunConfig, user: UserData, user_index: int, server_round: int,
                 shared: Mapping[str, torch.Tensor] | None, store: PrivateStore,
-                extras: Mapping[str, Any] | None = None) -> RoundResult:
+                extras: Mapping[str, Any] | None = None, progress: Progress | None = None) -> RoundResult:
+    """One user's training round: shared and private tensors in, train (DP-SGD under pair-level DP), the
+    private tensors stored, what may be sent returned.
+
+    Args:
+        config: the run's settings.
+        user: the user's pairs (``train`` is trained on).
+        user_index: the user's index (its seed; new users decline).
+        server_round: the round (the seed).
+        shared: the server's shared tensors (None for schemes without any).
+        store: where the user's private tensors and ledger live.
+        extras: the strategy's requests (``RoundOptions``).
+        progress: hears the round's phases (``fedpersona.alignment.trainer.Progress``), e.g. a device's
+            terminal; None: nobody watches.
+
+    Returns:
+        The ``RoundResult``: shared tensors and weight, or a decline with its code.
+    """
     options = RoundOptions.from_extras(extras, server_round)
     if is_new_user(config, user_index):  # held out of training until the final evaluation
         return declined_result("new-user")
@@ -159,13 +177,14 @@ def train_round(config: RunConfig, user: UserData, user_index: int, server_round
         if config.dp_epsilon > 0:
             # calibrated for the rounds the user is likely to be sampled for; past its budget it declines
             stats = _train_private(config, resident, user.train, config.train_settings, seed, store,
-                                   config.dp_rounds_planned)
+                                   config.dp_rounds_planned, progress=progress)
             if stats.declined:
                 return RoundResult({}, 0, stats, declined=True, epsilon=stats.epsilon, reason="budget-spent",
                                    detail=f"epsilon spent {stats.epsilon:.2f}; another round would pass the target")
             epsilon, weight = stats.epsilon, stats.aggregation_weight  # the released (noised) pair count, or 1
         else:
-            stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed), None
+            stats, epsilon = train_local(resident, user.train, config.train_settings, seed=seed,
+                                         progress=progress), None
             weight = len(user.train)
     return _finish_round(config, scheme, resident, shared, store, resident.adapters.tensors(Role.PRIVATE),
                          resident.adapters.tensors(Role.SHARED), stats, epsilon, weight, metrics)

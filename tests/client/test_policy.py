@@ -112,7 +112,8 @@ def test_a_stricter_round_is_trained_and_a_noise_floor_is_kept(device, shared):
     policy_for(device, min_noise_multiplier=0.0, max_epsilon=4.0)
     content = send(device, shared, **{"dp-epsilon": 2.0})  # asks for more privacy than the policy: trained
     assert decline_reason(content) is None and 0 < epsilon_of(content) <= 2.0
-    assert json.loads(ledger_bytes(device))["target_epsilon"] == 2.0
+    # the run's 2.0 caps its rounds; the ledger's lasting target is the policy's (client.device.prepare_ledger)
+    assert json.loads(ledger_bytes(device))["target_epsilon"] == 4.0
 
 
 def test_another_model_or_scheme_is_declined_once_private_state_exists(device, shared):
@@ -178,9 +179,13 @@ def test_a_damaged_state_file_fails_before_anything_is_spent(device, shared):
     send(device, shared, **{"dp-epsilon": 8.0})
     before = ledger_bytes(device)
     (device / "counters.json").write_bytes(b"{not json")
-    # the executor turns this into an error reply naming the file (fedpersona.deploy.executor)
-    with pytest.raises(UsageError, match="counters.json"):
-        send(device, shared, server_round=2, **{"dp-epsilon": 8.0})
+    # an error reply with the code alone; the file's name stays on the device (fedpersona.client.failures)
+    config = ConfigRecord({**DEPLOYED, "dp-epsilon": 8.0, "server-round": 2})
+    msg = Message(content=RecordDict({"arrays": ArrayRecord(shared), "config": config}), dst_node_id=7,
+                  message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config={"state-dir": str(device)}, state=RecordDict(), run_config={})
+    reply = client_app(msg, context)
+    assert reply.has_error() and reply.error.reason == "state-damaged"
     assert ledger_bytes(device) == before
 
 
