@@ -21,7 +21,6 @@ A simulation (no ``state-dir``) is the researcher's own process: there exception
 
 from __future__ import annotations
 
-import errno
 import logging
 import sqlite3
 from collections.abc import Iterator
@@ -33,11 +32,10 @@ from flwr.common.constant import ErrorCode
 
 from fedpersona.client.watch import note
 from fedpersona.errors import UsageError
+from fedpersona.io import STORAGE_ERRNOS, StorageError, as_os_error
 from fedpersona.protocol import failure_reason
 
 STATE_DIR_KEY = "state-dir"  # node config of a real device (fedpersona.client.device)
-# errno values that mean "the file system refused the write", not "the data is bad"
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 _SQLITE_STORAGE = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")
 
 
@@ -85,11 +83,11 @@ def storage_code(err: BaseException) -> str | None:
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in STORAGE_ERRNOS:
-            return "storage-unwritable"
+        if (os_error := as_os_error(current)) is not None and os_error.errno in STORAGE_ERRNOS:
+            return "storage-unwritable"  # an OSError, or a writer's wrapper of one (safetensors)
         if isinstance(current, sqlite3.Error) and getattr(current, "sqlite_errorname", "").startswith(_SQLITE_STORAGE):
             return "storage-unwritable"
-        if getattr(current, "storage", False):  # fedpersona.io.StorageError
+        if isinstance(current, StorageError):
             return "storage-unwritable"
         current = current.__cause__ or current.__context__
     return None

@@ -370,7 +370,17 @@ def feedback_forget(
                 print("fedpersona: nothing deleted", file=sys.stderr)
                 # SystemExit, not typer.Exit: cli.main drops the code of a typer.Exit (standalone_mode=False)
                 raise SystemExit(1)
-        removed = st.forget()
+        others = st.open_elsewhere()
+        try:
+            removed = st.forget()
+        except OSError as err:
+            from fedpersona.io import storage_error
+
+            raise (storage_error(err, state, "feedback forget") or err) from None
+    if others:  # their descriptors now read zeros (DeviceState.forget); say who they were
+        print(f"fedpersona: note: process{'es' if len(others) > 1 else ''} {', '.join(map(str, others))} had your "
+              "memory open; its files were overwritten before they were deleted, so nothing of them stays "
+              "readable there (a `fedpersona client` or `chat` there goes on with an empty memory)", file=sys.stderr)
     chats_gone = f" and {conversations} conversation{'s' if conversations != 1 else ''}" if conversations else ""
     print(f"forgot {'the damaged memory' if pairs is None else f'{pairs} pairs'}{chats_gone}; deleted {', '.join(removed) or 'nothing'} from {state}"
           + ("; what they cost in privacy stays in privacy_record.json (hashes, no text), so importing them again "

@@ -41,6 +41,7 @@ from typing import Any
 
 from fedpersona.data.schema import PreferencePair, UserData, assign_split, iter_pairs_jsonl, validate_row
 from fedpersona.errors import UsageError
+from fedpersona.io import STORAGE_ERRNOS, StorageError, storage_error
 
 MEMORY_FILE = "memory.sqlite"
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")  # files SQLite keeps beside a database
@@ -152,6 +153,18 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _nearly_full(folder: Path, least: int = 1 << 20) -> bool:
+    """Whether the file system holding ``folder`` has less than ``least`` bytes free for us (1 MiB: a few
+    SQLite pages and WAL frames)."""
+    import os
+
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < least
+
+
 class PreferenceMemory:
     """The device's preference pairs in one SQLite file; safe to use from several processes at once.
 
@@ -175,7 +188,10 @@ class PreferenceMemory:
 
     # ------------------------------------------------------------------ connection
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise (storage_error(err, self.path.parent, "preference memory") or err) from None
         conn: sqlite3.Connection | None = None
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly what we say.
@@ -231,10 +247,34 @@ class PreferenceMemory:
         self.close()
 
     def damaged(self, err: sqlite3.DatabaseError) -> UsageError:
-        """The one line for a database SQLite cannot read (a damaged page, a truncated file, a busy lock)."""
-        if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+        """The one line for an error SQLite raised on the memory, by what it means for the user: a busy lock
+        (retry), a file system that refuses the write (no space left, read-only, no permission: a
+        ``StorageError`` saying so; the memory is intact and nothing was changed), a disk I/O error, and
+        only for a file SQLite finds corrupt: damaged (restore, salvage, or forget)."""
+        name = str(getattr(err, "sqlite_errorname", "") or "")
+        text = str(err)
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or (isinstance(err, sqlite3.OperationalError)
+                                                                  and "locked" in text):
             return UsageError(f"{self.path}: preference memory is busy (another process held it for "
                               f"{BUSY_TIMEOUT_S:.0f} s); retry when it has finished")
+        import errno
+
+        if name == "SQLITE_FULL" or "disk is full" in text:
+            return StorageError(f"{self.path}: preference memory: "
+                                + STORAGE_ERRNOS[errno.ENOSPC].format(path=self.path.parent)
+                                + "; the memory is intact and nothing was changed")
+        if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")) or "readonly" in text:
+            return StorageError(f"{self.path}: preference memory cannot be written ({text}): the folder is "
+                                "read-only, or you may not write there; use a writable --state (or fix the "
+                                "permissions); nothing was changed")
+        if (name.startswith("SQLITE_IOERR") or "disk I/O error" in text) and _nearly_full(self.path.parent):
+            # SQLite reports a WAL write that found no space as an I/O error: the free space says which it was
+            return StorageError(f"{self.path}: preference memory: "
+                                + STORAGE_ERRNOS[errno.ENOSPC].format(path=self.path.parent)
+                                + f" ({text}); the memory is intact and nothing was changed")
+        if name.startswith("SQLITE_IOERR") or "disk I/O error" in text:
+            return StorageError(f"{self.path}: preference memory: the disk reported an I/O error ({text}); check "
+                                "that it has free space and is healthy, then retry; the memory was not changed")
         return UsageError(f"{self.path}: preference memory is damaged ({err}); restore it from a backup, "
                           f"salvage its pairs with `sqlite3 {self.path} .recover`, or run "
                           "`fedpersona feedback forget` to start an empty one")
@@ -361,11 +401,16 @@ class PreferenceMemory:
         with self._write() as conn:
             return conn.execute("DELETE FROM pairs WHERE id = ?", (pair_id,)).rowcount == 1
 
-    def forget(self) -> int:
+    def forget(self, *, checkpoint: bool = True) -> int:
         """Delete every pair, every chat and the device's user id; returns how many pairs were deleted.
 
         ``secure_delete`` zeroes the freed pages and the WAL is checkpointed and truncated, so the text
-        does not linger in the file (best effort while another process holds a read snapshot).
+        does not linger in the file (best effort while another process holds a read snapshot: the old pages
+        it pins stay until it ends; ``DeviceState.forget`` overwrites the files for that case).
+
+        Args:
+            checkpoint: checkpoint and truncate the WAL (a TRUNCATE checkpoint waits up to the busy timeout
+                for readers; pass False when another process is known to hold the memory open).
         """
         with self._write() as conn:
             deleted = conn.execute("DELETE FROM pairs").rowcount
@@ -373,7 +418,8 @@ class PreferenceMemory:
             conn.execute("DELETE FROM chats")
             conn.execute("DELETE FROM meta")
             conn.execute("DELETE FROM sqlite_sequence WHERE name IN ('pairs', 'chats', 'chat_messages')")
-        self._checkpoint()
+        if checkpoint:
+            self._checkpoint()
         return int(deleted)
 
     def _checkpoint(self) -> None:

@@ -46,7 +46,8 @@ from fedpersona.device.memory import MEMORY_FILE, SQLITE_SIDECARS, PreferenceMem
 from fedpersona.device.policy import POLICY_FILE
 from fedpersona.device.privacy_record import RECORD_FILE
 from fedpersona.errors import UsageError
-from fedpersona.io import acquire_pid_lock, atomic_write, atomic_write_json, fsync_dir, release_pid_lock
+from fedpersona.io import (acquire_pid_lock, atomic_write, atomic_write_json, fsync_dir, release_pid_lock,
+                           storage_error)
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +93,42 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return info.st_dev, info.st_ino
+
+
+def _overwrite(path: Path) -> None:
+    """Zero ``path``'s bytes in place and fsync them (before it is unlinked): whoever still has the file open
+    reads zeros. (What the storage keeps of earlier blocks, e.g. on a copy-on-write file system or an SSD's
+    remapped cells, is the file system's; this makes the data unreadable through the file.)"""
+    size = path.stat().st_size
+    block = 1 << 20
+    with open(path, "r+b") as handle:
+        for start in range(0, size, block):
+            handle.write(bytes(min(block, size - start)))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _holders(identities: set[tuple[int, int]]) -> list[int]:
+    """Pids of other processes with a descriptor open on one of ``identities`` ((device, inode) pairs)."""
+    found: list[int] = []
+    proc = Path("/proc")
+    if not identities or not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                try:
+                    info = fd.stat()
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) in identities:
+                    found.append(int(entry.name))
+                    break
+        except OSError:  # another user's process, or one that just ended
+            continue
+    return sorted(found)
 
 
 def _now() -> str:
@@ -190,7 +227,10 @@ class DeviceState:
         if not self.dir.exists():
             if not create:
                 raise UsageError(f"--state {self.dir}: no device state here; add feedback first or check the path")
-            self.dir.mkdir(parents=True, mode=0o700)  # the user's private data: owner only
+            try:
+                self.dir.mkdir(parents=True, mode=0o700)  # the user's private data: owner only
+            except OSError as err:
+                raise (storage_error(err, self.dir, f"--state {self.dir}") or err) from None
         self.test_fraction = test_fraction
         self._memory: PreferenceMemory | None = None
         self._memory_identity: tuple[int, int] | None = None
@@ -482,27 +522,44 @@ class DeviceState:
             fsync_dir(self.dir)
         return removed
 
+    def open_elsewhere(self) -> list[int]:
+        """Pids of other processes that hold one of the user's files open (Linux: ``/proc/PID/fd``; elsewhere,
+        or where ``/proc`` cannot be read, an empty list)."""
+        wanted = set()
+        for name in USER_FILES:
+            for suffix in ("", *SQLITE_SIDECARS):
+                if (identity := _file_identity(self.dir / f"{name}{suffix}")) is not None:
+                    wanted.add(identity)
+        return _holders(wanted)
+
     def forget(self) -> list[str]:
         """Delete everything of the user's: pairs, private adapter, ledger, counters, ref cache, last reply.
 
         What the ledger spent goes to the privacy record first (keyed hashes of the pairs, no text), so
         re-importing the same pairs continues their budget instead of starting it over.
 
-        Takes the training lock (refused while training runs), wipes the pairs inside the database
-        first (so a process holding it open sees an empty memory), then deletes the files, their
-        SQLite sidecars and any temp files of interrupted writes. Returns the names deleted.
+        Takes the training lock (refused while training runs: a ``UsageError`` saying so), wipes the pairs
+        inside the database first (so a process holding it open sees an empty memory), then overwrites every
+        file's bytes with zeros in place (fsynced) and deletes it, with its SQLite sidecars and any temp
+        files of interrupted writes. Why overwrite: a process that still has a file open (a `fedpersona
+        client` or `chat` between rounds, whose read snapshot also keeps SQLite from rewriting the old pages)
+        would otherwise read the deleted file's text for as long as it runs; now it reads zeros (and reopens
+        an empty memory). ``open_elsewhere`` says which processes those were. Returns the names deleted.
         """
         from fedpersona.device.privacy_record import PrivacyRecord
 
         removed: list[str] = []
         with self.lock():
+            others = self.open_elsewhere()
             self._retire_ledger(PrivacyRecord(self.dir))
             meta = self.meta() if self.meta_path.exists() else None
             if meta and meta.get(LEDGER_STARTED):
                 atomic_write_json(self.meta_path, {**meta, LEDGER_STARTED: False})
             if self.memory_path.exists():
                 try:
-                    self.memory.forget()
+                    # with another process's snapshot open a full checkpoint would wait for it: the
+                    # overwrite below clears the pages it pins
+                    self.memory.forget(checkpoint=not others)
                 except UsageError:
                     pass  # a damaged database is deleted below all the same
             self.close_pieces()
@@ -510,6 +567,7 @@ class DeviceState:
                 for suffix in ("", *SQLITE_SIDECARS):
                     path = self.dir / f"{name}{suffix}"
                     if path.exists():
+                        _overwrite(path)
                         path.unlink()
                         removed.append(path.name)
                 for tmp in self.dir.glob(f".{name}.*.tmp"):

@@ -11,8 +11,10 @@ Adapters whose forward fedpersona changes with hooks PEFT knows nothing of (PAL:
 scales every prototype's ``lora_B`` by the user's gain) are materialized as ONE merged LoRA adapter,
 ``OUT/personal``, that plain PEFT computes exactly (:mod:`fedpersona.model.merge`).
 
-Each adapter folder is written to a temp folder and renamed into place, so an interrupted export never
-leaves a half-written adapter under its final name. Adapter folders and README are owner-only (0700 /
+Everything is written to temp files and folders first and renamed into place at the end, so an
+interrupted export never leaves a half-written adapter under its final name; an export the file system
+refuses (no space left, a read-only place, ``--out`` under a file) is one line (``UsageError``, exit 2)
+and leaves nothing behind: no temp files, and no ``--out`` folder it created. Adapter folders and README are owner-only (0700 /
 0600), like the state directory: the private adapter is derived from the user's feedback; ``chmod``
 them to share.
 """
@@ -99,6 +101,11 @@ def _outside_roles(resident: ResidentModel) -> set[str]:
 def _check_out_dir(out_dir: Path, adapters: list[str], force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir}: exists and is not a folder; pass a new or empty folder")
+    for parent in out_dir.absolute().parents:  # the nearest existing folder above must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out_dir}: {parent} is a file, not a folder; choose an --out in a folder")
+            break
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"--out {out_dir}: folder is not empty; pass --force to overwrite the export there, "
                          "or choose a new folder")
@@ -110,9 +117,10 @@ def _check_out_dir(out_dir: Path, adapters: list[str], force: bool) -> None:
                              "or choose another --out")
 
 
-def _write_adapter(name: str, config: Any, tensors: Mapping[str, torch.Tensor], out_dir: Path,
+def _stage_adapter(name: str, config: Any, tensors: Mapping[str, torch.Tensor], out_dir: Path,
                    base_ref: str) -> Path:
-    """Write one adapter folder (config + safetensors) atomically; returns its final path."""
+    """Write one adapter folder (config + safetensors) into a temp folder in ``out_dir``; returns the temp
+    folder (``_commit`` renames it into place). A failure removes it."""
     from safetensors.torch import save_file
 
     config = copy.deepcopy(config)
@@ -122,14 +130,53 @@ def _write_adapter(name: str, config: Any, tensors: Mapping[str, torch.Tensor], 
     try:
         save_file(dict(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
-        target = out_dir / name
-        if target.exists():
-            shutil.rmtree(target)  # checked by _check_out_dir: an earlier export's adapter folder
-        os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        from fedpersona.io import as_os_error
+
+        if not isinstance(err, OSError) and (os_error := as_os_error(err, tmp / WEIGHTS_NAME)) is not None:
+            raise os_error from err  # safetensors wraps ENOSPC & co in its own error
         raise
+    return tmp
+
+
+def _stage_text(path: Path, text: str) -> Path:
+    """``text`` in a temp file beside ``path`` (renamed into place by ``_commit``)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+def _commit(tmp: Path, target: Path) -> Path:
+    """Rename a staged file or folder into place (an earlier export's adapter folder is replaced)."""
+    if target.is_dir() and tmp.is_dir():
+        shutil.rmtree(target)  # checked by _check_out_dir: an earlier export's adapter folder
+    os.replace(tmp, target)
     return target
+
+
+def _write_adapter(name: str, config: Any, tensors: Mapping[str, torch.Tensor], out_dir: Path,
+                   base_ref: str) -> Path:
+    """One adapter folder written and renamed into place (``_stage_adapter`` then ``_commit``)."""
+    return _commit(_stage_adapter(name, config, tensors, out_dir, base_ref), out_dir / name)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (what ``mkdir(parents=True)``
+    creates), None if ``folder`` exists."""
+    missing = None
+    for candidate in (folder, *folder.absolute().parents):
+        if candidate.exists():
+            return missing
+        missing = candidate
+    return missing
 
 
 def readme_text(adapters: list[str], base_ref: str, info: Mapping[str, Any]) -> str:
@@ -239,18 +286,35 @@ def export_adapters(resident: ResidentModel, out_dir: str | Path, *, base_model:
             contents[MERGED_ADAPTER] = (config, tensors)
             roles[MERGED_ADAPTER] = sorted({r for a in mixed for r in _roles(resident, a)} | _outside_roles(resident))
             details["merged"] = {MERGED_ADAPTER: merged}
-    out_dir.mkdir(parents=True, exist_ok=True)
     base_ref = base_model_reference(base_model)
     details = {**(info or {}), "base_model_name_or_path": base_ref, "strength": strength, "adapters": adapters,
                "roles": roles, "prompt_format": resident.prompt_format.name,
                "reproduces": f"fedpersona generate --strength {strength}",
                "exact": MERGED_EXACT if mixed else EXACT,
                "notes": notes, **details, "out_dir": str(out_dir.resolve())}
-    written = [_write_adapter(name, config, tensors, out_dir, base_ref)
-               for name, (config, tensors) in contents.items()]
-    from fedpersona.io import atomic_write_text
-
     manifest = {k: v for k, v in details.items() if k != "out_dir"}
-    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-    atomic_write_text(out_dir / README_NAME, readme_text(adapters, base_ref, details))
-    return written
+    created = _first_missing(out_dir)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, (config, tensors) in contents.items():
+            staged.append((_stage_adapter(name, config, tensors, out_dir, base_ref), out_dir / name))
+        staged.append((_stage_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n"),
+                       out_dir / MANIFEST_NAME))
+        staged.append((_stage_text(out_dir / README_NAME, readme_text(adapters, base_ref, details)),
+                       out_dir / README_NAME))
+        written = [_commit(tmp, target) for tmp, target in staged]
+    except OSError as err:
+        for tmp, _ in staged:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)  # the folders this export made: nothing left behind
+        from fedpersona.io import storage_error
+
+        raise (storage_error(err, out_dir, f"export --out {out_dir}")
+               or UsageError(f"export --out {out_dir}: cannot write there ({err.strerror or err}); choose another "
+                             "folder; nothing was written")) from None
+    return written[: len(contents)]
