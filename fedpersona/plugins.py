@@ -36,7 +36,12 @@ _SPEC = re.compile(r"^\s*(?P<name>[^()\s]+?)\s*(?:\((?P<args>.*)\))?\s*$", re.S)
 
 @dataclass(frozen=True)
 class Spec:
-    """A parsed method spec: ``name`` (registered name or ``module:ATTR``) and its string arguments."""
+    """A parsed method spec: ``name`` (registered name or ``module:ATTR``) and its string arguments.
+
+    Attributes:
+        name: a registered name (``dpo``) or an import path (``mylosses:dpop``).
+        args: the ``key=value`` arguments as written, untyped (``typed_arguments`` types them).
+    """
 
     name: str
     args: dict[str, str] = field(default_factory=dict)
@@ -188,7 +193,14 @@ def coerce(value: str, annotation: Any, where: str) -> Any:
 
 
 def literal(value: str) -> bool | int | float | str:
-    """An untyped argument read as what it looks like: ``true``/``false``, an int, a float, else the text."""
+    """An untyped argument read as what it looks like: ``true``/``false``, an int, a float, else the text.
+
+    Args:
+        value: the argument as written.
+
+    Returns:
+        A bool, an int, a float, or ``value`` itself.
+    """
     lowered = value.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -347,7 +359,14 @@ class Registry(Generic[T]):
         return item, spec.args
 
     def canonical(self, text: str) -> str:
-        """The spec with a registered name spelled as registered (``fedavg`` -> ``FedAvg``)."""
+        """The spec with a registered name spelled as registered (``fedavg`` -> ``FedAvg``).
+
+        Args:
+            text: a spec, ``NAME`` or ``module:ATTR``, with or without arguments.
+
+        Returns:
+            The spec as registered (an import path or an unknown name: ``text``, stripped).
+        """
         spec = parse_spec(text, self.setting)
         found = None if spec.is_import_path else self._find(spec.name)
         return str(Spec(found, spec.args)) if found else text.strip()
