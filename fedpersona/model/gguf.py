@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,8 @@ def ensure_converted(source: Path, label: str | None = None) -> Path:
         raise UsageError(f"--model {label}: reading GGUF files needs the gguf package; install it with: pip install gguf")
     with _locked(models / f".{target.name}.lock"):  # one converter; the others wait, then find it done
         if not (target / "config.json").exists():
-            log.info("converting %s to an HF folder (once) in %s", source, target)
+            log.info("converting %s to an HF folder (once; tens of seconds) in %s", source, target)
+            started = time.monotonic()
             for stale in models.glob(f".{target.name}.*"):  # left by a killed converter (we hold the lock)
                 if stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
@@ -121,6 +123,7 @@ def ensure_converted(source: Path, label: str | None = None) -> Path:
                 os.replace(tmp, target)  # the folder appears whole or not at all
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            log.info("converted %s in %.0f s", source.name, time.monotonic() - started)
     return target
 
 
@@ -177,11 +180,9 @@ def _convert(source: Path, out: Path, label: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
-    # as load_base does; transformers' own "de-quantizing GGUF tensors" bar (plain tqdm) still shows: the
-    # one sign of progress in this once-per-file step of tens of seconds
-    transformers.logging.disable_progress_bar()
+    transformers.logging.disable_progress_bar()  # as load_base does
     try:
-        with _parse_once():
+        with _parse_once(), _no_loader_bar():
             tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
             loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     except Exception as err:  # noqa: BLE001 -- any failure to parse the user's file is a bad-input report
@@ -200,6 +201,30 @@ def _convert(source: Path, out: Path, label: str) -> None:
         plain.generation_config = loaded.generation_config
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)  # with its chat template
+
+
+@contextlib.contextmanager
+def _no_loader_bar() -> Iterator[None]:
+    """Within the block, transformers' GGUF loader draws no progress bar.
+
+    Its "Converting and de-quantizing GGUF tensors" bar is a plain ``tqdm`` that ignores transformers' own
+    progress-bar switch, so it printed under every ``--quiet``. The conversion is logged instead (start
+    and time taken, ``ensure_converted``). transformers imports ``tqdm`` into the loader's module, which is
+    where it is swapped; should that change, this does nothing."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as loader
+    except ImportError:
+        yield
+        return
+    original = getattr(loader, "tqdm", None)
+    if original is None:
+        yield
+        return
+    loader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        loader.tqdm = original
 
 
 @contextlib.contextmanager
