@@ -146,7 +146,7 @@ mkdir -p "$RUN/feedback"
 for i in 1 2; do  # users 0 and 1 of PreferenceSimulator("conflicting", 2, seed 0): opposite persona groups
   "${PODMAN[@]}" run --rm --network none --user root -v "$RUN/feedback:/out" "$CLIENT_IMAGE" \
     data synthetic --scenario conflicting --users 2 --seed 0 --user "$((i - 1))" --user-id "user-$i" \
-    --out "/out/user-$i.jsonl" | sed 's/^/  /'
+    --out "/out/user-$i.jsonl" | sed 's/^/  /' || die "fedpersona data synthetic failed in $CLIENT_IMAGE"
 done
 chmod 644 "$RUN"/feedback/*.jsonl
 done_step
