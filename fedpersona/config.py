@@ -205,10 +205,15 @@ class RunConfig:
     # ---- reply validation
     validate_replies: bool = setting(True, "Validate every reply before any strategy sees it; false only to "
                                      "measure what validation prevents.", "validation")
-    max_update_norm: float = setting(0.0, "Reject an update whose L2 distance from the sent global tensors exceeds "
-                                     "this; 0: off.", "validation")
-    update_norm_ratio: float = setting(10.0, "Reject an update above this x the median norm of the round's other "
-                                       "replies; 0: off.", "validation")
+    max_update_norm: float = setting(0.0, "Clip every update (the L2 distance of a reply's shared tensors from those "
+                                     "sent) to this norm; 0: update-norm-ratio x the server's reference norm "
+                                     "(user-dp-clip under user-level DP).", "validation")
+    update_norm_ratio: float = setting(3.0, "Clip each update to this x the reference norm: the largest median "
+                                       "clipped update norm of the last 3 rounds (before any: shared-lr x "
+                                       "sqrt(shared parameters) x min-steps); never the round's own replies; 0: no "
+                                       "clipping.", "validation")
+    reply_weight_ratio: float = setting(4.0, "Cap each reply's weight (num-examples) at this x the round's median "
+                                        "weight, so no single reply dominates the average; 0: no cap.", "validation")
     max_reply_weight: float = setting(1e5, "Largest num-examples (pairs; under DP the released count) a reply may "
                                       "claim.", "validation")
     # ---- simulated attacks
@@ -454,10 +459,13 @@ class RunConfig:
                 from fedpersona.data.formats import FORMATS
 
                 FORMATS.get(fmt)  # unknown or broken format: one line
-        need(0.0 <= self.max_update_norm < math.inf, "max_update_norm", "must be a finite number >= 0 (0: off)")
+        need(0.0 <= self.max_update_norm < math.inf, "max_update_norm",
+             "must be a finite number >= 0 (0: the server's reference norm)")
         need(self.update_norm_ratio == 0 or 1.0 <= self.update_norm_ratio < math.inf, "update_norm_ratio",
-             "must be 0 (off) or a finite number >= 1 (a multiple of the round's median update norm)")
+             "must be 0 (no clipping) or a finite number >= 1 (a multiple of the reference update norm)")
         need(1.0 <= self.max_reply_weight < math.inf, "max_reply_weight", "must be a finite number >= 1 (pairs)")
+        need(self.reply_weight_ratio == 0 or 1.0 <= self.reply_weight_ratio < math.inf, "reply_weight_ratio",
+             "must be 0 (no cap) or a finite number >= 1")
         if self.attack:
             from fedpersona.strategies.attacks import ATTACKS
 

@@ -34,19 +34,44 @@ def _reasons(counts: dict[str, int] | None) -> str:
     return f"{total} ({', '.join(f'{r} {n}' for r, n in counts.items())})" if total else ""
 
 
+NAMED = 4  # users named per reason on a round line (the rest counted)
+
+
+def _who(row: dict[str, Any]) -> dict[str, list[str]]:
+    """Reason -> who was rejected for it (``{phase}_rejected_by`` of the row: users, not node ids)."""
+    names: dict[str, list[str]] = {}
+    for phase in ("train", "eval"):
+        for who, reason in row.get(f"{phase}_rejected_by") or []:
+            names.setdefault(str(reason), []).append(str(who))
+    return names
+
+
 def set_apart(row: dict[str, Any]) -> str:
-    """The round's rejected, declined and failed replies, both phases, for the round line ("" when none)."""
+    """The round's rejected, declined and failed replies, both phases, for the round line ("" when none):
+    each reason with its count and, for rejections, who (``rejected 2 (non-finite 2: user 3, user 7)``);
+    then the accepted replies whose influence was bounded (``clipped 1``, ``weight-capped 1``)."""
     parts = []
+    names = _who(row)
     for kind in ("rejected", "declined"):
         counts: dict[str, int] = {}
         for phase in ("train", "eval"):
             for reason, n in (row.get(f"{phase}_{kind}_reasons") or {}).items():
                 counts[reason] = counts.get(reason, 0) + n
-        if text := _reasons(counts):
-            parts.append(f"{kind} {text}")
+        total = sum(counts.values())
+        if not total:
+            continue
+        items = []
+        for reason, n in counts.items():
+            shown = names.get(reason, [])[:NAMED] if kind == "rejected" else []
+            more = f", +{n - len(shown)} more" if shown and n > len(shown) else ""
+            items.append(f"{reason} {n}" + (f": {', '.join(shown)}{more}" if shown else ""))
+        parts.append(f"{kind} {total} ({('; ' if kind == 'rejected' and names else ', ').join(items)})")
     failed = int(row.get("train_failures") or 0) + int(row.get("eval_failures") or 0)
     if failed:  # a ClientApp error: the reason is in the client's log, the count belongs on the console
         parts.append(f"failed {failed}")
+    for key, label in (("train_clipped", "clipped"), ("train_weight_capped", "weight-capped")):
+        if row.get(key):
+            parts.append(f"{label} {row[key]}")
     return "  ".join(parts)
 
 
@@ -59,9 +84,14 @@ class QuietReporter:
     def start(self, num_rounds: int, done: int = 0) -> None: ...
 
     def waiting(self, connected: int, needed: int) -> None:
+        """A line when the count changes: Flower says the same every second while it waits."""
+        if getattr(self, "_waited", None) == (connected, needed):
+            return
+        self._waited = (connected, needed)
         PROGRESS.info("waiting for %d devices: %d connected", needed, connected)
 
     def phase(self, server_round: int, phase: str) -> None:
+        self._waited = None  # a later wait for devices is said again
         PROGRESS.info("round %d: %s", server_round, phase)
 
     def replies(self, done: int, total: int) -> None: ...

@@ -85,7 +85,8 @@ class ServerOptions:
     def check(self, config: RunConfig) -> tuple[TLSFiles | None, Checkpoint | None]:
         """(TLS files, the checkpoint ``--resume`` continues: None without it). Raises UsageError on
         contradicting options, a resume with nothing (valid) to continue, or an unfinished or damaged
-        earlier run's checkpoint met without --resume or --fresh. Reads and writes nothing else."""
+        earlier run's checkpoint met without --resume or --fresh. Writes nothing; with --resume it reads the
+        checkpoints and the model's shared-adapter shapes (the ServerApp's tensor check, ``Checkpointing.verify``)."""
         tls = self.tls()
         if not 0 < self.port < 65536:
             raise UsageError(f"--port {self.port}: not a TCP port")
@@ -108,8 +109,11 @@ class ServerOptions:
             if checkpoint.round >= config.rounds:
                 raise UsageError(f"--resume: {where} is at round {checkpoint.round} of {config.rounds} already; raise "
                                  "--rounds to train further")
-            Checkpointing(config, self.checkpoints, False).check_resumable(checkpoint)  # the ServerApp checks too
-            return tls, checkpoint
+            resumed = Checkpointing(config, self.checkpoints, False)
+            resumed.check_resumable(checkpoint)  # the ServerApp checks too
+            resumed.checkpoint = checkpoint  # and falls back past a round whose tensors do not fit (NaN, shapes):
+            resumed.verify(shared_spec(config))  # so the round said and resumed from is the one it will use
+            return tls, resumed.checkpoint
         if self.fresh:
             return tls, None
         info, problem = read_pointer(self.checkpoints)
@@ -124,6 +128,14 @@ class ServerOptions:
             raise UsageError(f"{where} holds round {info['round']} of {info.get('num_rounds')} of an unfinished run; "
                              "add --resume to continue it, or --fresh to discard it and start over")
         return tls, None
+
+
+def shared_spec(config: RunConfig) -> Any:
+    """The run's shared tensors (``TensorSpec``), as the ServerApp makes them from the model: what a resumed
+    checkpoint must fit."""
+    from fedpersona.server.federation import SharedShapes
+
+    return SharedShapes.of(config).spec
 
 
 def _finished(info: dict[str, Any]) -> bool:
@@ -221,6 +233,8 @@ class RunWatch:
         self.connected = 0  # nodes Flower last counted
         self.needed: int | None = None  # while Flower waits for nodes: how many it needs
         self.pushed = 0  # replies the SuperLink has received since this watch began
+        self._waiting: tuple[str, str] | None = None  # counts of the last waiting line copied to the log
+        self._repeats = 0  # identical waiting lines since, not copied
         self.base = 0  # self.pushed when the current phase began
 
     def poll(self) -> None:
@@ -229,10 +243,24 @@ class RunWatch:
         for raw in self.run_log.lines():
             line = _ANSI.sub("", raw).rstrip()
             if line.strip():
-                self.copy.info("%s", line)
+                self._copy(line)
             self.read(line)
         if self.phase is not None and self.superlink_log is not None:
             self.reporter.replies(min(max(self.pushed - self.base, 0), self.total), self.total)
+
+    def _copy(self, line: str) -> None:
+        """Copy a line of the run's log into the server's log; Flower's waiting line, which it repeats every
+        second while too few devices are connected, once per change of its counts (then how often it came)."""
+        match = self.WAITING.search(line)
+        state = (match[1], match[2]) if match else None
+        if state is not None and state == self._waiting:
+            self._repeats += 1
+            return
+        if self._repeats:
+            self.copy.info("(the waiting line above came %d more times)", self._repeats)
+            self._repeats = 0
+        self._waiting = state
+        self.copy.info("%s", line)
 
     def read(self, line: str) -> None:
         """One line of the run's log."""

@@ -34,6 +34,7 @@ from fedpersona.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
 from fedpersona.server.user_grid import UserGrid
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
+from fedpersona.server.reply_names import ReplyNames
 from fedpersona.server.sampling import round_seed_sampling
 from fedpersona.server.resume import Checkpointing
 from fedpersona.privacy.user_level import user_level_report, wrap_strategy
@@ -164,9 +165,9 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     seed_server_randomness(config, checkpoints.done)
     recorder = RoundRecorder(num_rounds=config.rounds, eval_every=config.eval_every, out_dir=out_dir,
                              on_round=reporter.round_done, on_phase=reporter.phase,
-                             screen=ReplyScreen(shapes.spec, ScreenSettings.from_config(config)),
+                             screen=ReplyScreen(shapes.spec, ScreenSettings.from_config(config, shapes.shared_count)),
                              evaluate_fraction=config.evaluate_fraction, seed=config.seed,
-                             per_user_rows=config.per_user_rows)
+                             per_user_rows=config.per_user_rows, names=ReplyNames(simulation=not deployment))
     strategy = make_strategy(config, recorder)
     round_seed_sampling(strategy, config.seed)  # sees true round numbers: resume_into's shift wraps it
     initial = checkpoints.resume_into(strategy, recorder) or ArrayRecord(shapes.initial)
@@ -239,6 +240,10 @@ def run_summary(config: RunConfig, recorder: RoundRecorder, shapes: SharedShapes
         # measurement); a device sends them only if its own policy allows (under DP by default it does not)
         "evaluation_replies": "device policy" if deployment else "exact (simulated users)",
     }
+    # whose word epsilon_max is: the largest epsilon the replies reported (checked finite and >= 0, nothing more)
+    summary["epsilon_max_source"] = None if summary.get("epsilon_max") is None else (
+        "devices' own claims (their privacy ledgers; the server cannot verify them)" if deployment else
+        "simulated users' privacy ledgers")
     summary.update(signal_keys(config, deployment))
     if config.user_dp_noise > 0:
         summary.update(user_level_report(

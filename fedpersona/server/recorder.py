@@ -19,8 +19,12 @@ Every reply goes through the run's ``ReplyScreen`` (``fedpersona.strategies.vali
 strategy sees it: only accepted replies are aggregated (training) or recorded and averaged (evaluation).
 Rows carry what was set apart, per phase: ``train_rejected`` / ``eval_rejected`` (counts),
 ``train_rejected_reasons`` / ``eval_rejected_reasons`` and ``train_declined_reasons`` /
-``eval_declined_reasons`` ({reason: count}), ``eval_declined``; the summary their run totals
-(``rejected_replies``, ``rejected_reasons``, ``declined_reasons``, both phases together).
+``eval_declined_reasons`` ({reason: count}), ``eval_declined``, ``train_rejected_by`` / ``eval_rejected_by``
+(``[who, reason]`` pairs, at most ``REJECTED_BY_ROW``: users, not node ids, ``server.reply_names``); the
+summary their run totals (``rejected_replies``, ``rejected_reasons``, ``declined_reasons``, both phases
+together). Training rows also say how the accepted replies were bounded (``fedpersona.strategies.influence``):
+``train_clipped``, ``train_weight_capped`` and the round's clip norm ``update_norm_bound`` (null: none); the
+summary's ``clipped_replies`` and ``weight_capped_replies`` are their run totals.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
 from fedpersona.io import append_jsonl, atomic_write_json
+from fedpersona.protocol import TRAIN_LOSS_KEY
+from fedpersona.server.reply_names import ReplyNames
 from fedpersona.strategies.validation import ReplyScreen, Screened, rejected_count_against
 
 MODELS = ("personalized", "global", "base")
+REJECTED_BY_ROW = 20  # (who, reason) pairs of rejected replies listed per row and phase
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -53,12 +60,17 @@ class RoundRecorder:
     def __init__(self, *, num_rounds: int, eval_every: int, out_dir: str | Path | None,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  on_phase: Callable[[int, str], None] | None = None, screen: ReplyScreen | None = None,
-                 evaluate_fraction: float = 1.0, seed: int = 0, per_user_rows: bool = True) -> None:
+                 evaluate_fraction: float = 1.0, seed: int = 0, per_user_rows: bool = True,
+                 names: ReplyNames | None = None) -> None:
         self.num_rounds = num_rounds
         self.evaluate_fraction = evaluate_fraction  # users evaluated on a round before the last
         self.seed = seed  # of the evaluation samples (one per round, the same every run)
         self.per_user_rows = per_user_rows
         self.screen = screen or ReplyScreen.permissive()  # what may reach the strategy (see module docstring)
+        self.names = names or ReplyNames(simulation=True)  # who sent a reply, for people (users, not node ids)
+        self.screen.name_of = self.names
+        self.update_norm_medians = self.screen.reference.medians  # the clip bound's history (checkpointed)
+        self.bounded_replies: dict[str, int] = {"clipped": 0, "weight-capped": 0}  # run totals
         self.eval_every = eval_every
         self.out_dir = Path(out_dir) if out_dir else None
         self.on_round = on_round
@@ -101,13 +113,18 @@ class RoundRecorder:
         self.bytes_up.extend(sizes)
         for m in screened.accepted + [m for m, _ in screened.declined]:  # a rejected reply's epsilon is no datum
             eps = _metric(m, "epsilon")
-            if isinstance(eps, (int, float)) and np.isfinite(eps):
+            if isinstance(eps, (int, float)) and not isinstance(eps, bool) and np.isfinite(eps) and eps >= 0:
                 self.epsilons.append(float(eps))
+        self.bounded_replies["clipped"] += screened.clipped
+        self.bounded_replies["weight-capped"] += screened.weight_capped
         self._train[server_round] = {
             "train_replies": len(screened.accepted),
             "train_declined": len(screened.declined),
             "train_failures": len(screened.failures),
             **self._set_apart("train", screened),
+            # bounded influence (fedpersona.strategies.influence): accepted replies clipped / weight-capped
+            "train_clipped": screened.clipped, "train_weight_capped": screened.weight_capped,
+            "update_norm_bound": screened.update_norm_bound if np.isfinite(screened.update_norm_bound) else None,
             "bytes_up_mean": float(np.mean(sizes)) if sizes else 0.0,
         }
         if not self.should_evaluate(server_round):
@@ -133,13 +150,16 @@ class RoundRecorder:
             for reason, n in counts.items():
                 totals[reason] = totals.get(reason, 0) + n
         return {f"{phase}_rejected": len(screened.rejected), f"{phase}_rejected_reasons": screened.rejected_reasons,
-                f"{phase}_declined_reasons": screened.declined_reasons}
+                f"{phase}_declined_reasons": screened.declined_reasons,
+                # who was rejected and why, for people (at most REJECTED_BY_ROW of them; the counts say all)
+                f"{phase}_rejected_by": [[who, reason] for who, reason in screened.rejected_by[:REJECTED_BY_ROW]]}
 
     def record_evaluate(self, server_round: int, screened: Screened) -> None:
         """Record the accepted evaluation replies (declined and rejected ones are only counted)."""
         self._count_outcomes(screened, train=False)
         this_round: dict[int, dict[str, float]] = {}  # training users evaluated now
         for msg in screened.accepted:
+            self.names.learn(msg)  # a device's user-index names its later replies
             metrics = msg.content.metric_records.get("metrics")
             if metrics is None or "user-index" not in metrics or any(f"acc-{m}" not in metrics for m in MODELS):
                 continue
@@ -227,6 +247,9 @@ class RoundRecorder:
         spent = list(self.last_epsilon.values()) + self.epsilons
         out["epsilon_max"] = max(spent) if spent else None
         out["rejected_replies"] = sum(self.rejected_reasons.values())
+        # accepted training replies whose influence was bounded (fedpersona.strategies.influence), run totals
+        out["clipped_replies"] = self.bounded_replies["clipped"]
+        out["weight_capped_replies"] = self.bounded_replies["weight-capped"]
         out["rejected_reasons"] = dict(sorted(self.rejected_reasons.items()))
         out["declined_reasons"] = dict(sorted(self.declined_reasons.items()))
         return out
@@ -237,20 +260,33 @@ def _metric(msg: Message, key: str) -> Any:
     return None if metrics is None or key not in metrics else metrics[key]
 
 
+def _requested_metrics(messages: list[Message]) -> list[str]:
+    """The metric keys a round's train messages ask every reply for (``protocol.TRAIN_LOSS_KEY``: QFedAvg's
+    loss), from what was really sent."""
+    for msg in messages[:1]:
+        for record in msg.content.config_records.values():
+            if TRAIN_LOSS_KEY in record:
+                return [str(record[TRAIN_LOSS_KEY])]
+    return []
+
+
 def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
     """Make ``strategy`` record into ``recorder`` (in place; aggregation logic unchanged) and aggregate only
     the replies ``recorder.screen`` accepts; with none accepted the global tensors stay as they were."""
     base = type(strategy)
     sent: dict[str, ArrayRecord | None] = {"arrays": None}  # this round's global tensors (not strategy state)
+    requested: list[str] = []  # metric keys the strategy asked every training reply for (protocol.TRAIN_LOSS_KEY)
 
     class Recording(base):  # type: ignore[misc, valid-type]
         def configure_train(self, server_round: int, arrays, config, grid) -> Iterable[Message]:
             recorder.on_phase(server_round, "train")
             sent["arrays"] = arrays
-            return super().configure_train(server_round, arrays, config, grid)
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            requested[:] = _requested_metrics(messages)
+            return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-            screened = recorder.screen.train(replies, sent["arrays"], server_round)
+            screened = recorder.screen.train(replies, sent["arrays"], server_round, requested=requested)
             recorder.record_train(server_round, screened)
             if not screened.accepted:
                 return None, None  # Flower's Strategy.start keeps the current arrays when it gets None

@@ -54,8 +54,10 @@ def offset_rounds(strategy: Any, done: int) -> Any:
 
 
 # Recorder attributes that carry totals across rounds (the summary is computed from them).
-_RECORDER_TOTALS = ("bytes_up", "epsilons", "last_eval", "last_epsilon", "rejected_reasons", "declined_reasons")
-_BY_REASON = ("rejected_reasons", "declined_reasons")  # keyed by reason code; the other dicts by user index
+_RECORDER_TOTALS = ("bytes_up", "epsilons", "last_eval", "last_epsilon", "rejected_reasons", "declined_reasons",
+                    "bounded_replies", "update_norm_medians")
+# keyed by reason code (or kind); the other dicts by user index
+_BY_REASON = ("rejected_reasons", "declined_reasons", "bounded_replies")
 
 
 def recorder_totals(recorder: Any) -> dict[str, Any]:

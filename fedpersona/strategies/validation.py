@@ -7,33 +7,37 @@ aggregation (or broadcasts a shape-[1] tensor into every coordinate), and even F
 through. ``ReplyScreen`` sits in front of every strategy (Flower's built-ins, wrappers, users'
 ``module:Class`` strategies; ``fedpersona.server.recorder.attach_recorder`` calls it) and splits a round's
 replies into accepted, rejected (with a reason code) and declined ones; only the accepted ones reach
-the strategy.
+the strategy, each with its influence bounded (``fedpersona.strategies.influence``).
 
-Training reply checks, in order (the first failure is the reason):
+Rejection is for what cannot be honest. Training reply checks, in order (the first failure is the reason):
 
-* structure: exactly one ArrayRecord (none: ``missing-key``, more: ``extra-key``) and exactly one
-  MetricRecord of finite scalars (``bad-metric``);
+* structure: exactly one ArrayRecord and one MetricRecord, named as the protocol names them (``arrays``,
+  ``metrics``; none: ``missing-key``, more or another name: ``extra-key`` / ``bad-metric``);
+* metrics: every value a finite scalar, every key one the protocol lets a training reply carry
+  (``TRAIN_METRIC_KEYS``, plus the loss key the strategy asked for, which must then be there), ``epsilon``
+  and ``train-steps`` >= 0 (``bad-metric``). The keys come from the protocol, never from a vote among the
+  replies: a replier cannot get another reply rejected by what it sends;
 * weight: ``num-examples`` a finite number in ``(0, max-reply-weight]`` (default 1e5 pairs; under
-  pair-level DP this is the released noisy count, at least 1, so the same bound holds) (``bad-weight``);
+  pair-level DP the released noisy count, at least 1, so the same bound holds); exactly 1 under
+  user-level DP, whose protocol fixes every weight (``bad-weight``);
 * tensors: exactly the run's shared keys (``missing-key``, ``extra-key``) in the run's order (several
-  Flower strategies pair tensors up by position), each with the run's shape (``wrong-shape``) and dtype (``wrong-dtype``; also an array that cannot be decoded), all values
-  finite (``non-finite``);
-* the same metric keys as the round's other replies: Flower refuses to aggregate a round whose
-  MetricRecords differ, so the odd ones out are dropped (``bad-metric``; majority, ties resolved by the
-  previous round's keys);
-* update norm: ``||reply - sent||_2`` over all shared tensors (the L2 distance from the global tensors the
-  server sent this round). Above ``max-update-norm`` when that is > 0 (norm bounding, Sun et al. 2019,
-  "Can you really backdoor federated learning?", arXiv 1911.07963), and always above ``update-norm-ratio``
-  (default 10) times the median norm of the round's *other* otherwise-valid replies (``update-norm``).
-  The median of the others, not of all: with two replies the median of both is half the larger one, so a
-  x1e6 update would pass; against the other one alone it does not. With a single reply there is no
-  reference and only the absolute bound applies; zero norms (nothing trained) give no scale either.
-  A median bound is the robust-statistics idea behind Krum / coordinate-wise median rules (Blanchard et
-  al. 2017, "Machine learning with adversaries: Byzantine tolerant gradient descent"; Yin et al. 2018):
-  with fewer than half the replies malicious, the median is an honest reply's norm.
+  Flower strategies pair tensors up by position), each with the run's shape (``wrong-shape``) and dtype
+  (``wrong-dtype``; also an array that cannot be decoded), all values finite (``non-finite``).
 
-Evaluation reply checks: one MetricRecord of finite scalars; every ``acc-*`` in [0, 1] (``bad-metric``);
-``num-examples`` finite and >= 0 (``bad-weight``).
+An accepted reply is then bounded, not judged: its update (reply minus the tensors sent) is clipped to the
+server's norm bound and its weight capped relative to the round (``influence.bound_replies``; settings
+``max-update-norm``, ``update-norm-ratio``, ``reply-weight-ratio``). A large honest update (a user with
+many pairs) is kept at a bounded size instead of being dropped. Under secure aggregation the strategy gets
+one sum the server made itself (``fedpersona.server.secure``; each device bounds its own contribution):
+its metric keys are the sum's and nothing is clipped or capped here.
+
+Evaluation reply checks: one MetricRecord of finite scalars with keys from ``EVALUATE_METRIC_KEYS`` or
+the ``acc-`` / ``gen-`` families (at most ``MAX_KEY`` characters); every ``acc-*`` in [0, 1], ``epsilon``
+>= 0 (``bad-metric``); ``num-examples`` finite and >= 0 (``bad-weight``).
+
+What the log says about a reply is bounded (``MAX_DETAIL`` characters): a key or value a replier chose is
+cut and its size said, never written whole. Replies are named by ``name_of`` (the recorder names users:
+a simulated user by its index, a device by the ``user-index`` it reported, else its node id).
 
 Byzantine-robust rules (Krum, MultiKrum, Bulyan) are told ``f = num_malicious_nodes``, a bound on the
 faulty replies among those they get. Replies the screen rejected were faulty, so among the accepted ones
@@ -44,16 +48,15 @@ dropped anything).
 Declined replies (``fedpersona.protocol.decline_reason``: the device chose not to take part, e.g. its
 privacy policy or budget) are not rejects: they are set apart and counted per reason. Replies that carry
 a Flower error are counted as failures, as before. With ``validate-replies=false`` (the robustness
-benchmark's "without validation" rows) only those two are set apart and everything else is accepted.
+benchmark's "without validation" rows) only those two are set apart; everything else is accepted as sent.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +64,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedpersona.protocol import NUM_EXAMPLES, decline_reason
+from fedpersona.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, decline_reason
+from fedpersona.strategies.influence import Bounded, InfluenceBounds, NormReference, a_priori_update_norm, bound_replies
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +76,80 @@ REJECT_REASONS: dict[str, str] = {
     "extra-key": "a tensor (or an ArrayRecord) the run does not share",
     "wrong-shape": "a tensor's shape is not the run's",
     "wrong-dtype": "a tensor's dtype is not the run's, or it cannot be decoded",
-    "bad-weight": "num-examples is missing, not finite, not positive or above max-reply-weight",
-    "update-norm": "the update's L2 norm exceeds max-update-norm or update-norm-ratio x the round's median",
-    "bad-metric": "a metric is missing, not a finite scalar, out of range, or its keys differ from the round's",
+    "bad-weight": "num-examples is missing, not finite, not positive, above max-reply-weight or not the protocol's",
+    "bad-metric": "a metric is not a finite scalar, out of range, missing, or a key the protocol does not know",
 }
+# The metric keys a reply may carry (fedpersona.protocol; fedpersona.client.app.train_reply and the
+# evaluations of fedpersona.client.cohort / fedpersona.client.device write them). A training reply carries
+# train-steps without DP and epsilon under pair-level DP (a user of a simulated population may train at its
+# own epsilon in a round without DP: both keys are allowed in every round), plus the loss key a strategy asks
+# for (QFedAvg; ``fedpersona.protocol.TRAIN_LOSS_KEY``).
+TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, DECLINED, "train-steps", "epsilon"})
+# An evaluation reply: the user's index and counters, accuracies ``acc-<model>`` and the generation checks'
+# ``gen-...`` values (fedpersona.round.evaluate), families named by prefix; no key longer than MAX_KEY.
+EVALUATE_METRIC_KEYS = frozenset({NUM_EXAMPLES, DECLINED, "user-index", "rounds-trained", "epsilon", "private-params"})
+EVALUATE_METRIC_PREFIXES = ("acc-", "gen-")
+MAX_KEY = 64
+NON_NEGATIVE = ("epsilon", "train-steps", "rounds-trained", "private-params")
+MAX_DETAIL = 200  # characters of one rejection's detail in the log
+
+
+def short(value: Any, limit: int = 40) -> str:
+    """``repr`` of something a replier chose, cut for a log line.
+
+    Args:
+        value: a key, value or name from a reply (any size).
+        limit: the most characters of its ``repr`` kept.
+
+    Returns:
+        The ``repr``, or its first ``limit`` characters and its full length; a list as its length only.
+    """
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} values"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 @dataclass(frozen=True)
 class ScreenSettings:
-    """The bounds a reply must respect (``RunConfig``'s ``validate-replies`` block)."""
+    """The bounds a reply must respect (``RunConfig``'s "validation" settings), see the module docstring.
 
-    enabled: bool = True  # False: accept every reply that neither failed nor declined
-    max_update_norm: float = 0.0  # L2, in the shared tensors' units; 0: no absolute bound
-    update_norm_ratio: float = 10.0  # x the median norm of the round's other valid replies; 0: off
-    max_reply_weight: float = 1e5  # largest num-examples (pairs) one reply may claim
+    Attributes:
+        enabled: False: accept every reply that neither failed nor declined (no checks, no bounding).
+        max_reply_weight: the largest ``num-examples`` (pairs) one reply may claim.
+        bounds: how far one accepted reply may move the aggregate (``influence.InfluenceBounds``).
+        unit_weight: every weight must be exactly 1 (user-level DP).
+        server_sum: the strategy gets the server's own secure-aggregation sum: its metric keys are the
+            sum's and it is not bounded again (each device bounded its contribution).
+    """
+
+    enabled: bool = True
+    max_reply_weight: float = 1e5
+    bounds: InfluenceBounds = InfluenceBounds()
+    unit_weight: bool = False
+    server_sum: bool = False
 
     @classmethod
-    def from_config(cls, config: Any) -> ScreenSettings:
-        return cls(enabled=config.validate_replies, max_update_norm=config.max_update_norm,
-                   update_norm_ratio=config.update_norm_ratio, max_reply_weight=config.max_reply_weight)
+    def from_config(cls, config: Any, shared_parameters: int = 0) -> ScreenSettings:
+        """The settings of a run. Under user-level DP each device clips its update to ``user-dp-clip`` itself
+        (DP-FedAvg): that is the bound, and every weight is 1.
+
+        Args:
+            config: the ``RunConfig``.
+            shared_parameters: how many shared parameters a reply carries (the first round's a-priori bound).
+
+        Returns:
+            The ``ScreenSettings``.
+        """
+        user_dp = config.user_dp_noise > 0
+        fixed = config.user_dp_clip if user_dp and not config.max_update_norm else config.max_update_norm
+        bounds = InfluenceBounds(
+            max_update_norm=fixed, update_norm_ratio=config.update_norm_ratio,
+            initial_update_norm=a_priori_update_norm(config.shared_lr, shared_parameters, config.min_steps,
+                                                     config.max_steps),
+            reply_weight_ratio=config.reply_weight_ratio)
+        return cls(enabled=config.validate_replies, max_reply_weight=config.max_reply_weight, bounds=bounds,
+                   unit_weight=user_dp, server_sum=bool(getattr(config, "secure_aggregation", False)))
 
 
 @dataclass(frozen=True)
@@ -108,17 +167,22 @@ class TensorSpec:
         return cls(shapes={k: tuple(a.shape) for k, a in arrays.items()},
                    dtypes={k: a.dtype.name for k, a in arrays.items()})
 
+    @property
+    def parameters(self) -> int:
+        """How many scalars the shared tensors hold."""
+        return int(sum(math.prod(shape) for shape in self.shapes.values()))
+
 
 def tensor_problem(record: ArrayRecord, spec: TensorSpec, *, exact_dtype: bool = True) -> tuple[str, str] | None:
     """``(reason, detail)`` for the first way ``record`` differs from ``spec`` or holds a non-finite
     value, None when it matches. Used for replies and for checkpoints on ``--resume``; a checkpoint holds
     what the strategy aggregated, which may be wider than the replies (FedAdam works in float64), so
-    ``exact_dtype=False`` accepts any floating dtype there."""
+    ``exact_dtype=False`` accepts any floating dtype there. Names a replier chose are cut (``short``)."""
     keys = set(record.keys())
     if missing := sorted(set(spec.shapes) - keys):
         return "missing-key", f"missing {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
     if extra := sorted(keys - set(spec.shapes)):
-        return "extra-key", f"unexpected {extra[0]!r}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+        return "extra-key", f"unexpected {short(extra[0])}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
     if list(record.keys()) != list(spec.shapes):  # Krum, Bulyan, QFedAvg, ... pair tensors up by position
         return "wrong-shape", "the tensors are in another order than the run's"
     for key in spec.shapes:
@@ -129,7 +193,7 @@ def tensor_problem(record: ArrayRecord, spec: TensorSpec, *, exact_dtype: bool =
         if tuple(array.shape) != spec.shapes[key]:
             return "wrong-shape", f"{key!r} has shape {list(array.shape)}, expected {list(spec.shapes[key])}"
         if (array.dtype.name != spec.dtypes[key]) if exact_dtype else not np.issubdtype(array.dtype, np.floating):
-            return "wrong-dtype", f"{key!r} is {array.dtype.name}, expected {spec.dtypes[key]}"
+            return "wrong-dtype", f"{key!r} is {short(array.dtype.name)}, expected {spec.dtypes[key]}"
         if not np.isfinite(array).all():
             return "non-finite", f"{key!r} holds NaN or Inf"
     return None
@@ -141,12 +205,19 @@ def _finite_scalar(value: Any) -> bool:
 
 @dataclass
 class Screened:
-    """One round's replies, sorted: what the strategy may aggregate and what was set apart."""
+    """One round's replies, sorted: what the strategy may aggregate and what was set apart.
+
+    ``bounded`` holds one ``influence.Bounded`` per accepted training reply (empty when nothing was
+    bounded: evaluation, validation off, a secure-aggregation sum) and ``update_norm_bound`` the clip norm
+    of the round (``math.inf``: none). ``names`` maps each set-apart reply to who sent it (for people)."""
 
     accepted: list[Message] = field(default_factory=list)
     rejected: list[tuple[Message, str]] = field(default_factory=list)  # (reply, reason code)
     declined: list[tuple[Message, str]] = field(default_factory=list)  # (reply, decline reason)
     failures: list[Message] = field(default_factory=list)  # replies carrying a Flower error
+    bounded: list[Bounded] = field(default_factory=list)
+    update_norm_bound: float = math.inf
+    rejected_by: list[tuple[str, str]] = field(default_factory=list)  # (who, reason code), in reply order
 
     @property
     def rejected_reasons(self) -> dict[str, int]:
@@ -156,16 +227,46 @@ class Screened:
     def declined_reasons(self) -> dict[str, int]:
         return dict(sorted(Counter(reason for _, reason in self.declined).items()))
 
+    @property
+    def clipped(self) -> int:
+        return sum(b.clipped for b in self.bounded)
+
+    @property
+    def weight_capped(self) -> int:
+        return sum(b.capped for b in self.bounded)
+
+
+def node_name(msg: Message) -> str:
+    """A reply's sender as Flower knows it (the default ``name_of``; ``fedpersona.server.reply_names`` names
+    users).
+
+    Args:
+        msg: a reply.
+
+    Returns:
+        ``"node <id>"``.
+    """
+    return f"node {msg.metadata.src_node_id}"
+
 
 class ReplyScreen:
-    """Validates a round's replies against the run's shared tensors (see the module docstring)."""
+    """Validates a round's replies against the run's shared tensors and bounds the accepted ones' influence
+    (see the module docstring).
 
-    def __init__(self, spec: TensorSpec | None, settings: ScreenSettings = ScreenSettings()) -> None:
+    Args:
+        spec: the run's shared tensors (None only for a permissive screen).
+        settings: the bounds.
+        name_of: who sent a reply, for the log (default: its node id).
+    """
+
+    def __init__(self, spec: TensorSpec | None, settings: ScreenSettings = ScreenSettings(),
+                 name_of: Callable[[Message], str] = node_name) -> None:
         if settings.enabled and spec is None:
             raise ValueError("a validating screen needs the run's tensor spec")
         self.spec = spec
         self.settings = settings
-        self._metric_keys: frozenset[str] | None = None  # the previous round's accepted metric keys
+        self.name_of = name_of
+        self.reference = NormReference()  # earlier rounds' clipped update norms (checkpointed by the recorder)
 
     @classmethod
     def permissive(cls) -> ReplyScreen:
@@ -173,78 +274,76 @@ class ReplyScreen:
         return cls(None, ScreenSettings(enabled=False))
 
     # ------------------------------------------------------------------ training
-    def train(self, replies: Iterable[Message], sent: ArrayRecord | None = None,
-              server_round: int | None = None) -> Screened:
-        """Sort training replies; ``sent``: the global tensors of this round (for the update norm)."""
+    def train(self, replies: Iterable[Message], sent: ArrayRecord | None = None, server_round: int | None = None,
+              requested: Iterable[str] = ()) -> Screened:
+        """Sort training replies and bound the accepted ones (in place).
+
+        Args:
+            replies: the round's replies.
+            sent: the global tensors of this round (the update is the reply minus these).
+            server_round: for the log.
+            requested: metric keys the strategy asked every reply for (QFedAvg's loss key).
+
+        Returns:
+            The sorted replies; ``accepted`` are bounded (update clipped, weight capped).
+        """
         out = _triage(replies)
         if not self.settings.enabled:
             return out
-        candidates = []
+        required = frozenset(requested)
+        accepted = []
         for msg in out.accepted:
-            problem = self._train_problem(msg)
+            problem = self._train_problem(msg, required)
             if problem is None:
-                candidates.append(msg)
+                accepted.append(msg)
             else:
                 self._reject(out, msg, *problem, server_round)
-        candidates = self._same_metric_keys(out, candidates, server_round)
-        out.accepted = self._norm_bounded(out, candidates, sent, server_round)
+        out.accepted = accepted
+        if accepted and not self.settings.server_sum and self.settings.bounds.active:
+            out.update_norm_bound = self.reference.bound(self.settings.bounds)
+            out.bounded = bound_replies(accepted, sent, out.update_norm_bound, self.settings.bounds)
+            if sent is not None:
+                self.reference.observe([b.norm * b.scale for b in out.bounded])
+            self._log_bounded(out, server_round)
         return out
 
-    def _train_problem(self, msg: Message) -> tuple[str, str] | None:
+    def _train_problem(self, msg: Message, required: frozenset[str]) -> tuple[str, str] | None:
         content = msg.content
         if len(content.array_records) != 1:
             return ("missing-key", "no ArrayRecord") if not content.array_records else \
                 ("extra-key", f"{len(content.array_records)} ArrayRecords")
-        if (problem := _metrics_problem(content)) is not None:
+        if ARRAYS not in content.array_records and not self.settings.server_sum:
+            return "extra-key", f"an ArrayRecord named {short(next(iter(content.array_records)))}, not {ARRAYS!r}"
+        keys = None if self.settings.server_sum else TRAIN_METRIC_KEYS | required
+        if (problem := _metrics_problem(content, keys, required)) is not None:
             return problem
-        metrics = next(iter(content.metric_records.values()))
-        weight = metrics.get(NUM_EXAMPLES)
+        weight = next(iter(content.metric_records.values())).get(NUM_EXAMPLES)
         if not (_finite_scalar(weight) and 0 < weight <= self.settings.max_reply_weight):
-            return "bad-weight", f"{NUM_EXAMPLES}={weight!r} (must be in (0, {self.settings.max_reply_weight:g}])"
+            return "bad-weight", f"{NUM_EXAMPLES}={short(weight)} (must be in (0, {self.settings.max_reply_weight:g}])"
+        if self.settings.unit_weight and weight != 1:
+            return "bad-weight", f"{NUM_EXAMPLES}={short(weight)}: under user-level DP every weight is 1"
         assert self.spec is not None
         return tensor_problem(next(iter(content.array_records.values())), self.spec)
 
-    def _same_metric_keys(self, out: Screened, replies: list[Message], server_round: int | None) -> list[Message]:
-        if not replies:
-            return replies
-        keysets = [frozenset(next(iter(m.content.metric_records.values())).keys()) for m in replies]
-        counts = Counter(keysets)
-        top = max(counts.values())
-        tied = [k for k, n in counts.items() if n == top]
-        keep = self._metric_keys if self._metric_keys in tied else min(tied, key=sorted)
-        self._metric_keys = keep
-        kept = []
-        for msg, keys in zip(replies, keysets, strict=True):
-            if keys == keep:
-                kept.append(msg)
-            else:
-                odd = sorted(keys ^ keep)
-                self._reject(out, msg, "bad-metric", f"metric keys differ from the round's ({', '.join(odd)})",
-                             server_round)
-        return kept
-
-    def _norm_bounded(self, out: Screened, replies: list[Message], sent: ArrayRecord | None,
-                      server_round: int | None) -> list[Message]:
-        if sent is None or not replies or set(sent.keys()) != set(self.spec.shapes):
-            return replies
-        base = {k: sent[k].numpy().astype(np.float64) for k in sent.keys()}
-        norms = [update_norm(next(iter(m.content.array_records.values())), base) for m in replies]
-        limit, ratio = self.settings.max_update_norm, self.settings.update_norm_ratio
-        kept = []
-        for i, (msg, norm) in enumerate(zip(replies, norms, strict=True)):
-            others = [n for j, n in enumerate(norms) if j != i and n > 0]
-            bound = ratio * statistics.median(others) if ratio > 0 and others else math.inf
-            if limit > 0:
-                bound = min(bound, limit)
-            if norm > bound:
-                self._reject(out, msg, "update-norm", f"update norm {norm:.4g} > bound {bound:.4g}", server_round)
-            else:
-                kept.append(msg)
-        return kept
+    def _log_bounded(self, out: Screened, server_round: int | None) -> None:
+        where = server_round if server_round is not None else "?"
+        for msg, b in zip(out.accepted, out.bounded, strict=True):
+            if b.clipped or b.capped:
+                parts = ([f"update norm {b.norm:.4g} clipped to {out.update_norm_bound:.4g}"] if b.clipped else []) + \
+                        ([f"weight {b.weight:g} capped at {b.capped_weight:.4g}"] if b.capped else [])
+                log.info("round %s: %s's reply bounded: %s", where, self.name_of(msg), "; ".join(parts))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, replies: Iterable[Message], server_round: int | None = None) -> Screened:
-        """Sort evaluation replies: accuracies ``acc-*`` in [0, 1], ``num-examples`` finite and >= 0."""
+        """Sort evaluation replies: protocol keys, accuracies ``acc-*`` in [0, 1], ``num-examples`` >= 0.
+
+        Args:
+            replies: the round's evaluation replies.
+            server_round: for the log.
+
+        Returns:
+            The sorted replies (nothing is bounded).
+        """
         out = _triage(replies)
         if not self.settings.enabled:
             return out
@@ -258,11 +357,14 @@ class ReplyScreen:
         out.accepted = accepted
         return out
 
-    @staticmethod
-    def _reject(out: Screened, msg: Message, reason: str, detail: str, server_round: int | None) -> None:
+    def _reject(self, out: Screened, msg: Message, reason: str, detail: str, server_round: int | None) -> None:
+        who = self.name_of(msg)
         out.rejected.append((msg, reason))
-        log.warning("round %s: reply from node %s rejected (%s): %s", server_round if server_round is not None
-                    else "?", msg.metadata.src_node_id, reason, detail)
+        out.rejected_by.append((who, reason))
+        text = " ".join(detail.split())
+        text = text if len(text) <= MAX_DETAIL else f"{text[:MAX_DETAIL]}... ({len(text):,} characters)"
+        log.warning("round %s: %s's reply rejected (%s: %s): %s", server_round if server_round is not None else "?",
+                    who, reason, REJECT_REASONS.get(reason, ""), text)
 
 
 def _triage(replies: Iterable[Message]) -> Screened:
@@ -278,25 +380,43 @@ def _triage(replies: Iterable[Message]) -> Screened:
     return out
 
 
-def _metrics_problem(content: Any) -> tuple[str, str] | None:
+def _known(key: str, allowed: frozenset[str], prefixes: tuple[str, ...]) -> bool:
+    return key in allowed or (len(key) <= MAX_KEY and key.startswith(prefixes))
+
+
+def _metrics_problem(content: Any, allowed: frozenset[str] | None, required: frozenset[str] = frozenset(),
+                     prefixes: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """The first problem of a reply's one MetricRecord: count and name, unknown keys (when ``allowed`` is
+    given: not in it and, up to ``MAX_KEY`` characters, not starting with one of ``prefixes``), values that
+    are not finite scalars, negative counters, missing ``required`` keys."""
     if len(content.metric_records) != 1:
         return "bad-metric", f"{len(content.metric_records)} MetricRecords (expected 1)"
-    metrics = next(iter(content.metric_records.values()))
+    name, metrics = next(iter(content.metric_records.items()))
+    if allowed is not None and name != METRICS:
+        return "bad-metric", f"a MetricRecord named {short(name)}, not {METRICS!r}"
+    if allowed is not None and (unknown := sorted(k for k in metrics.keys() if not _known(k, allowed, prefixes))):
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        return "bad-metric", f"metric key {short(unknown[0])}{more} is not one the protocol knows"
     for key, value in metrics.items():
         if not _finite_scalar(value):
             if key == NUM_EXAMPLES:
-                return "bad-weight", f"{NUM_EXAMPLES}={value!r}"
-            return "bad-metric", f"{key}={value!r} is not a finite scalar"
+                return "bad-weight", f"{NUM_EXAMPLES}={short(value)}"
+            return "bad-metric", f"{short(key)}={short(value)} is not a finite scalar"
+        if key in NON_NEGATIVE and value < 0:
+            return "bad-metric", f"{key}={value!r} is negative"
+    if missing := sorted(required - set(metrics.keys())):
+        return "bad-metric", f"metric {short(missing[0])} the strategy asked for is missing"
+    if NUM_EXAMPLES not in metrics:
+        return "bad-weight", f"no {NUM_EXAMPLES}"
     return None
 
 
 def _evaluate_problem(content: Any) -> tuple[str, str] | None:
-    if (problem := _metrics_problem(content)) is not None:
+    if (problem := _metrics_problem(content, EVALUATE_METRIC_KEYS, prefixes=EVALUATE_METRIC_PREFIXES)) is not None:
         return problem
     metrics = next(iter(content.metric_records.values()))
-    weight = metrics.get(NUM_EXAMPLES)
-    if weight is None or weight < 0:
-        return "bad-weight", f"{NUM_EXAMPLES}={weight!r} (must be a finite number >= 0)"
+    if metrics[NUM_EXAMPLES] < 0:
+        return "bad-weight", f"{NUM_EXAMPLES}={metrics[NUM_EXAMPLES]!r} (must be a finite number >= 0)"
     for key, value in metrics.items():
         if key.startswith("acc-") and not 0.0 <= value <= 1.0:
             return "bad-metric", f"{key}={value!r} is not in [0, 1]"

@@ -59,10 +59,16 @@ def test_auth_needs_tls_and_keys_need_auth(tmp_path: Path, tls_dir: Path):
                       auth_keys=(tmp_path / "absent.pub",)).validate(RunConfig())
 
 
-def test_an_earlier_checkpoint_needs_resume_or_fresh(tmp_path: Path, tls_dir: Path):
+def test_an_earlier_checkpoint_needs_resume_or_fresh(tmp_path: Path, tls_dir: Path, monkeypatch):
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy import FedAvg
     import numpy as np
+
+    from fedpersona.deploy import server as launch
+    from fedpersona.strategies.validation import TensorSpec
+
+    # --resume checks the tensors as the ServerApp does (against the model's; tests/server/test_server_reports.py)
+    monkeypatch.setattr(launch, "shared_spec", lambda config: TensorSpec.of(ArrayRecord({"w": Array(np.zeros(2))})))
 
     config = RunConfig(rounds=4)
     options = ServerOptions(state=tmp_path, certificates=tls_dir)

@@ -282,8 +282,11 @@ def test_a_new_server_run_keeps_the_users_files_in_checkpoint_dir(tmp_path: Path
                     "3 other entries there kept as they were"]
 
 
-def test_without_resume_or_fresh_a_damaged_or_pointerless_checkpoint_is_refused(tmp_path: Path):
+def test_without_resume_or_fresh_a_damaged_or_pointerless_checkpoint_is_refused(tmp_path: Path, monkeypatch):
     folder = two_rounds(tmp_path / "checkpoints")
+    # --resume checks the tensors against the model's shared tensors, as the ServerApp does (tested with the real
+    # model in tests/server/test_server_reports.py); these toy rounds carry their own spec
+    monkeypatch.setattr(launch, "shared_spec", lambda config: TensorSpec.of(shared(1)))
     (folder / "latest.json").write_bytes(b"\xff")
     options = launch.ServerOptions(state=tmp_path, insecure=True, checkpoint_dir=folder)
     with pytest.raises(UsageError, match=r"latest.json: checkpoint pointer damaged \(not UTF-8 text\); add --resume "
