@@ -50,6 +50,7 @@ GROUPS = {
     "training": "Local training: loss, learning rates, steps",
     "pair-dp": "Pair-level differential privacy (DP-SGD per preference pair, on the device)",
     "user-dp": "User-level differential privacy (DP-FedAvg over the shared adapter)",
+    "secure-aggregation": "Secure aggregation (SecAgg+): the server learns only the sum of the users' updates",
     "real-models": "Real models: prompt format, LoRA targets, memory",
     "validation": "Reply validation on the server",
     "attacks": "Simulated attacks (simulation only)",
@@ -192,6 +193,19 @@ class RunConfig:
                                    "user-dp")
     user_dp_clip: float = setting(1.0, "Clipping norm C of each user's shared-adapter update.", "user-dp")
     user_dp_delta: float = setting(0.0, "User-level delta; 0: 1/N^1.1 for N users.", "user-dp")
+    # ---- secure aggregation (fedpersona.server.secure, fedpersona.client.secure)
+    secure_aggregation: bool = setting(False, "SecAgg+: the server learns only the sum of the sampled users' "
+                                       "shared-adapter updates, never one of them; each device clips, weights and "
+                                       "quantizes its own update. Needs a strategy that aggregates a sum (FedAvg, "
+                                       "FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad).", "secure-aggregation")
+    secure_aggregation_clip: float = setting(10.0, "L2 norm each device clips its update (shared tensors minus those "
+                                             "received) to before masking; user-dp-clip replaces it under user-level "
+                                             "DP.", "secure-aggregation")
+    secure_aggregation_weight_cap: float = setting(1000.0, "Largest aggregation weight (pairs) one device adds to the "
+                                                   "sum; at most max-reply-weight.", "secure-aggregation")
+    secure_aggregation_bits: int = setting(32, "Bits per coordinate of a masked vector (sums are mod 2^bits): 32 "
+                                           "sends as many bytes as float32 updates and leaves 31 - log2(users per "
+                                           "round) bits of resolution per device.", "secure-aggregation")
     # ---- real models
     chat_template: bool = setting(True, "Format prompts with the tokenizer's chat template when it has one.",
                                   "real-models")
@@ -382,6 +396,23 @@ class RunConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     # ---- validation ---------------------------------------------------------------------------
+    def _validate_secure_aggregation(self, need: Any) -> None:
+        """Secure aggregation's settings, and what it cannot run with (a strategy that needs each update)."""
+        need(0 < self.secure_aggregation_clip < math.inf, "secure_aggregation_clip", "must be a finite number > 0")
+        need(0 < self.secure_aggregation_weight_cap <= self.max_reply_weight, "secure_aggregation_weight_cap",
+             f"must be > 0 and at most max-reply-weight ({self.max_reply_weight:g})")
+        need(8 <= self.secure_aggregation_bits <= 64, "secure_aggregation_bits", "must be in 8..64 (32: float32's size)")
+        if not self.secure_aggregation:
+            return
+        from fedpersona.strategies.secure import secure_aggregation_problem
+
+        need(self.min_users >= 2, "min_users", "secure aggregation needs at least 2 users a round (the sum of one "
+             "user is its update)")
+        need(not self.attack, "attack", "the simulated attacks tamper with plain replies; under secure-aggregation "
+             "a user only contributes to the sum (turn one of them off)")
+        problem = secure_aggregation_problem(self.strategy)
+        need(problem is None, "strategy", str(problem))
+
     def validate(self, source: str = "config") -> None:
         def need(ok: bool, key: str, what: str) -> None:
             if not ok:
@@ -433,6 +464,7 @@ class RunConfig:
         need(self.user_dp_noise >= 0, "user_dp_noise", "must be >= 0 (0: no user-level DP)")
         need(self.user_dp_clip > 0, "user_dp_clip", "must be > 0")
         need(0.0 <= self.user_dp_delta <= MAX_DELTA, "user_dp_delta", f"must be in [0, {MAX_DELTA:g}] (0: 1/N^1.1)")
+        self._validate_secure_aggregation(need)
         need(0.0 <= self.dp_delta <= MAX_DELTA, "dp_delta", f"must be in [0, {MAX_DELTA:g}] (0: default)")
         need(self.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0")
         need(self.dp_count_noise == -1 or 0.0 <= self.dp_count_noise < math.inf, "dp_count_noise",

@@ -41,6 +41,18 @@ RUN_LINEAGE = "run-lineage"  # message config: one id for a run and every resump
 # Train config keys a strategy adds to ask something of the devices (fedpersona.round.train.RoundOptions)
 TRAIN_LOSS_KEY = "train-loss-key"  # the reply metric key a strategy wants each user's pre-training loss under
 PROXIMAL_MU_KEY = "proximal-mu"  # FedProx's mu: the proximal term on the shared tensors
+# Secure aggregation (fedpersona.server.secure sends, fedpersona.client.secure answers): the four SecAgg+
+# stages travel as ``train.secure_aggregation`` messages; a request and a reply are one ConfigRecord each
+# (fedpersona.secagg.messages keys), the masked vector one ArrayRecord. A device's reply holds nothing else.
+SECURE_AGGREGATION_ACTION = "secure_aggregation"  # message type "train.secure_aggregation"
+SECAGG_REQUEST = "secagg.request"  # ConfigRecord: this user's request of the stage (per user)
+SECAGG_PLAN = "secagg.plan"  # ConfigRecord, masked-input stage: clip-norm, weight-cap, max-summands, modulus-bits
+SECAGG_REPLY = "secagg.reply"  # ConfigRecord: the user's reply of the stage
+SECAGG_VECTOR = "secagg.vector"  # ArrayRecord, masked-input reply: the masked vector, packed to b bits
+# Records addressed to one user (a simulation packs them per user into a cohort message, fedpersona.server.user_grid)
+# and the records of a user's reply a cohort reply may hold beside arrays/metrics/status
+PER_USER_RECORDS = (SECAGG_REQUEST,)
+PER_USER_REPLY_RECORDS = (SECAGG_REPLY, SECAGG_VECTOR)
 
 # Why a device declines a round. Stable strings: they are counted in metrics.jsonl and shown to operators.
 DECLINE_REASONS: dict[str, str] = {
@@ -66,6 +78,7 @@ DECLINE_REASONS: dict[str, str] = {
                    "a plug-in import); nothing was spent or stored",
     "message-too-large": "a field of the message is larger than the device accepts (too many keys, a long text, "
                          "tensors beyond the run's shared ones); nothing was spent or stored",
+    "secure-aggregation-required": "the device's policy requires secure aggregation and the round is plain",
 }
 
 # Why a device's task failed: the reason of its error reply (``fedpersona.client.failures``). Stable strings too.

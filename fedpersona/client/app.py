@@ -23,7 +23,8 @@ from fedpersona.round.train import RoundResult, declined_result, train_round
 from fedpersona.round.users import population_user
 from fedpersona.device.policy import Decline
 from fedpersona.config import RunConfig
-from fedpersona.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, STATUS, status_record
+from fedpersona.protocol import (ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, SECURE_AGGREGATION_ACTION, STATUS,
+                                 status_record)
 from fedpersona.privacy.user_level import CLIPPING_NORM_KEY, clip_user_reply, clipping_mod_when_asked
 
 PRIVATE_KEY = "fedpersona.private"
@@ -142,6 +143,13 @@ def train(msg: Message, context: Context) -> Message:
     from fedpersona.strategies.attacks import tamper  # simulated malicious users (settings attack, attack-users)
 
     return Message(tamper(config, index, train_reply(config, result), msg.content), reply_to=msg)
+
+
+@app.train(SECURE_AGGREGATION_ACTION)  # a SecAgg+ stage (fedpersona.server.secure): one reply, protocol records only
+def train_secure(msg: Message, context: Context) -> Message:
+    from fedpersona.client.secure import answer_message
+
+    return Message(answer_message(msg, context), reply_to=msg)
 
 
 @app.evaluate()

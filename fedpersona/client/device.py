@@ -306,9 +306,10 @@ def check_room(state: DeviceState, shared: Mapping[str, torch.Tensor] | None) ->
 
 def train_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, Any],
                     shared: Mapping[str, torch.Tensor] | None, node_config: Mapping[str, Any],
-                    simulation_keys: Mapping[str, Any] | None = None) -> RoundResult:
+                    simulation_keys: Mapping[str, Any] | None = None, secure: bool = False) -> RoundResult:
     """One training round on the device, if its policy accepts the round; returns
-    ``client.local.RoundResult`` (shared tensors only, or a decline with its reason).
+    ``client.local.RoundResult`` (shared tensors only, or a decline with its reason). ``secure``: the round
+    runs under secure aggregation (``fedpersona.client.secure``; a policy may require it).
 
     A round of the same run lineage (``fedpersona.protocol.RUN_LINEAGE``: one id for a run and every
     resumption of it) that this device already answered is answered again with the stored reply: a server
@@ -320,7 +321,7 @@ def train_on_device(state: DeviceState, config: RunConfig, extras: Mapping[str, 
     with _round_lock(state):  # one training at a time on this directory, across processes
         with failing_as("state-damaged"):
             policy, decline = _open_round(state, config, simulation_keys or {}, shared)
-        decline = decline or policy.check_train(config, extras)
+        decline = decline or policy.check_train(config, extras) or policy.check_secure_aggregation(secure)
         if decline is None and (config.dp_epsilon > 0 or policy.require_dp) and (problem := state.ledger_problem()):
             decline = Decline("ledger-missing", problem)
         if decline is None and (problem := readiness_problem(state, config.min_pairs)):

@@ -40,6 +40,7 @@ def server(
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation and sampling.")] = None,
     dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Ask for pair-level DP-SGD on every device (default: on; devices require it unless their policy says otherwise).")] = True,
     target_epsilon: Annotated[float, typer.Option(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
+    secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation", help=setting_help("secure_aggregation"))] = False,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of settings.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Any setting key=value (`fedpersona settings` lists them).")] = [],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Outputs (default STATE/out): metrics.jsonl, summary.json.")] = None,
@@ -61,7 +62,8 @@ def server(
 
     flags = {"rounds": rounds, "min-users": min_users, "fraction-train": fraction, "round-timeout": round_timeout,
              "scheme": scheme, "strategy": strategy,
-             "model": model, "seed": seed, "dp-epsilon": target_epsilon if dp else None}
+             "model": model, "seed": seed, "dp-epsilon": target_epsilon if dp else None,
+             "secure-aggregation": True if secure_aggregation else None}
     cfg = checked_config(config, set_, flags)  # settings and model: one line before the SuperLink starts
     _refuse_simulation_only(cfg)
     from rich.console import Console
@@ -122,6 +124,7 @@ def client(
     require_dp: Annotated[Optional[bool], typer.Option("--require-dp/--allow-no-dp", help="Policy: train only rounds with pair-level DP (default: required).")] = None,
     share_evaluation: Annotated[Optional[bool], typer.Option("--share-evaluation/--keep-evaluation", help="Policy: send held-out accuracies to the server under DP (default: kept on the device).")] = None,
     pin_model: Annotated[Optional[str], typer.Option("--model", help="Policy: train only with this model id (default: the first round's, then bound).")] = None,
+    require_secure_aggregation: Annotated[Optional[bool], typer.Option("--require-secure-aggregation/--allow-plain-aggregation", help="Policy: train only rounds under secure aggregation, where the server learns the users' sum and never this device's update (default: plain rounds allowed).")] = None,
     log: Annotated[Optional[Path], typer.Option("--log", help="Where Flower's SuperNode writes its output (default: STATE/logs/supernode.log).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show this device's log (STATE/logs/fedpersona.log: fedpersona's and Flower's records, library warnings) and the SuperNode's output on the terminal too.")] = False,
 ) -> None:
@@ -146,7 +149,8 @@ def client(
                             max_wait_time=max_wait_time, heartbeat_interval=heartbeat_interval,
                             policy=(("max_epsilon", max_epsilon), ("max_delta", max_delta),
                                     ("min_noise_multiplier", min_noise_multiplier), ("require_dp", require_dp),
-                                    ("share_evaluation", share_evaluation), ("model", pin_model)))
+                                    ("share_evaluation", share_evaluation), ("model", pin_model),
+                                    ("require_secure_aggregation", require_secure_aggregation)))
     run_log = RunLog(state.resolve() / "logs" / LOG_NAME, verbose=verbose, append=True)
     node_log: list[Path] = []
     stopping = threading.Event()

@@ -406,10 +406,18 @@ def reporting(client_app: Any, say: Callable[[str], None], activity: Activity | 
         finally:
             if activity is not None:
                 activity.finish()
+        if message.metadata.message_type == SECURE_TRAIN:  # a secure-aggregation stage (fedpersona.client.secure)
+            from fedpersona.client.secure import describe_secure_reply
+
+            say(f"{where}: {describe_secure_reply(message, reply, watch.notes)}  [{time.monotonic() - started:.0f} s]")
+            return reply
         say(f"{where}: {describe_reply(kind, reply, context, watch.notes)}  [{time.monotonic() - started:.0f} s]")
         return reply
 
     return run
+
+
+SECURE_TRAIN = "train.secure_aggregation"  # fedpersona.protocol.SECURE_AGGREGATION_ACTION's message type
 
 
 def describe_reply(kind: str, reply: Any, context: Any = None, notes: list[str] | tuple[str, ...] = ()) -> str:

@@ -16,6 +16,8 @@ is trained only if what it asks for is **at least as private** as the policy:
 * ``share_evaluation`` (default False): whether held-out accuracies go to the server under DP. They are
   computed on the user's own pairs and are not covered by the DP-SGD guarantee, so by default a DP device
   keeps them (its evaluation reply declines with ``evaluation-private``).
+* ``require_secure_aggregation`` (default False): train only rounds run under secure aggregation, where the
+  server learns the sum of the users' updates and never this device's (``fedpersona.client.secure``).
 * ``model`` (default ""): pin the model id; "" accepts the first round's model, after which the state is
   bound to it (``meta.json``) and another model is declined, as is another scheme.
 
@@ -56,6 +58,7 @@ class DevicePolicy:
     min_noise_multiplier: float = 0.0
     share_evaluation: bool = False
     model: str = ""
+    require_secure_aggregation: bool = False
 
     def validate(self, where: str = "device policy") -> DevicePolicy:
         if not (0 < self.max_epsilon < math.inf):
@@ -99,7 +102,8 @@ class DevicePolicy:
               f"DP optional (epsilon <= {self.max_epsilon:g}, delta <= {self.max_delta:g} when asked for)")
         noise = f", noise multiplier >= {self.min_noise_multiplier:g}" if self.min_noise_multiplier else ""
         evaluation = "shared" if self.share_evaluation else "kept on this device under DP"
-        return f"{dp}{noise}; evaluation results {evaluation}" + (f"; model {self.model}" if self.model else "")
+        secure = "; secure aggregation required" if self.require_secure_aggregation else ""
+        return f"{dp}{noise}; evaluation results {evaluation}{secure}" + (f"; model {self.model}" if self.model else "")
 
     # ---- decisions ----------------------------------------------------------------------------------
     def check_common(self, config: Any, simulation_keys: Mapping[str, Any], bound: Mapping[str, Any] | None,
@@ -137,6 +141,14 @@ class DevicePolicy:
         if extras.get(TRAIN_LOSS_KEY) and (dp or self.require_dp):
             return Decline("loss-requested", "the strategy asks for the raw training loss, which DP-SGD does not "
                            "protect")
+        return None
+
+    def check_secure_aggregation(self, secure: bool) -> Decline | None:
+        """Whether the round's aggregation is acceptable: a plain one (the server reads this device's update)
+        is declined when the policy requires secure aggregation (``fedpersona.client.secure``)."""
+        if self.require_secure_aggregation and not secure:
+            return Decline("secure-aggregation-required", "the round sends this device's update to the server in "
+                           "the clear; this device requires secure aggregation (the server's --secure-aggregation)")
         return None
 
     def check_noise(self, noise_multiplier: float) -> Decline | None:

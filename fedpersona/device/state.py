@@ -22,6 +22,9 @@ Files:
   privacy ledger was ever started (so a deleted ledger is noticed, never silently started afresh).
 - ``last_reply.safetensors``: the last training reply sent, with its run lineage and round: a round a
   resumed server asks for again is answered with it, not trained (and paid for) twice.
+- ``secure_aggregation.json``: during a round under secure aggregation, this user's SecAgg+ state (its
+  key pairs, self-mask seed, and the shares its neighbours entrusted to it; ``fedpersona.client.secure``),
+  removed when the round's unmask stage is answered.
 - ``policy.json``: the user's privacy policy (``fedpersona.device.policy``); ``forget`` keeps it.
 - ``privacy_record.json``: what forgotten pairs had cost (``fedpersona.device.privacy_record``; hashes,
   no text); ``forget`` keeps it.
@@ -64,6 +67,7 @@ COUNTERS_FILE = "counters.json"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 LAST_REPLY_FILE = "last_reply.safetensors"
+SECURE_AGGREGATION_FILE = "secure_aggregation.json"  # fedpersona.client.secure: one round's SecAgg+ secrets
 FORMAT_VERSION = 1
 
 PURPOSES: dict[str, str] = {
@@ -78,11 +82,13 @@ PURPOSES: dict[str, str] = {
     LAST_REPLY_FILE: "last training reply sent (answers a resumed server's repeated round)",
     POLICY_FILE: "your privacy policy (what this device accepts)",
     RECORD_FILE: "what forgotten pairs had cost (hashes, no text)",
+    SECURE_AGGREGATION_FILE: "secure aggregation: this round's keys and the shares neighbours entrusted to it",
 }
 # What ``forget`` deletes: every file derived from the user's feedback. The shared adapter (the
 # server's global tensors), meta.json and the lock file hold nothing of the user's and stay.
 # The privacy record (hashes and spent budgets, no text) and the user's policy stay too.
-USER_FILES = (MEMORY_FILE, PRIVATE_FILE, LEDGER_FILE, REF_CACHE_FILE, COUNTERS_FILE, LAST_REPLY_FILE)
+USER_FILES = (MEMORY_FILE, PRIVATE_FILE, LEDGER_FILE, REF_CACHE_FILE, COUNTERS_FILE, LAST_REPLY_FILE,
+              SECURE_AGGREGATION_FILE)
 LEDGER_STARTED = "ledger_started"  # meta.json: a ledger was saved in this state (until forget/reset-budget)
 
 

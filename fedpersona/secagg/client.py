@@ -82,6 +82,11 @@ class Client:
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (b share, s share) this user holds
         self._live: tuple[int, ...] = ()  # N2[u]: owners whose shares this user holds, itself included
 
+    @property
+    def expects(self) -> str | None:
+        """The stage of the request this client answers next; None once its round is done."""
+        return _NEXT_REQUEST.get(self.stage)
+
     # ---- stages ---------------------------------------------------------------------------
     def setup(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Stage 1: learn the round's parameters, make two fresh key pairs, advertise the public keys.

@@ -34,6 +34,7 @@ from fedpersona.display import QuietReporter
 from fedpersona.server.progress_grid import ProgressGrid
 from fedpersona.server.user_grid import UserGrid
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
+from fedpersona.server.secure import SecureAggregationGrid, SecureSettings
 from fedpersona.server.reply_names import ReplyNames
 from fedpersona.server.sampling import round_seed_sampling
 from fedpersona.server.resume import Checkpointing
@@ -56,6 +57,15 @@ def make_strategy(config: RunConfig, recorder: RoundRecorder):
         strategy = wrap_strategy(strategy, noise_multiplier=config.user_dp_noise, clipping_norm=config.user_dp_clip,
                                  num_sampled=sampled_per_round(config, users))
     return attach_recorder(strategy, recorder)
+
+
+def secure_grid(grid: Grid, config: RunConfig, recorder: RoundRecorder) -> SecureAggregationGrid | None:
+    """With ``secure-aggregation``, ``grid`` wrapped so that every training round is a SecAgg+ round whose
+    protocol figures go into the round's row (``fedpersona.server.secure``); else None."""
+    if not config.secure_aggregation:
+        return None
+    return SecureAggregationGrid(grid, SecureSettings.from_config(config),
+                                 on_round=lambda report: recorder.train_notes.update({report.server_round: report.row()}))
 
 
 def sampled_per_round(config: RunConfig, num_users: int) -> int:
@@ -180,6 +190,8 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
     run_grid = (ProgressGrid(grid, on_reply=reporter.replies) if store is None else
                 UserGrid(grid, num_users=config.num_users + config.new_users, cohort_size=config.cohort_size,
                          store=str(store.root), pool_size=pool_size, on_reply=reporter.replies))
+    secure = secure_grid(run_grid, config, recorder)  # secure aggregation: the strategy gets the sum only
+    run_grid = run_grid if secure is None else secure
     reporter.start(config.rounds)
     try:
         strategy.start(
@@ -196,6 +208,8 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         if store is not None and not checkpoint_dir:
             store.remove()  # kept beside the checkpoints: what a resumed run continues from
     summary = run_summary(config, recorder, shapes, deployment=deployment, seconds=time.monotonic() - started)
+    if secure is not None:
+        summary.update(secure.summary())
     if checkpoints.done:
         summary["resumed_from_round"] = checkpoints.done
     per_user = [{"user_index": u, **acc} for u, acc in recorder.per_user().items()]

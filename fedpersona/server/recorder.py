@@ -90,6 +90,8 @@ class RoundRecorder:
         self.private_params: dict[int, int] = {}  # user index -> private parameters its device keeps
         self.rejected_reasons: dict[str, int] = {}  # run totals, both phases: reason -> replies rejected
         self.declined_reasons: dict[str, int] = {}  # run totals, both phases: reason -> replies declined
+        # secure aggregation (fedpersona.server.secure): a round's protocol entries, merged into its training row
+        self.train_notes: dict[int, dict[str, Any]] = {}
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
@@ -126,6 +128,7 @@ class RoundRecorder:
             "train_clipped": screened.clipped, "train_weight_capped": screened.weight_capped,
             "update_norm_bound": screened.update_norm_bound if np.isfinite(screened.update_norm_bound) else None,
             "bytes_up_mean": float(np.mean(sizes)) if sizes else 0.0,
+            **self.train_notes.pop(server_round, {}),
         }
         if not self.should_evaluate(server_round):
             self._finish_round(server_round, {})

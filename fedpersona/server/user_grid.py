@@ -34,7 +34,8 @@ from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedpersona.protocol import ARRAYS, COHORT, COHORT_ERROR, METRICS, STATUS, cohort_key
+from fedpersona.protocol import (ARRAYS, COHORT, COHORT_ERROR, METRICS, PER_USER_RECORDS, PER_USER_REPLY_RECORDS,
+                                 STATUS, cohort_key)
 from fedpersona.server.progress_grid import DelegatingGrid, ReplyCallback, pull_until_answered
 
 USER_NODE_BASE = 1 << 40  # virtual node id of user 0 (far above nothing: Flower's SuperLink is node 1)
@@ -96,7 +97,7 @@ class UserGrid(DelegatingGrid):
         all get one (10 users on 2 workers: cohorts of 5)."""
         groups: dict[tuple[str, int], list[Message]] = {}
         for msg in messages:
-            groups.setdefault((msg.metadata.message_type, id(msg.content)), []).append(msg)
+            groups.setdefault((msg.metadata.message_type, shared_content(msg.content)), []).append(msg)
         out = []
         for group in groups.values():
             size = min(self.cohort_size, math.ceil(len(group) / max(workers, 1)))
@@ -106,7 +107,11 @@ class UserGrid(DelegatingGrid):
     def _cohort_message(self, cohort: list[Message], node: int) -> Message:
         first = cohort[0]
         users = [user_of(m.metadata.dst_node_id) for m in cohort]
-        content = RecordDict({key: record for key, record in first.content.items()})
+        content = RecordDict({key: record for key, record in first.content.items() if key not in PER_USER_RECORDS})
+        for msg, user in zip(cohort, users, strict=True):  # records addressed to one user (secure aggregation)
+            for key in PER_USER_RECORDS:
+                if key in msg.content:
+                    content[cohort_key(user, key)] = msg.content[key]
         content[COHORT] = ConfigRecord({"users": users, "store": self.store})
         return Message(content, node, first.metadata.message_type, ttl=first.metadata.ttl,
                        group_id=first.metadata.group_id)
@@ -137,6 +142,15 @@ class UserGrid(DelegatingGrid):
         return sorted(replies, key=lambda m: order.get(m.metadata.reply_to_message_id, len(order)))
 
 
+def shared_content(content: RecordDict) -> object:
+    """What makes messages packable into one cohort: their content object, or, for messages that carry
+    records addressed to one user (``fedpersona.protocol.PER_USER_RECORDS``: secure aggregation's requests),
+    the identity of every other record (the global tensors and config sent to all)."""
+    if not any(key in content for key in PER_USER_RECORDS):
+        return id(content)
+    return tuple(sorted((key, id(record)) for key, record in content.items() if key not in PER_USER_RECORDS))
+
+
 def split_reply(reply: Message, cohort: Sequence[Message]) -> list[Message]:
     """One reply per user of ``cohort`` from the cohort's ``reply``: the user's records under their plain
     names (``arrays``, ``metrics``, ``status``), or an error reply (the cohort failed, the user's part
@@ -149,7 +163,7 @@ def split_reply(reply: Message, cohort: Sequence[Message]) -> list[Message]:
             continue
         content = reply.content
         failed = content.config_records.get(cohort_key(user, COHORT_ERROR))
-        records = {kind: content[cohort_key(user, kind)] for kind in (ARRAYS, METRICS, STATUS)
+        records = {kind: content[cohort_key(user, kind)] for kind in (ARRAYS, METRICS, STATUS, *PER_USER_REPLY_RECORDS)
                    if cohort_key(user, kind) in content}
         if failed is not None or not records:
             reason = str(failed.get("reason", "")) if failed is not None else "the cohort reply has no part for it"
