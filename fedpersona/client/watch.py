@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-log = logging.getLogger("fedpersona.device")
+log = logging.getLogger(__name__)  # "fedpersona.client.watch": what the device keeps for its user
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total): fedpersona.alignment.trainer.Progress
 

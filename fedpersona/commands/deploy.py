@@ -187,7 +187,9 @@ def client(
 
 def _one_line_warnings(stopping) -> None:
     """The terminal's ``fedpersona: warning:`` lines without tracebacks (a failed task's is in the log), and
-    none once the device is ``stopping`` (tasks cut short by the stop: in the log only)."""
+    none once the device is ``stopping`` (tasks cut short by the stop: in the log only). A task's own
+    failure record (``fedpersona.client.watch.note``) stays in the log too: the task's line on the terminal
+    already says it (``fedpersona.deploy.node.reporting``)."""
     import logging
 
     class OneLine(logging.Formatter):
@@ -203,7 +205,7 @@ def _one_line_warnings(stopping) -> None:
     for handler in logging.getLogger("fedpersona").handlers:
         if type(handler) is logging.StreamHandler and not isinstance(handler.formatter, OneLine):
             handler.setFormatter(OneLine(handler.formatter))
-            handler.addFilter(lambda record: not stopping.is_set())
+            handler.addFilter(lambda record: not stopping.is_set() and record.name != "fedpersona.client.watch")
 
 
 def _refuse_simulation_only(config) -> None:

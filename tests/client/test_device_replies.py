@@ -287,7 +287,7 @@ def test_what_a_device_sends_when_it_does_not_train_is_a_code(case, templates, t
     for count in (TRAIN_PAIRS, TEST_PAIRS + TRAIN_PAIRS):
         assert str(count) not in texts.replace(code, ""), f"{name}: the reply carries the count {count}"
     # the device keeps the whole reason: its log names it (with the code the server was told)
-    logged = [r.getMessage() for r in caplog.records if r.name.startswith("fedpersona.device")]
+    logged = [r.getMessage() for r in caplog.records if r.name == "fedpersona.client.watch"]
     assert any(code in line for line in logged), f"{name}: nothing noted on the device: {logged}"
 
 
