@@ -74,3 +74,14 @@ def test_settings_by_name_reach_the_run_and_bad_ones_are_usage_errors():
         fp.simulate(num_user=4)
     with pytest.raises(fp.UsageError, match="rounds=0 is invalid"):
         fp.simulate(rounds=0)
+
+
+def test_the_version_is_the_same_in_pyproject_and_the_package():
+    """Flower Apps need a static ``version`` in pyproject.toml (``flwr run .`` refuses a dynamic one)."""
+    import tomllib
+    from pathlib import Path
+
+    from fedpersona._version import __version__
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__ and "version" not in project.get("dynamic", [])
