@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's "run it for real" steps with SmolLM2-135M-Instruct: a TLS server and two devices on
 # loopback, each device holding one persona of the generated:styles scenario (user 0: concise, formal,
-# prose; user 7: detailed, casual, list), then each device's personal and global answer to a test prompt.
+# prose; user 7: detailed, casual, list), then what each device writes with `fedpersona generate` on the
+# held-out prompts and on prompts from outside the scenario, judged at its poles.
 #   bash scripts/deploy_smollm2.sh [WORKDIR]      (default runs/deploy-smollm2; about 10 min on 2 cores)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,10 +40,41 @@ wait $SERVER
 kill $ALICE $BOB 2>/dev/null || true
 wait $ALICE $BOB 2>/dev/null || true
 cat server.log | tail -20
-PROMPT="$("$PY" -c 'import json; print([json.loads(l) for l in open("alice.jsonl") if json.loads(l)["split"] == "test"][0]["prompt"])')"
-for who in alice bob; do
-  for s in 1 0; do
-    echo "== $who, strength $s: $PROMPT"
-    "$FP" generate --state "$who" "$PROMPT" --strength "$s" --max-new-tokens 96
+# What each device writes: `fedpersona generate` (greedy, its default; 96 new tokens) at strength 1 (personal)
+# and 0 (global) on the 8 held-out prompts of the scenario (no device trained on them) and 4 prompts from
+# outside it, each answer judged at the device's poles (fedpersona.alignment.judges: words, list structure,
+# informal markers) and for loops (repeated word 3-grams).
+"$PY" - <<'PYEOF' > prompts.txt
+import json
+held_out = list(dict.fromkeys(json.loads(l)["prompt"] for l in open("alice.jsonl") if json.loads(l)["split"] == "test"))
+unseen = ["How do I fix a squeaky door?", "What should I bring to a picnic?", "How can I learn to play the guitar?",
+          "How do I keep my car battery from dying in winter?"]
+print("\n".join(held_out + unseen))
+PYEOF
+: > answers.jsonl
+while IFS= read -r PROMPT; do
+  for who in alice bob; do
+    for s in 1 0; do
+      TEXT="$("$FP" generate --state "$who" "$PROMPT" --strength "$s" --max-new-tokens 96 2>/dev/null)"
+      "$PY" -c 'import json, sys; print(json.dumps(dict(zip(("who", "strength", "prompt", "text"), sys.argv[1:]))))' \
+        "$who" "$s" "$PROMPT" "$TEXT" >> answers.jsonl
+    done
   done
-done
+done < prompts.txt
+"$PY" - <<'PYEOF'
+import json
+from fedpersona.alignment.judges import JUDGES, repeated_ngram_share, user_poles
+poles = {"alice": user_poles("user0000-concise-formal-prose"), "bob": user_poles("user0007-detailed-casual-list")}
+rows = [json.loads(line) for line in open("answers.jsonl")]
+for who in ("alice", "bob"):
+    for strength, label in (("1", "personal"), ("0", "global")):
+        mine = [r for r in rows if r["who"] == who and r["strength"] == strength]
+        # `generate` prints the answer only: one cut at the token cap is judged by what it says (no cut flag)
+        hits = {d: sum(JUDGES[d].at_pole(r["text"], p) for r in mine) / len(mine) for d, p in poles[who].items()}
+        rep3 = sum(repeated_ngram_share(r["text"]) for r in mine) / len(mine)
+        print(f"{who:<5} {label:<8} at {'/'.join(poles[who].values())}: " +
+              ", ".join(f"{d} {v:.2f}" for d, v in hits.items()) +
+              f"; overall {sum(hits.values()) / len(hits):.2f}; repeated 3-grams {rep3:.3f} ({len(mine)} prompts)")
+for r in rows[:8]:
+    print(f"\n== {r['who']}, strength {r['strength']}: {r['prompt']}\n{r['text']}")
+PYEOF

@@ -10,18 +10,28 @@
   from 0 to ``MAX_MIX_WEIGHT`` (above 1 extrapolates). Two forwards per token.
 
 ``generate`` answers whole prompts (``model.generate`` for the weights method, so its results are those of
-earlier releases); ``decode`` and ``stream_text`` are the token loop both methods share (KV cache, seeded
-sampling on the CPU so a seed gives the same answer on any device), used by the chat and the benchmark.
+earlier releases); ``generate_batch`` answers many prompts at once (left padding, one seeded draw per
+batch: the generation evaluation and its benchmark); ``decode`` and ``stream_text`` are the token loop both
+methods share (KV cache, seeded sampling on the CPU so a seed gives the same answer on any device), used by
+the chat and the benchmark.
+
+Decoding defaults against loops (``REPETITION_PENALTY``, ``NO_REPEAT_NGRAM`` in
+``fedpersona.alignment.settings``; measured in docs/explanation/personal-generation.md): every path applies
+them (transformers' ``RepetitionPenaltyLogitsProcessor`` (CTRL, arXiv 1909.05858) and
+``NoRepeatNGramLogitsProcessor``), so ``fedpersona generate``, the chat and the evaluation decode alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from fedpersona.alignment.mixing import MAX_MIX_WEIGHT, mix_logprobs, private_views
+from fedpersona.alignment.settings import NO_REPEAT_NGRAM, REPETITION_PENALTY
+from fedpersona.model.adapters import Role
 from fedpersona.model.resident import ResidentModel
 
 METHODS = ("weights", "logits")
@@ -65,6 +75,28 @@ def context_length(resident: ResidentModel) -> int:
     return int(limit) if isinstance(limit, int) and 0 < limit < 10**7 else 2048
 
 
+def repetition_processors(repetition_penalty: float = REPETITION_PENALTY,
+                          no_repeat_ngram_size: int = NO_REPEAT_NGRAM) -> list:
+    """transformers' logits processors for the anti-loop settings (an empty list when both are off).
+
+    Args:
+        repetition_penalty: > 1 divides a positive logit (multiplies a negative one) of every token already
+            in the context (prompt and answer), CTRL's penalty (Keskar et al. 2019, arXiv 1909.05858); 1: off.
+        no_repeat_ngram_size: an n-gram of this many tokens may occur once in the sequence; 0: off.
+
+    Returns:
+        Processors, each ``(input_ids [B, T], scores [B, V]) -> scores``.
+    """
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    out: list = []
+    if repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        out.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    return out
+
+
 def _pick(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
     """Greedy (``temperature`` 0) or a draw from ``softmax(scores / temperature)`` (on the CPU: seeded
     draws are the same on any device)."""
@@ -77,12 +109,15 @@ def _pick(scores: torch.Tensor, temperature: float, generator: torch.Generator |
 @torch.no_grad()
 def decode(resident: ResidentModel, prompt_ids: Sequence[int], *, method: str = "weights", strength: float = 1.0,
            max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-           stop_ids: set[int] | None = None) -> Iterator[int]:
+           stop_ids: set[int] | None = None, repetition_penalty: float = REPETITION_PENALTY,
+           no_repeat_ngram_size: int = NO_REPEAT_NGRAM) -> Iterator[int]:
     """Yield the answer's token ids one at a time (the stop token is not yielded).
 
     The model's adapters are set for this answer while the generator runs and restored when it finishes or
     is closed (close it, e.g. with ``contextlib.closing``, before using the resident model for anything
     else when stopping early). Stops at a stop token, after ``max_new_tokens``, or at the model's context.
+    ``repetition_penalty`` and ``no_repeat_ngram_size``: see ``repetition_processors`` (applied to the
+    mixed scores with the logits method).
     """
     check_personalization(method, strength)
     model = resident.model
@@ -91,6 +126,8 @@ def decode(resident: ResidentModel, prompt_ids: Sequence[int], *, method: str = 
     generator = torch.Generator().manual_seed(int(seed)) if temperature > 0 else None
     room = min(max_new_tokens, context_length(resident) - len(prompt_ids))
     ids = torch.tensor([list(prompt_ids)], device=resident.device)
+    processors = repetition_processors(repetition_penalty, no_repeat_ngram_size)
+    history = ids  # prompt and answer so far: what the processors look back on
 
     def forward(step_ids: torch.Tensor, cache):
         # logits of the last position only: memory never scales with prompt length x vocabulary
@@ -114,11 +151,15 @@ def decode(resident: ResidentModel, prompt_ids: Sequence[int], *, method: str = 
             else:
                 logits, caches[0] = forward(ids, caches[0])
                 scores = logits[0]
+            for processor in processors:
+                scores = processor(history, scores[None].float())[0]
             token = _pick(scores, temperature, generator)
             if token in stops:
                 return
             yield token
             ids = torch.tensor([[token]], device=resident.device)
+            if processors:
+                history = torch.cat([history, ids], dim=1)
 
 
 class TextStream:
@@ -170,27 +211,89 @@ def stream_text(resident: ResidentModel, prompt_ids: Sequence[int], **options) -
 
 @torch.no_grad()
 def generate(resident: ResidentModel, prompts: Sequence[str], *, strength: float = 1.0, max_new_tokens: int = 64,
-             temperature: float = 0.0, seed: int = 0, method: str = "weights") -> list[str]:
-    """Generate one response per prompt; greedy when ``temperature`` is 0 (deterministic)."""
+             temperature: float = 0.0, seed: int = 0, method: str = "weights",
+             repetition_penalty: float = REPETITION_PENALTY, no_repeat_ngram_size: int = NO_REPEAT_NGRAM) -> list[str]:
+    """Generate one response per prompt; greedy when ``temperature`` is 0 (deterministic); each prompt
+    seeded with ``seed``. ``repetition_penalty``, ``no_repeat_ngram_size``: see ``repetition_processors``."""
     check_personalization(method, strength)
-    tokenizer, model = resident.tokenizer, resident.model
+    tokenizer = resident.tokenizer
     if method == "logits":
         return [tokenizer.decode(list(decode(resident, resident.prompt_format.prompt_ids(prompt), method=method,
                                              strength=strength, max_new_tokens=max_new_tokens,
-                                             temperature=temperature, seed=seed)),
+                                             temperature=temperature, seed=seed,
+                                             repetition_penalty=repetition_penalty,
+                                             no_repeat_ngram_size=no_repeat_ngram_size)),
                                  skip_special_tokens=True).strip() for prompt in prompts]
+    return [generate_batch(resident, [prompt], strength=strength, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed, repetition_penalty=repetition_penalty,
+                           no_repeat_ngram_size=no_repeat_ngram_size)[0].text for prompt in prompts]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer: its text (stripped), its token count (stop token excluded) and whether it was
+    ``cut`` at ``max_new_tokens`` instead of ending with a stop token."""
+
+    text: str
+    tokens: int
+    cut: bool
+
+
+@torch.no_grad()
+def generate_batch(resident: ResidentModel, prompts: Sequence[str], *, strength: float = 1.0,
+                   max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+                   repetition_penalty: float = REPETITION_PENALTY, no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
+                   base: bool = False, batch_size: int = 8) -> list[Generation]:
+    """Answer ``prompts`` in batches of ``batch_size`` (left-padded, ``model.generate`` with the KV cache).
+
+    Args:
+        resident: the model, its adapters as loaded (the private tensors scaled by ``strength``).
+        prompts: prompt texts in the training layout (``PromptFormat.prompt_ids``: a chat template, HH-RLHF
+            turns for a conversation).
+        strength: private tensors from their initial values (0: global) to the trained ones (1).
+        max_new_tokens: most tokens per answer.
+        temperature: 0 greedy, else sampling at that temperature (no top-k or top-p cut), seeded with
+            ``seed + batch number`` (the global RNG is restored).
+        repetition_penalty, no_repeat_ngram_size: see ``repetition_processors``.
+        base: the base model alone (every adapter off; ``strength`` ignored).
+        batch_size: prompts per ``generate`` call.
+
+    Returns:
+        One ``Generation`` per prompt, in order.
+    """
+    check_personalization("weights", strength)
+    tokenizer, model = resident.tokenizer, resident.model
     model.eval()
-    outputs = []
-    with resident.adapters.private_strength(strength):
-        for prompt in prompts:
-            ids = resident.prompt_format.prompt_ids(prompt)  # the training format: chat template or plain
-            input_ids = torch.tensor([ids], device=resident.device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
-            torch.random.set_rng_state(generator_state)
-            outputs.append(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip())
-    return outputs
+    stops = stop_token_ids(resident)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    encoded = [resident.prompt_format.prompt_ids(prompt) for prompt in prompts]
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0
+                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+    out: list[Generation] = []
+    with ExitStack() as stack:
+        stack.enter_context(model.disable_adapter() if base else resident.adapters.private_strength(strength))
+        for number, first in enumerate(range(0, len(encoded), batch_size)):
+            batch = encoded[first:first + batch_size]
+            width = max(len(ids) for ids in batch)
+            room = min(max_new_tokens, context_length(resident) - width)
+            if room < 1:
+                out.extend(Generation("", 0, True) for _ in batch)
+                continue
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=resident.device)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=resident.device)
+            with torch.random.fork_rng(devices=[]) if temperature > 0 else nullcontext():
+                if temperature > 0:
+                    torch.manual_seed(int(seed) + number)
+                new = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=room,
+                                     pad_token_id=pad, eos_token_id=sorted(stops),
+                                     repetition_penalty=repetition_penalty,
+                                     no_repeat_ngram_size=no_repeat_ngram_size, **sampling)[:, width:].tolist()
+            for row in new:
+                end = next((i for i, token in enumerate(row) if token in stops), None)
+                tokens = row if end is None else row[:end]
+                out.append(Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens),
+                                      end is None))
+    if base:  # PEFT's disable_adapter() ends by marking every adapter tensor trainable: the split policy's back
+        for name, param in resident.adapters.params.items():
+            param.requires_grad_(resident.adapters.roles[name] is not Role.FROZEN)
+    return out

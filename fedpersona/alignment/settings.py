@@ -38,3 +38,12 @@ class TrainSettings:
     def steps_for(self, num_pairs: int) -> int:
         steps = max(self.epochs * math.ceil(num_pairs / self.batch_size), self.min_steps)
         return min(steps, self.max_steps) if self.max_steps else steps
+
+
+# Decoding defaults of every generation path (fedpersona.alignment.generation): 1.0 / 0 are off. No token 3-gram
+# twice: the embedded model's demo devices (server defaults, DP on, 5 rounds, 5 seeds) looped at strength 1
+# (repeated word 3-grams up to 0.27 vs 0.00 global) and do not with it (<= 0.004); a repetition penalty
+# (CTRL) needed 1.3 for the same and also pushes down the prompt's own words. Measured in
+# docs/explanation/personal-generation.md (SmolLM2 too).
+REPETITION_PENALTY = 1.0
+NO_REPEAT_NGRAM = 3

@@ -46,6 +46,7 @@ MANIFEST_NAME = "fedpersona_export.json"
 EXACT = "bit-identical tensors"
 MERGED_EXACT = "equal up to float rounding (the merged adapter adds the same products in another order)"
 MERGED_ADAPTER = "personal"  # the one adapter that materializes hooked (mixed) adapters, e.g. PAL's prototypes
+NO_REPEAT_NGRAM = 3  # `fedpersona generate`'s decoding (fedpersona.alignment.settings.NO_REPEAT_NGRAM, a test keeps them equal)
 
 # What the export of each scheme holds and reproduces (README.txt and the manifest's "notes").
 SCHEME_NOTES: dict[str, str] = {
@@ -243,7 +244,8 @@ Each subfolder is a regular PEFT LoRA adapter (adapter_config.json + adapter_mod
 Prompt format used in training (use the same for generation):
 
 {prompt_code}    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                         max_new_tokens=64, do_sample=False, no_repeat_ngram_size={NO_REPEAT_NGRAM},
+                         pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
 
 {same}

@@ -1,9 +1,12 @@
 """One user's evaluation, free of Flower: held-out accuracy of the personalized, global and base models.
 
 At the final evaluation a new user first fits its personal part on a few shots, a ``finetune`` user fits
-its private copy; the reply then also reports the private parameter count and, for synthetic users, a
-generation check: the personalized model's win rate over the global one on the user's held-out prompts,
-scored with the user's hidden utility. Nothing fitted here is stored or sent.
+its private copy; the reply then also reports the private parameter count and, for a seeded sample of
+users, a generation check on the user's held-out prompts: for synthetic users the personalized model's win
+rate over the global one scored with the user's hidden utility; for text data (a real model) what the user
+would read, judged (``text_generation_check``: degeneration of both models' answers, and where the user's
+id names its poles the share of answers at them and the judged win rate). Nothing fitted here is stored
+or sent.
 """
 
 from __future__ import annotations
@@ -89,6 +92,22 @@ class PersonalViews:
                 acc["global"] = evaluate_user(self.resident, pairs, max_length)["global"]
         return acc
 
+    def generate_batch(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                       *, same: bool = False, **decoding: Any) -> tuple[list[Any], list[Any]]:
+        """(personalized, global) ``Generation``s of ``prompts``, batched (``generation.generate_batch``), the
+        same seed for both; ``same``: the two models are one (no private part), generated once.
+        ``decoding``: ``repetition_penalty``, ``no_repeat_ngram_size``."""
+        from fedpersona.alignment.generation import generate_batch
+
+        personal = generate_batch(self.resident, prompts, strength=1.0, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, seed=seed, **decoding)
+        if same:
+            return personal, personal
+        with self.global_view() if self.global_shared is not None else nullcontext():
+            global_ = generate_batch(self.resident, prompts, strength=0.0, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, seed=seed, **decoding)
+        return personal, global_
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
                  seed: int = 0) -> tuple[list[str], list[str]]:
         """(personalized, global) generations: strength 1 vs 0 (for a copy scheme, swapped tensors), each
@@ -149,6 +168,70 @@ def generation_check(config: RunConfig, views: PersonalViews, user: UserData, in
     return win_rate([sim.utility_of(index, t) for t in personal], [sim.utility_of(index, t) for t in global_])
 
 
+def generation_decodings(config: RunConfig) -> dict[str, float]:
+    """The decodings of the text generation check: name -> temperature (``gen-decoding``)."""
+    sampled = {"sampled": config.gen_temperature} if config.gen_temperature > 0 else {"greedy": 0.0}
+    return {"sampled": sampled, "greedy": {"greedy": 0.0}, "both": {"greedy": 0.0, **sampled}}[config.gen_decoding]
+
+
+def text_generation_check(config: RunConfig, views: PersonalViews, user: UserData, index: int, *,
+                          same: bool = False) -> dict[str, float]:
+    """What the user would read, judged (``fedpersona.alignment.judges``), on up to ``gen-prompts`` of the
+    user's held-out prompts, for each decoding of ``gen-decoding`` (greedy, and sampled at
+    ``gen-temperature`` with the same seed for both models):
+
+    * ``gen-<decoding>-<model>-<measure>`` for model ``personal`` and ``global`` (and ``memory``: the base
+      model with ``gen-memory-shots`` of the user's own chosen answers retrieved into the prompt, when on)
+      and measure ``rep3``, ``distinct2``, ``words``, ``cut`` (``judges.degeneration``);
+    * where the user id names its poles (the generated scenarios): ``...-pole`` (share of the user's
+      dimensions x prompts at its pole), ``...-pole-<dimension>``, and ``gen-<decoding>-win-rate`` (judged
+      win rate of personal over global); ``gen-win-rate`` is the first decoding's.
+
+    Args:
+        config: the run's configuration.
+        views: the user's personalized and global models.
+        user: the user (its ``test`` prompts are generated for; its ``train`` pairs are its memory).
+        index: the user's index (the seed).
+        same: the personalized model is the global one (generated once).
+
+    Returns:
+        Flat metrics (the evaluation reply's), every value a float.
+    """
+    from fedpersona.alignment.generation import generate_batch
+    from fedpersona.alignment.judges import degeneration, judged_win_rate, pole_shares, user_poles
+    from fedpersona.alignment.retrieval import memory_prompts
+
+    prompts = list(dict.fromkeys(p.prompt for p in user.test))[: config.gen_prompts]
+    poles = user_poles(user.user_id)
+    decoding = {"repetition_penalty": config.gen_repetition_penalty,
+                "no_repeat_ngram_size": config.gen_no_repeat_ngram}
+    metrics: dict[str, float] = {}
+    for name, temperature in generation_decodings(config).items():
+        seed = round_seed(config, index, -2)
+        personal, global_ = views.generate_batch(prompts, config.gen_max_tokens, temperature, seed, same=same,
+                                                 **decoding)
+        models = {"personal": personal, "global": global_}
+        if config.gen_memory_shots > 0:
+            models["memory"] = generate_batch(views.resident, memory_prompts(user.train, prompts,
+                                                                             config.gen_memory_shots),
+                                              max_new_tokens=config.gen_max_tokens, temperature=temperature,
+                                              seed=seed, base=True, **decoding)
+        for model, generations in models.items():
+            texts, cuts = [g.text for g in generations], [g.cut for g in generations]
+            for measure, value in degeneration(texts, cuts).items():
+                metrics[f"gen-{name}-{model}-{measure}"] = float(value)
+            if poles:
+                shares = pole_shares(texts, cuts, poles)
+                metrics[f"gen-{name}-{model}-pole"] = sum(shares.values()) / len(shares)
+                metrics.update({f"gen-{name}-{model}-pole-{dim}": value for dim, value in shares.items()})
+        if poles:
+            metrics[f"gen-{name}-win-rate"] = judged_win_rate(
+                [g.text for g in personal], [g.text for g in global_], [g.cut for g in personal],
+                [g.cut for g in global_], poles)
+            metrics.setdefault("gen-win-rate", metrics[f"gen-{name}-win-rate"])
+    return metrics
+
+
 def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch.Tensor] | None,
                    store: PrivateStore, *, index: int | None = None,
                    extras: Mapping[str, Any] | None = None) -> Evaluation:
@@ -187,9 +270,13 @@ def evaluate_round(config: RunConfig, user: UserData, shared: Mapping[str, torch
         evaluation = Evaluation(views.evaluate(user.test, config.max_length, personal_is_global=untouched))
         if final:
             evaluation.metrics["private-params"] = private_parameter_count(resident, scheme)
-            checked = config.is_synthetic and config.gen_prompts > 0 and index is not None
+            checked = config.gen_prompts > 0 and index is not None
             if checked and in_generation_sample(config, index):
-                evaluation.metrics["gen-win-rate"] = generation_check(config, views, user, index)
+                if config.is_synthetic:
+                    evaluation.metrics["gen-win-rate"] = generation_check(config, views, user, index)
+                else:
+                    evaluation.metrics.update(text_generation_check(
+                        config, views, user, index, same=scheme.personal_fit == "none" or untouched))
         return evaluation
     finally:
         if global_shared is not None:

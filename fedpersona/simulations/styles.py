@@ -16,6 +16,10 @@ Two caches under ``cache_root()/data`` (written once each, atomically, under a f
 
 Generation is deterministic given the seed on one machine type (sampling is seeded per batch, batches are
 fixed); a different BLAS or thread count can change a sampled token, which is why it is cached once.
+
+The same construction serves every generated scenario (``GENERATED``: ``styles``, and ``stances``, whose
+poles differ in content, ``fedpersona.data.stance_prompts``): a scenario is a data module with the same
+names (``POLES``, ``PROMPTS``, ``DEMO_PROMPT``, ``persona_of``, ...), its caches named after it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Any
 
 import torch
 
+from fedpersona.alignment.judges import answer_features, pole_feature_means
+from fedpersona.data import stance_prompts
 from fedpersona.data import style_prompts as data
 from fedpersona.data.schema import PreferencePair, validate_row
 from fedpersona.errors import UsageError
@@ -42,6 +48,7 @@ from fedpersona.model.embedded import cache_root
 from fedpersona.model.prompting import format_prompt
 
 STYLES_VERSION = 1  # in every cache name: bump it when the construction changes in a way the digest misses
+__all__ = ["GENERATED", "Scenario", "answer_features", "ensure_generated_pairs", "ensure_style_pairs"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
 
@@ -68,8 +75,23 @@ class GenerationSettings:
 GENERATION = GenerationSettings()
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """A generated scenario: its name (``generated:<name>``), cache version and data module (``POLES``,
+    ``PROMPTS``, ``DEMO_PROMPT``, ``TEST_EVERY``, ``is_test_prompt``, ``persona_of``, ``OPPOSITE``)."""
+
+    name: str
+    version: int
+    data: Any
+
+
+STYLES = Scenario("styles", STYLES_VERSION, data)
+STANCES = Scenario("stances", 1, stance_prompts)
+GENERATED: dict[str, Scenario] = {s.name: s for s in (STYLES, STANCES)}
+
+
 # ---- rendering and cleaning -------------------------------------------------------------------------
-def request_text(tokenizer: Any, pole: data.Pole, prompt: str) -> str:
+def request_text(tokenizer: Any, pole: data.Pole, prompt: str, demo_prompt: str = data.DEMO_PROMPT) -> str:
     """The text the model continues for ``prompt`` under ``pole``.
 
     With a chat template: system turn = the pole's instruction, then the demo question and the pole's demo
@@ -78,7 +100,7 @@ def request_text(tokenizer: Any, pole: data.Pole, prompt: str) -> str:
     format with the instruction after the prompt."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": pole.instruction},
-                    {"role": "user", "content": data.DEMO_PROMPT},
+                    {"role": "user", "content": demo_prompt},
                     {"role": "assistant", "content": pole.demo},
                     {"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -107,18 +129,19 @@ def clean_answer(text: str, finished: bool) -> str:
 # ---- generation --------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_answers(model: Any, tokenizer: Any, *, seed: int, settings: GenerationSettings | None = None,
-                     report: Report = _stderr) -> list[dict[str, Any]]:
+                     report: Report = _stderr, scenario: Scenario = STYLES) -> list[dict[str, Any]]:
     """One answer per (prompt, pole): a list of ``{"prompt_index", "prompt", "split", "dimension", "pole",
     "answer", "finished"}`` in (pole, prompt) order, 6 x ``len(PROMPTS)`` rows.
 
     ``model`` and ``tokenizer`` as ``fedpersona.model.loading.load_base`` gives them (frozen, eval mode).
     Rows are left-padded by hand (the shared tokenizer is not mutated) and sampled in fixed batches of
     ``settings.batch_size`` (default: the module's ``GENERATION``), each seeded from ``seed`` and its batch
-    number; the global RNG is restored."""
+    number; the global RNG is restored. ``scenario``: whose poles and prompts (default ``STYLES``)."""
     settings = settings or GENERATION
-    jobs = [(pole, i, prompt) for pole in data.POLES.values() for i, prompt in enumerate(data.PROMPTS)]
+    sd = scenario.data
+    jobs = [(pole, i, prompt) for pole in sd.POLES.values() for i, prompt in enumerate(sd.PROMPTS)]
     # batches never mix poles: a pole's answers have similar lengths, so a batch of concise answers stops early
-    size, per_pole = settings.batch_size, len(data.PROMPTS)
+    size, per_pole = settings.batch_size, len(sd.PROMPTS)
     batches = [jobs[first + k:first + min(k + size, per_pole)]
                for first in range(0, len(jobs), per_pole) for k in range(0, per_pole, size)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -129,7 +152,7 @@ def generate_answers(model: Any, tokenizer: Any, *, seed: int, settings: Generat
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for number, batch in enumerate(batches):
-        encoded = [tokenizer(request_text(tokenizer, pole, prompt), add_special_tokens=False)["input_ids"]
+        encoded = [tokenizer(request_text(tokenizer, pole, prompt, sd.DEMO_PROMPT), add_special_tokens=False)["input_ids"]
                    for pole, _, prompt in batch]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
@@ -145,30 +168,13 @@ def generate_answers(model: Any, tokenizer: Any, *, seed: int, settings: Generat
                 new = new[: new.index(eos)]
             answer = clean_answer(tokenizer.decode(new, skip_special_tokens=True), finished)
             rows.append({"prompt_index": index, "prompt": prompt,
-                         "split": "test" if data.is_test_prompt(index) else "train",
+                         "split": "test" if sd.is_test_prompt(index) else "train",
                          "dimension": pole.dimension, "pole": pole.name, "answer": answer, "finished": finished})
-        report(f"  styles: batch {number + 1}/{len(batches)} done ({time.perf_counter() - start:.0f} s)")
+        report(f"  {scenario.name}: batch {number + 1}/{len(batches)} done ({time.perf_counter() - start:.0f} s)")
     return rows
 
 
 # ---- how different the poles are ---------------------------------------------------------------------
-_LIST_LINE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+\S", re.M)
-_INLINE_NUMBERED = re.compile(r"(?:^|\s)1[.)]\s+\S.*?\s2[.)]\s+\S", re.S)  # "1. Eat well. 2. Sleep." on one line
-_INFORMAL = re.compile(
-    r"!|\b\w+n't\b|\b\w+'(?:s|re|ll|ve|d|m)\b|'em\b|\b(?:gonna|wanna|yeah|yep|nope|hey|lol|awesome|cool|stuff|"
-    r"super|kinda|totally|buddy|dude|honestly|chill|guys?|oh|wow|tons?|epic|okay|ok)\b", re.I)
-
-
-def answer_features(text: str) -> dict[str, float]:
-    """Surface features of one answer: ``words``, ``is_list`` (two or more lines start with a list marker,
-    or it numbers items inline), ``informal`` (contractions, exclamation marks and slang per 100 words: a
-    formality proxy)."""
-    words = len(text.split())
-    is_list = len(_LIST_LINE.findall(text)) >= 2 or bool(_INLINE_NUMBERED.search(text))
-    return {"words": float(words), "is_list": float(is_list),
-            "informal": 100.0 * len(_INFORMAL.findall(text)) / max(words, 1)}
-
-
 def style_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per pole: mean ``words``, ``list_share``, ``informal`` per 100 words, ``cut_share`` (answers that hit
     the token cap); per dimension: the gap between its poles on its own feature and whether it separates."""
@@ -229,19 +235,19 @@ def model_key(model: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def content_digest(settings: GenerationSettings | None = None) -> str:
-    """Digest of the prompts, poles, demo and generation settings (default ``GENERATION``): a cache written
-    from other ones is stale."""
-    settings = settings or GENERATION
-    payload = json.dumps({"prompts": data.PROMPTS, "demo": data.DEMO_PROMPT, "test_every": data.TEST_EVERY,
-                          "poles": [asdict(p) for p in data.POLES.values()], "generation": asdict(settings)},
+def content_digest(settings: GenerationSettings | None = None, scenario: Scenario = STYLES) -> str:
+    """Digest of the scenario's prompts, poles, demo and generation settings (default ``GENERATION``): a
+    cache written from other ones is stale."""
+    settings, sd = settings or GENERATION, scenario.data
+    payload = json.dumps({"prompts": sd.PROMPTS, "demo": sd.DEMO_PROMPT, "test_every": sd.TEST_EVERY,
+                          "poles": [asdict(p) for p in sd.POLES.values()], "generation": asdict(settings)},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def answers_path(model: str, seed: int) -> Path:
+def answers_path(model: str, seed: int, scenario: Scenario = STYLES) -> Path:
     """Where the generated answers of ``model`` and ``seed`` are cached."""
-    return cache_root() / "data" / f"styles-v{STYLES_VERSION}-{model_key(model)}-seed{seed}.jsonl"
+    return cache_root() / "data" / f"{scenario.name}-v{scenario.version}-{model_key(model)}-seed{seed}.jsonl"
 
 
 def _locked_once(path: Path, build: Callable[[], str]) -> None:
@@ -257,21 +263,21 @@ def _locked_once(path: Path, build: Callable[[], str]) -> None:
             path.chmod(0o644)  # mkstemp's 0600 would hide it from other users of a shared cache root
 
 
-def _check_meta(meta: object, path: Path) -> dict[str, Any]:
+def _check_meta(meta: object, path: Path, scenario: Scenario = STYLES) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("kind") != "meta":
-        raise UsageError(f"{path}: not a styles answers cache (no meta line); delete it to regenerate")
-    if meta.get("content_digest") != content_digest():
+        raise UsageError(f"{path}: not a {scenario.name} answers cache (no meta line); delete it to regenerate")
+    if meta.get("content_digest") != content_digest(scenario=scenario):
         raise UsageError(f"{path}: written from other prompts, styles or generation settings than this version; "
                          "delete it to regenerate")
     return meta
 
 
-def read_answers(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_answers(path: Path, scenario: Scenario = STYLES) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``(meta, rows)`` of an answers cache (rows as ``generate_answers`` returns them). Raises UsageError
     when the file was written from other prompts, poles or settings than this code's (delete it to
     regenerate)."""
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    meta = _check_meta(lines[0] if lines else None, path)
+    meta = _check_meta(lines[0] if lines else None, path, scenario)
     return meta, lines[1:]
 
 
@@ -280,58 +286,68 @@ def ensure_style_answers(model: str, seed: int, *, report: Report = _stderr) -> 
 
     Loads the base through ``load_base`` semantics but without keeping it in this process's model cache
     (the simulation driver does not need a 135M model resident while Ray workers load their own)."""
-    path = answers_path(model, seed)
+    return _ensure_answers(STYLES, answers_path(model, seed), model, seed, report)
+
+
+def _ensure_answers(scenario: Scenario, path: Path, model: str, seed: int, report: Report) -> Path:
+    sd = scenario.data
 
     def build() -> str:
         from fedpersona.model.loading import load_base
 
-        report(f"styles: generating {len(data.POLES) * len(data.PROMPTS)} answers with {model} "
+        report(f"{scenario.name}: generating {len(sd.POLES) * len(sd.PROMPTS)} answers with {model} "
                f"(once; cached in {path})")
         start = time.perf_counter()
         base, tokenizer = load_base.__wrapped__(model)  # functools.cache's original: not kept resident
-        rows = generate_answers(base, tokenizer, seed=seed, report=report)
-        report(f"styles: generated in {time.perf_counter() - start:.0f} s\n{format_stats(style_stats(rows))}")
-        meta = {"kind": "meta", "version": STYLES_VERSION, "model": model, "model_key": model_key(model),
-                "seed": seed, "content_digest": content_digest(), "generation": asdict(GENERATION),
+        rows = generate_answers(base, tokenizer, seed=seed, report=report, scenario=scenario)
+        stats = (format_stats(style_stats(rows)) if scenario is STYLES else
+                 "\n".join(f"{pole:<11} {v['measure']:7.2f} at pole {v['at_pole']:.2f}"
+                           for pole, v in pole_feature_means(rows).items()))
+        report(f"{scenario.name}: generated in {time.perf_counter() - start:.0f} s\n{stats}")
+        meta = {"kind": "meta", "version": scenario.version, "model": model, "model_key": model_key(model),
+                "seed": seed, "content_digest": content_digest(scenario=scenario), "generation": asdict(GENERATION),
                 "chat_template": bool(getattr(tokenizer, "chat_template", None))}
         return "".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in [meta, *rows])
 
     _locked_once(path, build)
     with path.open(encoding="utf-8") as handle:  # a cache from older prompts or settings must not pass silently
-        _check_meta(json.loads(handle.readline() or "null"), path)
+        _check_meta(json.loads(handle.readline() or "null"), path, scenario)
     return path
 
 
 # ---- pairs -------------------------------------------------------------------------------------------
-def user_id(user: int) -> str:
-    """``"user0007-detailed-casual-list"``: the index and the persona, readable in any listing."""
-    return f"user{user:04d}-{data.persona_of(user).slug}"
+def user_id(user: int, scenario: Scenario = STYLES) -> str:
+    """``"user0007-detailed-casual-list"``: the index and the persona, readable in any listing (the
+    judges of ``fedpersona.alignment.judges`` read the user's poles from it)."""
+    return f"user{user:04d}-{scenario.data.persona_of(user).slug}"
 
 
-def build_pairs(rows: Sequence[dict[str, Any]], num_users: int) -> tuple[list[PreferencePair], int]:
+def build_pairs(rows: Sequence[dict[str, Any]], num_users: int,
+                scenario: Scenario = STYLES) -> tuple[list[PreferencePair], int]:
     """``(pairs, skipped)``: for each user, prompt and dimension, (prompt, its pole's answer, the opposite
     pole's answer), in user, prompt, dimension order. A pair whose answers are empty or identical (possible
     with a tiny random model) is skipped and counted."""
+    sd = scenario.data
     answer = {(r["prompt_index"], r["pole"]): r for r in rows}
     pairs: list[PreferencePair] = []
     skipped = 0
     for user in range(num_users):
-        persona = data.persona_of(user)
-        for index, prompt in enumerate(data.PROMPTS):
+        persona = sd.persona_of(user)
+        for index, prompt in enumerate(sd.PROMPTS):
             for pole in persona.poles:
-                mine, other = answer[(index, pole)], answer[(index, data.OPPOSITE[pole])]
-                row = {"user_id": user_id(user), "prompt": prompt, "chosen": mine["answer"],
+                mine, other = answer[(index, pole)], answer[(index, sd.OPPOSITE[pole])]
+                row = {"user_id": user_id(user, scenario), "prompt": prompt, "chosen": mine["answer"],
                        "rejected": other["answer"], "split": mine["split"]}
                 try:
-                    pairs.append(validate_row(row, "styles"))
+                    pairs.append(validate_row(row, scenario.name))
                 except UsageError:
                     skipped += 1
     return pairs, skipped
 
 
-def pairs_path(model: str, num_users: int, seed: int) -> Path:
+def pairs_path(model: str, num_users: int, seed: int, scenario: Scenario = STYLES) -> Path:
     """Where the pair file for ``num_users`` users is cached (beside the answers it is built from)."""
-    answers = answers_path(model, seed)
+    answers = answers_path(model, seed) if scenario is STYLES else answers_path(model, seed, scenario)
     return answers.with_name(f"{answers.stem}-users{num_users}.jsonl")
 
 
@@ -344,14 +360,44 @@ def ensure_style_pairs(model: str, num_users: int, seed: int, *, report: Report 
     if num_users < 1:
         raise UsageError(f"users {num_users}: need at least 1 user")
     answers = ensure_style_answers(model, seed, report=report)
-    path = pairs_path(model, num_users, seed)
+    return _ensure_pairs(STYLES, answers, pairs_path(model, num_users, seed), num_users, report)
 
+
+def _ensure_pairs(scenario: Scenario, answers: Path, path: Path, num_users: int, report: Report) -> Path:
     def build() -> str:
-        _, rows = read_answers(answers)
-        pairs, skipped = build_pairs(rows, num_users)
+        _, rows = read_answers(answers, scenario)
+        pairs, skipped = build_pairs(rows, num_users, scenario)
         if skipped:
-            report(f"styles: skipped {skipped} pairs whose two answers were empty or identical")
+            report(f"{scenario.name}: skipped {skipped} pairs whose two answers were empty or identical")
         return "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in pairs)
 
     _locked_once(path, build)
     return path
+
+
+def ensure_generated_pairs(name: str, model: str, num_users: int, seed: int, *, report: Report = _stderr) -> Path:
+    """The pair file of the generated scenario ``name`` (``generated:<name>``; ``GENERATED``) for
+    ``num_users`` users over ``model``'s answers for ``seed``, generated and cached once.
+
+    Args:
+        name: ``styles`` or ``stances``.
+        model: the run's model (it writes the answers).
+        num_users: users; user ``u`` has the scenario's persona ``u mod`` (its persona count).
+        seed: sampling seed of the answers.
+        report: where progress lines go (default stderr).
+
+    Returns:
+        The pair file's path.
+
+    Raises:
+        UsageError: an unknown scenario, ``num_users < 1``, a model that cannot be loaded, a stale cache.
+    """
+    if name not in GENERATED:
+        raise UsageError(f"generated:{name}: unknown; choose one of {', '.join(GENERATED)}")
+    if name == STYLES.name:
+        return ensure_style_pairs(model, num_users, seed, report=report)
+    if num_users < 1:
+        raise UsageError(f"users {num_users}: need at least 1 user")
+    scenario = GENERATED[name]
+    answers = _ensure_answers(scenario, answers_path(model, seed, scenario), model, seed, report)
+    return _ensure_pairs(scenario, answers, pairs_path(model, num_users, seed, scenario), num_users, report)

@@ -64,7 +64,8 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 def greedy(model, tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=MAX_NEW,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             do_sample=False, no_repeat_ngram_size=3, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)  # the README's decoding: `fedpersona generate`'s
     return out[0, input_ids.shape[1]:]
 
 
@@ -85,6 +86,9 @@ def test_export_loads_with_plain_peft_and_matches(trained: Path, tmp_path: Path,
         assert (config["peft_type"], config["r"], config["inference_mode"]) == ("LORA", 8 if adapter == "shared" else 2, True)
     readme = (out / "README.txt").read_text()
     assert 'load_adapter(os.path.join(OUT, "private"), adapter_name="private")' in readme
+    from fedpersona.alignment.settings import NO_REPEAT_NGRAM
+
+    assert f"no_repeat_ngram_size={NO_REPEAT_NGRAM}," in readme  # the README decodes as `fedpersona generate` does
     assert json.loads((out / "fedpersona_export.json").read_text())["adapters"] == ["shared", "private"]
 
     # tensor names in PEFT's saved format: the state's names without the adapter name
