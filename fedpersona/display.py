@@ -28,10 +28,45 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _generation(gen: dict[str, Any] | None) -> str:
+    """The summary's ``generation`` as one line per decoding: at the user's pole (where judged) and repeated
+    3-grams, personalized vs global; "" when there is none."""
+    lines = []
+    for decoding, models in (gen or {}).items():
+        if not isinstance(models, dict) or "personal" not in models or "global" not in models:
+            continue
+        p, g = models["personal"], models["global"]
+        pole = f"at pole {_pct(p.get('pole'))} vs {_pct(g.get('pole'))}, " if "pole" in p else ""
+        lines.append(f"{decoding}: {pole}repeated 3-grams {_pct(p.get('rep3'))} vs {_pct(g.get('rep3'))}")
+    return "\n".join(lines)
+
+
 def _reasons(counts: dict[str, int] | None) -> str:
     """``{"non-finite": 2, "bad-weight": 1}`` -> ``"3 (non-finite 2, bad-weight 1)"``; "" for none."""
     total = sum((counts or {}).values())
     return f"{total} ({', '.join(f'{r} {n}' for r, n in counts.items())})" if total else ""
+
+
+def population_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """End-table rows of a heterogeneous population or a round deadline (issue 25): simulated time and
+    why selected users did not count, then personalized accuracy per device tier and privacy group where
+    there are several; none for today's uniform population without a deadline."""
+    counts = [(key.removesuffix("_users"), summary.get(key) or 0) for key in
+              ("unavailable_users", "declined_users", "dropped_users", "late_users", "surplus_users", "unfit_users")]
+    if summary.get("population") in (None, "uniform") and not any(n for _, n in counts):
+        return []
+    rows = []
+    if summary.get("simulated_seconds") is not None:
+        rows.append(("simulated time", f"{summary['simulated_seconds'] / 3600:.2f} h ({summary['population']})"))
+    rows.append(("users not counted (summed over rounds)", ", ".join(f"{k} {n:,}" for k, n in counts)))
+    groups = summary.get("accuracy_by_group") or {}
+    for kind in ("tier", "privacy"):
+        picked = {k.split(":", 1)[1]: v for k, v in groups.items() if k.startswith(kind + ":")}
+        if len(picked) > 1:
+            rows.append((f"personalized acc by {kind} (rounds trained)", ", ".join(
+                f"{name} {_pct(g.get('personalized_accuracy_mean'))} ({g.get('rounds_trained') or 0:.1f})"
+                for name, g in picked.items())))
+    return rows
 
 
 NAMED = 4  # users named per reason on a round line (the rest counted)
@@ -246,13 +281,20 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("shared parameters", f"{summary['shared_parameters']:,}"),
         ("private parameters per user", f"{summary['private_parameters_per_user']:,}"),
         ("bytes up per client-round", f"{summary['bytes_up_per_client_round']:,.0f}"),
-        ("privacy (epsilon max)", "no DP" if eps is None else f"{eps:.2f}"),
+        ("privacy (epsilon max)", "no DP" if eps is None else f"{eps:.2f}" + (
+            " (the devices' own claims)" if str(summary.get("epsilon_max_source") or "").startswith("devices") else "")),
         *((("generation win rate (personalized vs global)", _pct(summary["generation_win_rate"])),)
           if summary.get("generation_win_rate") is not None else ()),
+        *((("generated text (personalized vs global)", _generation(summary["generation"])),)
+          if _generation(summary.get("generation")) else ()),
         *((("rejected replies (dropped before aggregation)", _reasons(summary["rejected_reasons"])),)
           if _reasons(summary.get("rejected_reasons")) else ()),
+        *((("bounded replies (kept, influence capped)", f"clipped {summary.get('clipped_replies') or 0}, "
+                                                      f"weight-capped {summary.get('weight_capped_replies') or 0}"),)
+          if summary.get("clipped_replies") or summary.get("weight_capped_replies") else ()),
         *((("declined replies", _reasons(summary["declined_reasons"])),)
           if _reasons(summary.get("declined_reasons")) else ()),
+        *population_rows(summary),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
     ):
         costs.add_row(key, value)

@@ -70,9 +70,37 @@ def figures_of(summary: dict[str, Any]) -> dict[str, Any]:
     return {key: summary.get(key) for key in FIGURES}
 
 
-def differences(expected: dict[str, Any], got: dict[str, Any], tolerance: int = 0) -> list[str]:
-    """One line per figure that differs at the printed decimals (``tolerance``: units of the last decimal
-    allowed for accuracies and rates; counts always exact)."""
+# What another machine's float kernels may move (``--across-machines``), measured: the default run's mean
+# personalized accuracy read 0.8815 on one machine and 0.8789 on this one at the same commit. A mean over 32
+# users moves little; a p10 or worst user is one user's 24 held-out pairs (a step of 0.042); bounded-reply
+# counts follow the updates' norms. What is structure (users, rounds, sizes, rejected replies) stays exact.
+ACROSS_MACHINES = {"mean": 0.02, "rate": 0.03, "tail": 0.09, "bounded": 0.3}
+BOUNDED = ("clipped_replies", "weight_capped_replies")
+
+
+def allowed(key: str, want: float, tolerance: int, across_machines: bool) -> float:
+    """How far a run's figure ``key`` may sit from the documented ``want``."""
+    if key in COUNTS:
+        return max(3.0, ACROSS_MACHINES["bounded"] * want) if across_machines and key in BOUNDED else 0.0
+    if across_machines:
+        kind = "mean" if key.endswith("_mean") else "rate" if key in RATES else "tail"
+        return ACROSS_MACHINES[kind]
+    return tolerance * 10 ** -DECIMALS
+
+
+def differences(expected: dict[str, Any], got: dict[str, Any], tolerance: int = 0,
+                across_machines: bool = False) -> list[str]:
+    """One line per figure that differs at the printed decimals.
+
+    Args:
+        expected: the documented figures.
+        got: a run's figures.
+        tolerance: units of the last decimal allowed for accuracies and rates (counts exact).
+        across_machines: the run comes from another machine: ``ACROSS_MACHINES``' bounds instead.
+
+    Returns:
+        One line per figure out of bounds (empty: as documented).
+    """
     out = []
     for key in FIGURES:
         want, have = expected.get(key), got.get(key)
@@ -81,9 +109,10 @@ def differences(expected: dict[str, Any], got: dict[str, Any], tolerance: int = 
                 out.append(f"{key}: documented {printed(key, want)}, this run {printed(key, have)}")
             continue
         if key in COUNTS:
-            same = int(round(want)) == int(round(have))
+            same = abs(int(round(want)) - int(round(have))) <= allowed(key, want, tolerance, across_machines)
         else:
-            same = abs(round(want, DECIMALS) - round(have, DECIMALS)) <= tolerance * 10 ** -DECIMALS + 1e-12
+            same = abs(round(want, DECIMALS) - round(have, DECIMALS)) <= \
+                allowed(key, want, tolerance, across_machines) + 1e-12
         if not same:
             out.append(f"{key}: documented {printed(key, want)}, this run {printed(key, have)}")
     return out
@@ -188,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", action="store_true", help="check the docs against the file only (no run)")
     p.add_argument("--update", action="store_true", help="write the file from SUMMARY and regenerate the docs")
     p.add_argument("--tolerance", type=int, default=0, help="units of the last printed decimal allowed (default 0)")
+    p.add_argument("--across-machines", action="store_true",
+                   help="the run comes from another machine than the file's: allow what float kernels move "
+                        "(ACROSS_MACHINES; structure and rejected replies stay exact)")
     args = p.parse_args(argv)
     if args.update:
         if args.summary is None or not args.summary.is_file():
@@ -204,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"check_default_figures: {args.summary}: no summary.json; run `{COMMAND}` first", file=sys.stderr)
             return 2
         run = figures_of(json.loads(args.summary.read_text(encoding="utf-8")))
-        problems = differences(documented, run, args.tolerance) + problems
+        problems = differences(documented, run, args.tolerance, args.across_machines) + problems
     if problems:
         print("check_default_figures: the documented figures of the default simulation are not the code's:",
               file=sys.stderr)

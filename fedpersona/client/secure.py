@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,9 +52,6 @@ log = logging.getLogger(__name__)
 
 STORE_FOLDER = "secagg"
 CLIPPING_NORM_KEY = "clipping_norm"  # DP-FedAvg's clip in the train config (Flower's client-side wrapper)
-# Test hook (tests/deployment/test_secure_aggregation.py): a device process exits when a request of this stage
-# arrives, i.e. right after its previous reply went out: a device lost after key sharing.
-EXIT_AT_ENV = "FEDPERSONA_TEST_SECAGG_EXIT_AT"
 
 Contribution = Callable[[], tuple[np.ndarray, float]]  # the update (d,) and its weight
 
@@ -249,9 +245,6 @@ def _answer_device(msg: Message, context: Context, state: Any) -> RecordDict:
     record = msg.content.config_records.get(SECAGG_REQUEST)
     request = dict(record) if record is not None else {}
     stage = request.get(m.STAGE)
-    if stage and os.environ.get(EXIT_AT_ENV) == stage:
-        log.warning("test hook %s=%s: this device exits now", EXIT_AT_ENV, stage)
-        os._exit(17)
     received = msg.content.array_records.get(ARRAYS, ArrayRecord())
     train_config = msg.content.config_records.get("config", ConfigRecord())
 

@@ -141,30 +141,46 @@ def feedback_add(
 
 @feedback_app.command("import")
 def feedback_import(
-    file: Annotated[Path, typer.Argument(help="JSONL pair file: user_id, prompt, chosen, rejected[, split].")],
+    spec: Annotated[str, typer.Argument(metavar="FILE", help="The file: a JSONL pair file (user_id, prompt, chosen, rejected[, split]), or another dataset format as FORMAT:PATH or with --format.")],
     state: StateOpt,
     as_user: Annotated[Optional[str], Opt("--as-user", help="File every row under this user id.")] = None,
+    data_format: Annotated[Optional[str], Opt("--format", help="The file's format when it is not a fedpersona pair file: hh-rlhf, psoups, prism, personalllm, auto (detect from the first row), or package.module:NAME; options as FORMAT(key=value), e.g. 'prism(user=user42)'.")] = None,
     check: Annotated[bool, Opt("--check/--no-check", help="Check how the model encodes the pairs (loads its tokenizer, not its weights): pairs that become identical token ids, text it cannot read.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
-    """Import a JSONL pair file: validated whole first, then all rows in one transaction (or none)."""
+    """Import a pair file (or a dataset in another format): validated whole first, then all rows in one
+    transaction (or none)."""
+    from fedpersona.commands.common import with_format
+    from fedpersona.data.sources import parse_data_spec
+
+    data_format, path = parse_data_spec(with_format(spec, data_format) or spec)
+    file, pairs = Path(path), None
+    if data_format is not None:  # read and checked whole before the device's state is opened
+        from fedpersona.data.formats import load_format
+
+        pairs = load_format(file, data_format)
     with _open(state, create=True) as st:
-        added, duplicates = st.memory.import_file(file, as_user=as_user)
+        if pairs is None:
+            added, duplicates = st.memory.import_file(file, as_user=as_user)
+        else:
+            added, duplicates = st.memory.import_pairs(pairs, str(file), as_user=as_user,
+                                                       source=f"import:{data_format}:{file.name}")
         total = st.memory.count()
         try:
             model = str((st.meta() or {}).get("model_id") or "embedded")  # the state's model, else the default
         except UsageError:  # a damaged meta.json is `fedpersona client`'s to report, not the import's
             model = "embedded"
     if check and added + duplicates:
-        _import_check(file, model)
+        _import_check(file if pairs is None else pairs, model)
     if json_out:
-        _print_json({"file": str(file), "added": added, "duplicates": duplicates, "pairs": total})
+        _print_json({"file": str(file), "format": data_format or "fedpersona", "added": added,
+                     "duplicates": duplicates, "pairs": total})
     else:
         dup = f", {duplicates} already stored" if duplicates else ""
         print(f"imported {added} pairs from {file}{dup}; {total} pairs in {state}")
 
 
-def _import_check(file: Path, model: str) -> None:
+def _import_check(file: Path | list, model: str) -> None:
     """How ``model`` encodes the file's pairs (a sample) at the default max-length: one warning line on
     stderr per problem (no-signal pairs, unreadable text; also with --json, whose object stays as it was).
     The pairs are imported either way; a model that cannot be loaded here is one note line, not a failed
@@ -181,7 +197,8 @@ def _import_check(file: Path, model: str) -> None:
             return
     try:
         with _quiet_loading():
-            report = check_data(iter_pairs_jsonl(file), model, DEFAULT_MAX_LENGTH)
+            report = check_data(iter_pairs_jsonl(file) if isinstance(file, Path) else file, model,
+                                DEFAULT_MAX_LENGTH)
     except UsageError as err:
         print(f"fedpersona: note: pairs not checked against model {model} ({err})", file=sys.stderr)
         return

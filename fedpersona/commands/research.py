@@ -32,6 +32,7 @@ def simulate(
     data_format: Annotated[Optional[str], Opt("--format", help="The --data file's format when it is not a fedpersona pair file: hh-rlhf, psoups, prism, personalllm, auto, or package.module:NAME (the same as --data FORMAT:PATH).")] = None,
     scheme: Annotated[Optional[str], Opt(help=setting_help("scheme"))] = None,
     strategy: Annotated[Optional[str], Opt(help=setting_help("strategy"))] = None,
+    population: Annotated[Optional[str], Opt("--population", help=setting_help("population"))] = None,
     dp: Annotated[bool, Opt("--dp", help="Pair-level DP-SGD on every client; settings you leave unset take the DP defaults (scheme pal, ...: see summary.json dp_defaults_applied).")] = False,
     target_epsilon: Annotated[float, Opt(help="Per-user pair-level epsilon over the run (with --dp).")] = 8.0,
     delta: Annotated[Optional[float], Opt(help="Per-user delta (default min(1e-5, 1/(10 n))).")] = None,
@@ -52,7 +53,7 @@ def simulate(
 ) -> None:
     """Simulate many users with Flower's simulation engine on Ray, then print a summary table."""
     flags = {"num-users": users, "rounds": rounds, "fraction-train": fraction, "seed": seed, "model": model,
-             "data": with_format(data, data_format), "scheme": scheme, "strategy": strategy,
+             "data": with_format(data, data_format), "scheme": scheme, "strategy": strategy, "population": population,
              "dp-epsilon": target_epsilon if dp else None, "dp-delta": delta, "dp-max-grad-norm": max_grad_norm,
              "dp-accountant": accountant}
     cfg = checked_config(config, set_, flags)
@@ -90,6 +91,7 @@ def benchmark(
     seed: Annotated[Optional[int], Opt(help="Seed of users, sampling and initialisation (same for every run).")] = None,
     model: Annotated[Optional[str], Opt(help="'embedded' (default), an HF model id or a local folder.")] = None,
     data: Annotated[Optional[str], Opt(help="'synthetic:<scenario>' or a JSONL pair file.")] = None,
+    population: Annotated[Optional[str], Opt("--population", help=setting_help("population"))] = None,
     new_users: Annotated[int, Opt(help="New users held out of training (cold start); 0: none.")] = 8,
     new_user_shots: Annotated[Optional[int], Opt(help="Training pairs a new user fits its private part on.")] = None,
     gen_prompts: Annotated[Optional[int], Opt(help="Held-out prompts per user for the generation check (0: off).")] = None,
@@ -108,7 +110,7 @@ def benchmark(
 ) -> None:
     """Run several schemes x strategies on one scenario with the same seed; write a table and plots."""
     flags = {"num-users": users, "rounds": rounds, "fraction-train": fraction, "seed": seed, "model": model,
-             "data": data, "new-users": new_users, "new-user-shots": new_user_shots, "gen-prompts": gen_prompts,
+             "data": data, "population": population, "new-users": new_users, "new-user-shots": new_user_shots, "gen-prompts": gen_prompts,
              "dp-epsilon": target_epsilon if dp else None}
     base = checked_config(config, set_, flags)  # a bad setting or --model: one line, before anything is printed
     from fedpersona.display import LOG_NAME, PROGRESS, ConsoleReporter, QuietReporter, RunLog

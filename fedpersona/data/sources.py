@@ -51,10 +51,10 @@ def parse_data_spec(spec: str) -> tuple[str | None, str]:
     if match is None:
         return None, spec
     fmt, path = match.group("fmt"), match.group("path")
-    from fedpersona.data.formats import FORMATS
+    from fedpersona.data.formats import AUTO, FORMATS
 
     name = fmt.split("(", 1)[0]
-    return (fmt, path) if (":" in name or name in FORMATS) else (None, spec)
+    return (fmt, path) if (":" in name or name in FORMATS or name == AUTO) else (None, spec)
 
 
 def load_data_pairs(spec: str) -> list:

@@ -374,7 +374,28 @@ class PreferenceMemory:
         a bad row (UsageError naming file:line) or a refused user id imports nothing.
         """
         path = Path(path)
-        pairs = list(iter_pairs_jsonl(path))
+        return self.import_pairs(list(iter_pairs_jsonl(path)), str(path), as_user=as_user,
+                                 source=source or f"import:{path.name}")
+
+    def import_pairs(self, pairs: list[PreferencePair], where: str, *, as_user: str | None = None,
+                     source: str | None = None) -> tuple[int, int]:
+        """Import pairs read elsewhere (another dataset format: ``fedpersona.data.formats.load_format``) in ONE
+        transaction, as ``import_file`` does.
+
+        Args:
+            pairs: the pairs, already validated by their loader.
+            where: the file they came from (messages, the device's claim on its user id).
+            as_user: file every pair under this user id (a dataset row names its own, or one per pole).
+            source: the provenance stored with each pair (default ``import:<where's name>``).
+
+        Returns:
+            ``(added, duplicates)``.
+
+        Raises:
+            UsageError: rows of several users without ``as_user``, an empty ``as_user``, or a user id this
+                device does not hold.
+        """
+        path = Path(where)
         if as_user is not None:
             if not as_user.strip():
                 raise UsageError("--as-user: the user id must not be empty")

@@ -31,12 +31,13 @@ from fedpersona.errors import RunFailed, UsageError
 from fedpersona.model.adapters import Role
 from fedpersona.model.loading import model_sha256
 from fedpersona.display import QuietReporter
-from fedpersona.server.progress_grid import ProgressGrid
+from fedpersona.server.deadline_grid import DeadlineGrid, WallClockRounds
+from fedpersona.server.population_rounds import PopulationRounds
 from fedpersona.server.user_grid import UserGrid
 from fedpersona.server.recorder import RoundRecorder, attach_recorder, write_outputs
-from fedpersona.server.secure import SecureAggregationGrid, SecureSettings
 from fedpersona.server.reply_names import ReplyNames
-from fedpersona.server.sampling import round_seed_sampling
+from fedpersona.server.secure import SecureAggregationGrid, SecureSettings
+from fedpersona.server.sampling import population_sampling, round_seed_sampling
 from fedpersona.server.resume import Checkpointing
 from fedpersona.privacy.user_level import user_level_report, wrap_strategy
 from fedpersona.strategies.registry import build_strategy
@@ -66,6 +67,36 @@ def secure_grid(grid: Grid, config: RunConfig, recorder: RoundRecorder) -> Secur
         return None
     return SecureAggregationGrid(grid, SecureSettings.from_config(config),
                                  on_round=lambda report: recorder.train_notes.update({report.server_round: report.row()}))
+
+
+def round_rules(config: RunConfig, shapes: SharedShapes, *, deployment: bool) -> PopulationRounds | WallClockRounds:
+    """Who may be selected and what becomes of them: in a simulation the population on its simulated clock
+    (``fedpersona.server.population_rounds``; the default uniform population changes nothing), in a
+    deployment the round deadline and over-selection on the wall clock (``fedpersona.server.deadline_grid``).
+
+    Raises:
+        UsageError: a population other than uniform in a deployment (devices are real there), or with secure
+            aggregation (not wired together yet).
+    """
+    if deployment:
+        if config.population != "uniform":
+            raise UsageError(f"population={config.population}: a population model is for simulations; in a "
+                             "deployment the devices are real (leave population unset)")
+        return WallClockRounds(config)
+    if getattr(config, "secure_aggregation", False) and config.population != "uniform":
+        raise UsageError(f"population={config.population} with secure-aggregation: the population's round decisions "
+                         "are not wired into secure aggregation's rounds yet; run one of them at a time")
+    return PopulationRounds(config, num_nodes=config.num_users + config.new_users, model_bytes=shapes.model_bytes)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (none if it is missing)."""
+    import json
+
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def sampled_per_round(config: RunConfig, num_users: int) -> int:
@@ -100,12 +131,17 @@ class SharedShapes:
     initial: dict[str, Any]
     shared_count: int
     private_count: int
+    model_bytes: int = 0  # the resident model's parameters (base and adapters): what a device must hold
 
     @classmethod
     def of(cls, config: RunConfig) -> SharedShapes:
         resident = resident_for(config, keep=False)
-        out = cls(resident.adapters.tensors(Role.SHARED), resident.adapters.count(Role.SHARED),
-                  resident.adapters.count(Role.PRIVATE))
+        # the layout's initial values, not the live tensors: a resident model this process keeps (an
+        # in-process client, an earlier run of a notebook) holds whatever global it last loaded
+        initial = {name: resident.adapters.initial[name].detach().cpu().clone() for name in resident.adapters.names(Role.SHARED)}
+        out = cls(initial, resident.adapters.count(Role.SHARED),
+                  resident.adapters.count(Role.PRIVATE),
+                  sum(p.numel() * p.element_size() for p in resident.model.parameters()))
         del resident
         gc.collect()
         release_free_memory()
@@ -125,6 +161,8 @@ def message_config(config: RunConfig, *, deployment: bool, lineage: str) -> dict
     among them, the recorder and the clients treat no device as a held-out "new user" (device indices are
     hashes, not ranks)."""
     flat = config.to_flat()
+    if not deployment and Path(config.population).suffix == ".toml":  # a worker may start in another folder
+        flat["population"] = str(Path(config.population).resolve())
     if deployment:
         for key in SIMULATION_ONLY:
             flat.pop(key.replace("_", "-"), None)
@@ -180,16 +218,21 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
                              per_user_rows=config.per_user_rows, names=ReplyNames(simulation=not deployment))
     strategy = make_strategy(config, recorder)
     round_seed_sampling(strategy, config.seed)  # sees true round numbers: resume_into's shift wraps it
+    rounds = round_rules(config, shapes, deployment=deployment)  # the population's clock, or a deadline
+    population_sampling(strategy, rounds)
+    recorder.round_figures.append(rounds.row)
     initial = checkpoints.resume_into(strategy, recorder) or ArrayRecord(shapes.initial)
+    if checkpoints.done and out_dir:
+        rounds.resume_from(read_rows(Path(out_dir) / "metrics.jsonl"))
     messages = message_config(config, deployment=deployment, lineage=checkpoints.lineage())
     # a simulation's users are virtual nodes in user order (the seeded sampling picks the same users every
     # run) over a pool of worker nodes; their private state lives in a user store made for this run
     store = None if deployment else UserStore.create(checkpoint_dir)
     if store is not None and checkpoint_dir and not checkpoints.done:
         store.clear()  # a fresh run in a kept folder: no user starts from an earlier run's state
-    run_grid = (ProgressGrid(grid, on_reply=reporter.replies) if store is None else
+    run_grid = (DeadlineGrid(grid, rounds, on_reply=reporter.replies) if store is None else
                 UserGrid(grid, num_users=config.num_users + config.new_users, cohort_size=config.cohort_size,
-                         store=str(store.root), pool_size=pool_size, on_reply=reporter.replies))
+                         store=str(store.root), pool_size=pool_size, on_reply=reporter.replies, rounds=rounds))
     secure = secure_grid(run_grid, config, recorder)  # secure aggregation: the strategy gets the sum only
     run_grid = run_grid if secure is None else secure
     reporter.start(config.rounds)
@@ -208,6 +251,7 @@ def run_federation(grid: Grid, config: RunConfig, *, out_dir: str | Path | None 
         if store is not None and not checkpoint_dir:
             store.remove()  # kept beside the checkpoints: what a resumed run continues from
     summary = run_summary(config, recorder, shapes, deployment=deployment, seconds=time.monotonic() - started)
+    summary.update(rounds.summary(recorder.rows, recorder.per_user()))  # simulated time, counts, groups
     if secure is not None:
         summary.update(secure.summary())
     if checkpoints.done:

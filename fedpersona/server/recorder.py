@@ -12,8 +12,11 @@ New users (cold start, user index >= ``num-users`` of the run configuration) are
 no part in training, and their accuracies (``new_user_*``) sit beside the training users' in the rows
 and the summary (before the final evaluation a new user has fitted nothing yet: its personalized
 entry is then the global model's accuracy). The final evaluation's extra per-user values are collected too: ``gen-win-rate`` (the
-generation check, summary key ``generation_win_rate``) and ``private-params`` (what each device really
-keeps, summary key ``private_parameters_per_user``).
+generation check, summary key ``generation_win_rate``), ``private-params`` (what each device really
+keeps, summary key ``private_parameters_per_user``) and the text generation check's ``gen-<decoding>-...``
+values (``fedpersona.round.evaluate.text_generation_check``), averaged over the users who ran it, as the
+summary's ``generation`` (``new_user_generation``): ``{decoding: {model: {measure: mean}, "win_rate": mean},
+"users": n}``.
 
 Every reply goes through the run's ``ReplyScreen`` (``fedpersona.strategies.validation``) before the
 strategy sees it: only accepted replies are aggregated (training) or recorded and averaged (evaluation).
@@ -36,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedpersona.io import append_jsonl, atomic_write_json
+from fedpersona.protocol import METRICS
 from fedpersona.protocol import TRAIN_LOSS_KEY
 from fedpersona.server.reply_names import ReplyNames
 from fedpersona.strategies.validation import ReplyScreen, Screened, rejected_count_against
@@ -88,8 +92,11 @@ class RoundRecorder:
         self.num_users: int | None = None  # users who train; higher indices are new users (from the config)
         self.last_new: dict[int, dict[str, float]] = {}  # new user index -> accuracies (+ gen_win_rate)
         self.private_params: dict[int, int] = {}  # user index -> private parameters its device keeps
+        self.gen_metrics: dict[int, dict[str, float]] = {}  # user index -> its text generation check's values
         self.rejected_reasons: dict[str, int] = {}  # run totals, both phases: reason -> replies rejected
         self.declined_reasons: dict[str, int] = {}  # run totals, both phases: reason -> replies declined
+        # more figures of a round's row, by round (the population's simulated clock, a deployment's deadline)
+        self.round_figures: list[Callable[[int], dict[str, Any]]] = []
         # secure aggregation (fedpersona.server.secure): a round's protocol entries, merged into its training row
         self.train_notes: dict[int, dict[str, Any]] = {}
         if self.out_dir:
@@ -170,6 +177,10 @@ class RoundRecorder:
             entry = {m: float(metrics[f"acc-{m}"]) for m in MODELS}
             if "gen-win-rate" in metrics:
                 entry["gen_win_rate"] = float(metrics["gen-win-rate"])
+            gen = {k: float(v) for k, v in metrics.items() if k.startswith("gen-") and k != "gen-win-rate"
+                   and isinstance(v, (int, float))}
+            if gen:
+                self.gen_metrics[index] = gen
             (self.last_new if self.is_new_user(index) else self.last_eval)[index] = entry
             if not self.is_new_user(index):
                 this_round[index] = entry
@@ -202,6 +213,7 @@ class RoundRecorder:
 
     def _finish_round(self, server_round: int, eval_row: dict[str, Any]) -> None:
         row = {"round": server_round, **self._train.get(server_round, {}), **eval_row,
+               **{k: v for figures in self.round_figures for k, v in figures(server_round).items()},
                "wall_seconds": round(time.monotonic() - self.started, 3)}
         self.rows.append(row)
         if self.out_dir:
@@ -225,6 +237,10 @@ class RoundRecorder:
             rates = [e["gen_win_rate"] for e in table.values() if "gen_win_rate" in e]
             if rates:
                 out[key] = float(np.mean(rates))
+        for key, new in (("generation", False), ("new_user_generation", True)):
+            rows = [m for u, m in self.gen_metrics.items() if self.is_new_user(u) == new]
+            if rows:
+                out[key] = generation_summary(rows)
         return out
 
     def private_parameters_per_user(self, default: int) -> int:
@@ -245,7 +261,7 @@ class RoundRecorder:
         out["first_client_error"] = self.first_client_error
         out.update({"new_user_accuracy_mean": None, "new_user_accuracy_p10": None, "new_user_accuracy_min": None,
                     "new_user_global_accuracy_mean": None, "generation_win_rate": None,
-                    "new_user_generation_win_rate": None})
+                    "new_user_generation_win_rate": None, "generation": None, "new_user_generation": None})
         out.update(self._extra_stats())
         spent = list(self.last_epsilon.values()) + self.epsilons
         out["epsilon_max"] = max(spent) if spent else None
@@ -256,6 +272,44 @@ class RoundRecorder:
         out["rejected_reasons"] = dict(sorted(self.rejected_reasons.items()))
         out["declined_reasons"] = dict(sorted(self.declined_reasons.items()))
         return out
+
+
+def common_metric_keys(replies: list[Message]) -> list[Message]:
+    """Replies whose metrics differ in their keys keep (in place) only the keys every one has: in a round
+    where users train at their own privacy level (a population's ``privacy-demands = own-epsilon``), a DP
+    reply carries ``epsilon`` and a plain one ``train-steps``, and Flower's strategies aggregate only
+    replies with the same keys. Replies that agree (every other round) are returned untouched."""
+    keys = [set(m.content.metric_records[METRICS].keys()) if METRICS in m.content.metric_records else None
+            for m in replies]
+    if None in keys or len({frozenset(k) for k in keys}) <= 1:
+        return replies
+    common = set.intersection(*keys)
+    for msg in replies:
+        metrics = msg.content.metric_records[METRICS]
+        msg.content[METRICS] = MetricRecord({k: v for k, v in metrics.items() if k in common})
+    return replies
+
+
+def generation_summary(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """Users' text generation check values (``gen-<decoding>-<model>-<measure>``, ``gen-<decoding>-win-rate``)
+    averaged over the users that have each (NaN values skipped), nested as
+    ``{decoding: {model: {measure: mean}, "win_rate": mean}, "users": len(rows)}``; measure names use
+    underscores (``pole_length``)."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if np.isfinite(value):
+                values.setdefault(key, []).append(value)
+    out: dict[str, Any] = {"users": len(rows)}
+    for key, seen in sorted(values.items()):
+        decoding, _, rest = key[len("gen-"):].partition("-")
+        slot = out.setdefault(decoding, {})
+        if rest == "win-rate":
+            slot["win_rate"] = float(np.mean(seen))
+        else:
+            model, _, measure = rest.partition("-")
+            slot.setdefault(model, {})[measure.replace("-", "_")] = float(np.mean(seen))
+    return out
 
 
 def _metric(msg: Message, key: str) -> Any:
@@ -294,7 +348,7 @@ def attach_recorder(strategy: Any, recorder: RoundRecorder) -> Any:
             if not screened.accepted:
                 return None, None  # Flower's Strategy.start keeps the current arrays when it gets None
             with rejected_count_against(self, len(screened.rejected)):
-                return super().aggregate_train(server_round, screened.accepted)
+                return super().aggregate_train(server_round, common_metric_keys(screened.accepted))
 
         def configure_evaluate(self, server_round: int, arrays, config, grid) -> Iterable[Message]:
             if "num-users" in config:

@@ -5,6 +5,9 @@ may also draw from between rounds (at times that depend on timing), and from ``G
 whose order is random in a simulation. So the run seeds ``random`` again before every round's
 training configuration, from (run seed, round), and lists nodes in user order (``roster``). A resumed
 run then samples exactly the users the uninterrupted run would have.
+
+With a population model (issue 25) or a deployment's over-selection, ``population_sampling`` puts the
+round's plan around the strategy's own sampling: who may be selected now, and how many more to select.
 """
 
 from __future__ import annotations
@@ -24,4 +27,26 @@ def round_seed_sampling(strategy: Any, seed: int) -> Any:
 
     Seeded.__name__, Seeded.__qualname__, Seeded.__module__ = base.__name__, base.__qualname__, base.__module__
     strategy.__class__ = Seeded
+    return strategy
+
+
+def population_sampling(strategy: Any, rounds: Any) -> Any:
+    """Make ``strategy`` (in place) sample each training round through ``rounds`` (the population's
+    ``fedpersona.server.population_rounds.PopulationRounds``, or a deployment's wall-clock rounds): before
+    the strategy samples, ``rounds.begin(round)`` plans the round (the grid then lists only the users that
+    may be selected); afterwards ``rounds.select`` tops the selection up (over-selection). Works for any
+    strategy that samples from ``grid.get_node_ids()``, as Flower's do."""
+    base = type(strategy)
+
+    class Selecting(base):  # type: ignore[misc, valid-type]
+        def configure_train(self, server_round: int, arrays, config, grid):
+            rounds.begin(server_round)
+            try:
+                messages = list(super().configure_train(server_round, arrays, config, grid))
+            finally:
+                rounds.end()
+            return rounds.select(server_round, messages, grid)
+
+    Selecting.__name__, Selecting.__qualname__, Selecting.__module__ = base.__name__, base.__qualname__, base.__module__
+    strategy.__class__ = Selecting
     return strategy

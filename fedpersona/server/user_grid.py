@@ -28,8 +28,9 @@ import math
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -59,8 +60,9 @@ class UserGrid(DelegatingGrid):
 
     def __init__(self, inner: Grid, *, num_users: int, cohort_size: int, store: str, pool_size: int = 1,
                  on_reply: ReplyCallback | None = None, poll_interval: float = 0.05,
-                 start_timeout: float = 120.0) -> None:
+                 start_timeout: float = 120.0, rounds: Any = None) -> None:
         super().__init__(inner)
+        self.rounds = rounds  # fedpersona.server.population_rounds.PopulationRounds: sampling and the clock
         self.num_users = num_users
         self.cohort_size = cohort_size
         self.store = store
@@ -79,6 +81,9 @@ class UserGrid(DelegatingGrid):
     # ---- users as nodes ---------------------------------------------------------------------
     def get_node_ids(self) -> list[int]:
         self._wait_for_pool()
+        candidates = self.rounds.candidates() if self.rounds is not None else None
+        if candidates is not None:  # a training round's sampling: the users online and fit now, in user order
+            return [USER_NODE_BASE + int(u) for u in candidates]
         return [USER_NODE_BASE + u for u in range(self.num_users)]
 
     def _wait_for_pool(self) -> list[int]:
@@ -118,6 +123,28 @@ class UserGrid(DelegatingGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        if self.rounds is not None and messages:
+            return self._population_round(messages, timeout)
+        return self._exchange(messages, timeout)
+
+    def _population_round(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """A round with the population model: a training round is decided on the simulated clock first
+        (``PopulationRounds.decide``: only users whose reply counts are trained, declines answered as a
+        device would); an evaluation round records the rounds each user trained."""
+        if any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            replies = self._exchange(messages, timeout)
+            self.rounds.note_evaluation(replies)
+            return replies
+        for msg in messages:  # an id to reply to, also for replies made here
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        decision = self.rounds.decide(messages)
+        replies = [*self._exchange(decision.send, timeout), *decision.answered] if decision.send else decision.answered
+        self.rounds.finish(decision.outcome)
+        order = {msg.metadata.message_id: i for i, msg in enumerate(messages)}
+        return sorted(replies, key=lambda m: order.get(m.metadata.reply_to_message_id, len(order)))
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Send ``messages`` as cohorts to the pool and return one reply per message, in their order."""
         for msg in messages:  # an id to reply to (Flower's grids assign it when they push)
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         pool = self._wait_for_pool()

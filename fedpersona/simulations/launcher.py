@@ -57,10 +57,12 @@ def prepare_config(config: RunConfig) -> RunConfig:
     """
     get_scheme(config.scheme)
     if config.is_generated:  # the run model writes its pair file once, here, before Ray starts
-        from fedpersona.simulations.styles import ensure_style_pairs
+        from fedpersona.config import GENERATED_PREFIX
+        from fedpersona.simulations.styles import ensure_generated_pairs
 
         # new users are a pair file's last users (below), so the file holds them too
-        path = ensure_style_pairs(config.model, config.num_users + config.new_users, config.seed)
+        path = ensure_generated_pairs(config.data[len(GENERATED_PREFIX):], config.model,
+                                      config.num_users + config.new_users, config.seed)
         config = config.replace(data=str(path))
     if not config.is_synthetic:
         config = config.replace(data=str(Path(config.data).resolve()))

@@ -5,7 +5,11 @@
 * ``per_user_accuracy.png``: the distribution of per-user personalized accuracy per run (box plot, every
   user drawn as a dot), new users beside the training users where a run has them;
 * ``accuracy_by_pairs.png``: personalized accuracy against the user's number of training pairs (binned,
-  log scale): where federation helps.
+  log scale): where federation helps;
+* with a heterogeneous population (issue 25, ``population_plots``): ``accuracy_by_simulated_time.png``,
+  personalized (solid) and global (dashed) mean accuracy against simulated hours, and
+  ``accuracy_by_group.png``, personalized accuracy per group (device tier, availability quartile, privacy
+  group, training-pair quartile; from each run's ``summary.json``), one bar per run.
 """
 
 from __future__ import annotations
@@ -144,10 +148,69 @@ def accuracy_by_pairs(out: Path, runs: list[dict[str, Any]], train_pairs: dict[s
     return _save(plt, fig, out / "accuracy_by_pairs.png")
 
 
+def accuracy_by_simulated_time(out: Path, runs: list[dict[str, Any]]) -> Path:
+    """Mean personalized (solid) and global (dashed) accuracy against the simulated hours at each evaluated
+    round's end (``simulated_end_s`` of ``metrics.jsonl``), one colour per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colours = plt.get_cmap("tab10")
+    for i, run in enumerate(runs):
+        rows = [r for r in _read_rows(out / run["out"] / "metrics.jsonl")
+                if r.get("personalized_accuracy_mean") is not None and r.get("simulated_end_s") is not None]
+        if not rows:
+            continue
+        hours = [r["simulated_end_s"] / 3600 for r in rows]
+        colour = colours(i % 10)
+        ax.plot(hours, [r["personalized_accuracy_mean"] for r in rows], "-o", ms=3, color=colour, label=run["run"])
+        ax.plot(hours, [r["global_accuracy_mean"] for r in rows], "--", color=colour, alpha=0.6)
+    ax.set_xlabel("simulated hours (the population's devices)")
+    ax.set_ylabel("mean held-out pairwise accuracy")
+    ax.set_title("personalized (solid) and global (dashed) accuracy against simulated time")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out / "accuracy_by_simulated_time.png")
+
+
+def accuracy_by_group(out: Path, runs: list[dict[str, Any]]) -> Path:
+    """Personalized accuracy per group of users (``summary.json``'s ``accuracy_by_group``: ``tier:slow``,
+    ``availability:q1``, ``privacy:strict``, ``pairs:q4``, ...), one bar per run, groups of a kind together."""
+    plt = _pyplot()
+    tables = [(run["run"], _read_json(out / run["out"] / "summary.json", {}).get("accuracy_by_group") or {})
+              for run in runs]
+    labels = list(dict.fromkeys(label for _, table in tables for label in table))
+    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(labels) * max(len(tables), 1) ** 0.5 + 3), 5))
+    width = 0.8 / max(len(tables), 1)
+    x = np.arange(len(labels))
+    for i, (name, table) in enumerate(tables):
+        values = [(table.get(label) or {}).get("personalized_accuracy_mean") for label in labels]
+        ax.bar(x + (i - (len(tables) - 1) / 2) * width, [np.nan if v is None else v for v in values], width,
+               label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("mean personalized accuracy of the group")
+    ax.set_title("personalized accuracy per group (device tier, availability, privacy, training pairs)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0.3, 1.0)
+    if tables:
+        ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(plt, fig, out / "accuracy_by_group.png")
+
+
+def population_plots(out_dir: str | Path, runs: list[dict[str, Any]]) -> list[Path]:
+    """The two population figures for ``runs`` (each ``{"run": label, "out": folder under out_dir}``), written
+    where some run has a heterogeneous population (a population other than uniform in its summary); else none."""
+    out = Path(out_dir)
+    populated = [r for r in runs if _read_json(out / r["out"] / "summary.json", {}).get("population")
+                 not in (None, "uniform")]
+    return [accuracy_by_simulated_time(out, runs), accuracy_by_group(out, runs)] if populated else []
+
+
 def write_plots(out_dir: str | Path, result: dict[str, Any]) -> list[str]:
     """Write every figure for a benchmark ``result``; returns their paths relative to ``out_dir``."""
     out = Path(out_dir)
     runs = [r for r in result["runs"] if not r.get("error")]
     paths = [accuracy_per_round(out, runs), per_user_accuracy(out, runs),
-             accuracy_by_pairs(out, runs, result.get("train_pairs", {}))]
+             accuracy_by_pairs(out, runs, result.get("train_pairs", {})), *population_plots(out, runs)]
     return [str(p.relative_to(out)) for p in paths]

@@ -80,7 +80,8 @@ def test_import_then_duplicates_and_as_user(tmp_path: Path, cli) -> None:
     state = str(tmp_path / "state")
     first = write_jsonl(tmp_path / "a.jsonl", [row(1), row(2), "", row(3)])
     code, out, _ = cli("feedback", "import", str(first), "--state", state, "--json")
-    assert code == 0 and json.loads(out) == {"file": str(first), "added": 3, "duplicates": 0, "pairs": 3}
+    assert code == 0 and json.loads(out) == {"file": str(first), "format": "fedpersona", "added": 3, "duplicates": 0,
+                                             "pairs": 3}
     code, out, _ = cli("feedback", "import", str(first), "--state", state)
     assert code == 0 and "imported 0 pairs" in out and "3 already stored" in out
     other = write_jsonl(tmp_path / "b.jsonl", [row(4, "u2"), row(5, "u3")])
@@ -88,6 +89,36 @@ def test_import_then_duplicates_and_as_user(tmp_path: Path, cli) -> None:
     assert code == 2 and "--as-user" in one_line(err)
     code, out, _ = cli("feedback", "import", str(other), "--state", state, "--as-user", "u1")
     assert code == 0 and "imported 2 pairs" in out and "5 pairs" in out
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+
+
+def test_import_of_another_dataset_format_goes_through_its_loader(tmp_path: Path, cli) -> None:
+    """``--format`` reads HH-RLHF (or any registered or plug-in format) into the device's memory: the pairs the
+    loader makes, one user, one transaction; a bad format or an option it does not take is one line."""
+    from fedpersona.data.formats import load_format
+
+    state = str(tmp_path / "state")
+    source = FIXTURES / "hh_rlhf.jsonl"
+    expected = load_format(source, "hh-rlhf(users=1)")
+    code, out, err = cli("feedback", "import", str(source), "--state", state, "--format", "hh-rlhf(users=1)",
+                         "--json", "--no-check")
+    assert code == 0, err
+    assert json.loads(out) == {"file": str(source), "format": "hh-rlhf(users=1)", "added": len(expected),
+                               "duplicates": 0, "pairs": len(expected)}
+    with DeviceState(state) as st:
+        stored = st.memory.list(None, 0)
+    assert sorted(r.prompt for r in stored) == sorted(p.prompt for p in expected)
+    code, out, _ = cli("feedback", "import", str(source), "--state", state, "--format", "auto", "--as-user",
+                       expected[0].user_id, "--no-check")
+    assert code == 0 and f"{len(expected)} already stored" in out
+    code, out, _ = cli("feedback", "import", f"hh-rlhf(users=1):{source}", "--state", state, "--no-check")
+    assert code == 0 and f"{len(expected)} already stored" in out  # FORMAT:PATH, as simulate --data takes it
+    code, _, err = cli("feedback", "import", str(source), "--state", state, "--format", "prism(nope=1)")
+    assert code == 2 and "nope" in one_line(err)
+    code, _, err = cli("feedback", "import", str(source), "--state", state, "--format", "no-such-format")
+    assert code == 2 and "no-such-format" in one_line(err)
 
 
 @pytest.mark.parametrize("bad, what", [({"user_id": "u1", "prompt": "p", "chosen": "c"}, "missing field 'rejected'"),

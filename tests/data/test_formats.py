@@ -416,3 +416,17 @@ def test_parquet_needs_pyarrow_or_reads(tmp_path: Path) -> None:
         return
     pq.write_table(pa.Table.from_pylist(fixture_rows(PSOUPS)), path)
     assert load_psoups(path) == load_psoups(PSOUPS)
+
+
+def test_a_data_spec_names_its_format_or_is_a_pair_file(tmp_path):
+    """``FORMAT:PATH`` (a registered format, ``auto``, options, a plug-in) or a path; an existing file wins."""
+    from fedpersona.data.sources import parse_data_spec
+
+    assert parse_data_spec("hh-rlhf:x.jsonl") == ("hh-rlhf", "x.jsonl")
+    assert parse_data_spec("auto:x.jsonl") == ("auto", "x.jsonl")
+    assert parse_data_spec("prism(history_turns=2):x.jsonl") == ("prism(history_turns=2)", "x.jsonl")
+    assert parse_data_spec("my.pkg:Fmt:x.jsonl") == ("my.pkg:Fmt", "x.jsonl")
+    assert parse_data_spec("nosuch:x.jsonl") == (None, "nosuch:x.jsonl")
+    odd = tmp_path / "hh-rlhf:odd.jsonl"
+    odd.write_text("{}\n")
+    assert parse_data_spec(str(odd)) == (None, str(odd))

@@ -8,6 +8,7 @@ in metrics.jsonl, and the device's ledger and private adapter stay untouched.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,29 @@ def test_a_server_asking_for_a_larger_epsilon_or_delta_is_declined(tmp_path, pro
     for device in devices[:2]:  # nothing trained, nothing spent
         assert not (device / "ledger.json").exists() and not (device / "private_adapter.safetensors").exists()
     trained = json.loads((devices[2] / "ledger.json").read_text())
-    assert trained["target_epsilon"] == 20.0 and trained["delta"] == 1e-4 and trained["history"]
+    # the run's 20 caps its rounds; the ledger's lasting target is the device's policy (client.device.prepare_ledger)
+    assert trained["target_epsilon"] == 30.0 and trained["delta"] == 1e-4 and trained["history"]
     assert json.loads((devices[0] / "policy.json").read_text())["max_epsilon"] == 8.0
+
+    # what each device's terminal said (issue 23): the trainer's phases, the decliners' whole reasons
+    terminal = (tmp_path / "client-2.log").read_text()
+    for line in ("round 1: computing reference log-probs of 16 pairs", "round 1: training step 1 of 2",
+                 "round 1: training step 2 of 2", "round 1: trained on your 16 training pairs",
+                 "evaluating on your held-out pairs"):
+        assert line in terminal, f"{line!r} not on the device's terminal:\n{terminal[-3000:]}"
+    said = (tmp_path / "client-0.log").read_text()
+    assert "declined to train: the round asks for epsilon 20; this device accepts at most 8 " \
+           "(epsilon-above-policy)" in said, said[-2000:]
+    # ... and the server holds only codes: no device's folder, no reason text, in its database, logs, outputs
+    for path in (tmp_path / "server").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"this device accepts" not in data and not any(str(d).encode() in data for d in devices), path
+    device = procs.started[1]  # Ctrl-C on an idle device: a stop line, exit 0, no traceback
+    device.send_signal(signal.SIGINT)
+    assert device.wait(timeout=60) == 0
+    said = (tmp_path / "client-0.log").read_text()
+    assert "stopping (Ctrl-C): no round was running" in said and "Traceback" not in said, said[-2000:]
 
     # forget + re-import keeping the spent epsilon: tests/client/test_policy.py (the real CLI, in process)
 

@@ -85,3 +85,18 @@ def test_waiting_lines_are_said_once_per_change(tmp_path: Path, caplog):
                       "(the waiting line above came 19 more times)", "INFO :      [ROUND 1/2]"]
     progress = [r.getMessage() for r in caplog.records if r.name == "fedpersona.progress"]
     assert progress == ["waiting for 2 devices: 0 connected", "waiting for 2 devices: 1 connected"]
+
+
+def test_the_end_table_says_whose_epsilon_and_what_was_bounded():
+    from rich.console import Console
+
+    from fedpersona.display import summary_table
+
+    summary = {"num_users": 4, "rounds": 2, "scheme": "split", "strategy": "FedAvg", "shared_parameters": 10,
+               "private_parameters_per_user": 2, "bytes_up_per_client_round": 40.0, "wall_seconds": 1.0,
+               "epsilon_max": 7.5, "epsilon_max_source": "devices' own claims (their privacy ledgers; ...)",
+               "clipped_replies": 2, "weight_capped_replies": 1}
+    console = Console(width=140, record=True)
+    console.print(summary_table(summary))
+    text = console.export_text()
+    assert "7.50 (the devices' own claims)" in text and "clipped 2, weight-capped 1" in text

@@ -33,12 +33,13 @@ from fedpersona.strategies.validation import TensorSpec
 
 BASE = RunConfig(num_users=8, rounds=2, fraction_train=1.0, min_users=2, epochs=1, min_steps=2, max_steps=2,
                  eval_every=2, gen_prompts=0, data="synthetic:low-disagreement", seed=3)
-REASON = {"nan": "non-finite", "inf": "non-finite", "scale": "update-norm", "wrong-shape": "wrong-shape",
+REASON = {"nan": "non-finite", "inf": "non-finite", "wrong-shape": "wrong-shape",
           "missing-key": "missing-key", "extra-key": "extra-key", "weight-huge": "bad-weight",
           "weight-negative": "bad-weight"}
 RUNS = {
     "clean": BASE,
     **{attack: BASE.replace(attack=attack, attack_users=1) for attack in REASON},
+    "scale": BASE.replace(attack="scale", attack_users=1),  # x1e6: clipped, not rejected (bounded influence)
     "fedmedian-clean": BASE.replace(strategy="FedMedian"),
     "fedmedian-nan": BASE.replace(strategy="FedMedian", attack="nan", attack_users=1),
     "unvalidated-nan": BASE.replace(attack="nan", attack_users=1, validate_replies=False),
@@ -87,6 +88,16 @@ def test_one_malicious_user_is_rejected_and_the_run_stays_close_to_clean(session
     _close(summary, clean)
 
 
+def test_a_boosted_update_is_clipped_to_the_bound_and_kept(session):
+    """An update x1e6 is one the server bounds, not one that cannot be honest: clipped every round, never
+    rejected, and the run stays close to the clean one (the attacker's direction is its honest one)."""
+    summary, rows = _run(session, "scale")
+    assert summary["rejected_replies"] == 0 and summary["clipped_replies"] >= BASE.rounds
+    assert all(r["train_clipped"] >= 1 and r["train_replies"] == BASE.num_users for r in rows)
+    assert all(r["update_norm_bound"] is not None and r["update_norm_bound"] > 0 for r in rows)
+    _close(summary, _run(session, "clean")[0])
+
+
 def test_a_rejected_reply_has_no_effect_whatever_it_carried(session):
     """Every screened attack run is the same run: the content of the dropped reply changes nothing."""
     outcomes = {_per_user(session, attack) for attack in REASON}
@@ -96,6 +107,7 @@ def test_a_rejected_reply_has_no_effect_whatever_it_carried(session):
 def test_the_clean_run_rejects_nothing(session):
     summary, rows = _run(session, "clean")
     assert summary["rejected_replies"] == 0 and summary["rejected_reasons"] == {}
+    assert summary["clipped_replies"] == 0  # honest updates stay under the bound
     assert all(r["train_rejected"] == 0 and r["train_replies"] == BASE.num_users for r in rows)
     assert 0.0 < summary["global_accuracy_mean"] <= 1.0
 

@@ -101,7 +101,7 @@ def _common_checks(summary, out):
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_strategy_runs_two_rounds_and_aggregates(session, name):
     summary, log, strategy, out = _ok(session, ("split", name))
-    assert summary["strategy"] == name
+    assert summary["strategy"] == (f"{name}({ARGS[name]})" if name in ARGS else name)  # the spec that ran
     _common_checks(summary, out)
     assert [e["round"] for e in log] == [1, 2]
     for entry in log:
