@@ -142,7 +142,8 @@ def contribution_of(result: RoundResult, received: ArrayRecord, config: RunConfi
 
 
 def answer(request: Mapping[str, Any], secrets: SecretFile, contribution: Contribution | None = None,
-           plan: QuantizationPlan | None = None, num_params: int | None = None) -> RecordDict:
+           plan: QuantizationPlan | None = None, num_params: int | None = None,
+           rounding_seed: int | None = None) -> RecordDict:
     """One participant's reply to one stage's request, its state loaded from and saved to ``secrets``.
 
     Args:
@@ -152,6 +153,8 @@ def answer(request: Mapping[str, Any], secrets: SecretFile, contribution: Contri
         plan: masked-input only: the round's quantization plan.
         num_params: masked-input only: coordinates of the global tensors received (checked against the setup's
             vector length before anything is trained).
+        rounding_seed: masked-input only: seeds the stochastic rounding of the update (a simulation: the run's
+            seed, the user and the round, so a run repeats); None (a device): fresh randomness.
 
     Returns:
         The reply's records: ``secagg.reply``, and ``secagg.vector`` at masked-input.
@@ -173,7 +176,7 @@ def answer(request: Mapping[str, Any], secrets: SecretFile, contribution: Contri
         elif stage == m.UNMASK:
             reply = client.unmask(request)
         elif stage == m.MASKED_INPUT:
-            reply = _masked_input(client, request, contribution, plan, num_params)
+            reply = _masked_input(client, request, contribution, plan, num_params, rounding_seed)
         else:
             raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
     if client.expects is None:
@@ -189,7 +192,8 @@ def answer(request: Mapping[str, Any], secrets: SecretFile, contribution: Contri
 
 
 def _masked_input(client: Client, request: Mapping[str, Any], contribution: Contribution | None,
-                  plan: QuantizationPlan | None, num_params: int | None) -> dict[str, Any]:
+                  plan: QuantizationPlan | None, num_params: int | None,
+                  rounding_seed: int | None = None) -> dict[str, Any]:
     if contribution is None or plan is None or num_params is None:
         raise ProtocolError("a masked-input request needs the round's plan and global tensors")
     if plan.vector_length(num_params) != client.vector_length:
@@ -203,8 +207,15 @@ def _masked_input(client: Client, request: Mapping[str, Any], contribution: Cont
     update, weight = contribution()
     if update.shape != (num_params,):
         raise ProtocolError(f"the update has {update.size} coordinates, the global tensors {num_params}")
-    vector = plan.encode(update, weight, np.random.default_rng())
+    rng = np.random.default_rng(None if rounding_seed is None else [rounding_seed, user_seed(client.user),
+                                                                      m.get_int(request, m.ROUND)])
+    vector = plan.encode(update, weight, rng)
     return client.masked_input(request, vector)
+
+
+def user_seed(user: int) -> int:
+    """A participant id as a non-negative seed word (ids are user indices in a simulation)."""
+    return int(user) % (2**63)
 
 
 # ---- the ClientApp's entry point ---------------------------------------------------------------------
@@ -303,7 +314,8 @@ def _answer_cohort(msg: Message, context: Context) -> RecordDict:
 
     def user_reply(config: RunConfig, user: int, result: RoundResult) -> RecordDict:
         return answer(dict(requests[user]), secrets[user],
-                      lambda: contribution_of(result, received, config, train_config), plan, num_params(received))
+                      lambda: contribution_of(result, received, config, train_config), plan, num_params(received),
+                      rounding_seed=config.seed)  # simulated users: a run repeats, rounding included
 
     return train_cohort(msg, context, config, extras, shared, user_reply)
 
