@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
 
 import numpy as np
@@ -82,7 +83,8 @@ def initial():
 def train_round(initial, secure: bool, tamper=None, config: RunConfig = CONFIG):
     """One training round of FedAvg over all users; (replies the strategy got, aggregate, pool, reports)."""
     pool = Pool(tamper=tamper)
-    store = UserStore.create(tempfile.mkdtemp(prefix="fp-secagg-test-"))
+    parent = tempfile.mkdtemp(prefix="fp-secagg-test-")
+    store = UserStore.create(parent)
     grid = UserGrid(pool, num_users=config.num_users, cohort_size=16, store=str(store.root), pool_size=2)
     reports = []
     if secure:
@@ -94,7 +96,7 @@ def train_round(initial, secure: bool, tamper=None, config: RunConfig = CONFIG):
         replies = list(grid.send_and_receive(messages, timeout=600))
         aggregate = strategy.aggregate_train(1, replies)[0] if replies else None
     finally:
-        store.remove()
+        shutil.rmtree(parent, ignore_errors=True)  # the store and the folder it was made in
     return replies, aggregate, pool, reports
 
 
