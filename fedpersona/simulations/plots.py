@@ -57,28 +57,38 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def accuracy_per_round(out: Path, runs: list[dict[str, Any]]) -> Path:
+def _accuracy_curves(out: Path, runs: list[dict[str, Any]], x_key: str, x_scale: float, xlabel: str,
+                     title: str, name: str, whole_x: bool) -> Path:
+    """Mean personalized (solid) and global (dashed) accuracy of each run's evaluated rounds against
+    ``row[x_key] / x_scale`` (rows without it skipped), one colour per run, saved as ``out / name``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     colours = plt.get_cmap("tab10")
     for i, run in enumerate(runs):
-        rows = [r for r in _read_rows(out / run["out"] / "metrics.jsonl") if r.get("personalized_accuracy_mean") is not None]
+        rows = [r for r in _read_rows(out / run["out"] / "metrics.jsonl")
+                if r.get("personalized_accuracy_mean") is not None and r.get(x_key) is not None]
         if not rows:
             continue
-        rounds = [r["round"] for r in rows]
+        xs = [r[x_key] / x_scale for r in rows]
         colour = colours(i % 10)
-        ax.plot(rounds, [r["personalized_accuracy_mean"] for r in rows], "-o", ms=3, color=colour, label=run["run"])
-        ax.plot(rounds, [r["global_accuracy_mean"] for r in rows], "--", color=colour, alpha=0.6)
-    ax.set_xlabel("round")
-    from matplotlib.ticker import MaxNLocator
+        ax.plot(xs, [r["personalized_accuracy_mean"] for r in rows], "-o", ms=3, color=colour, label=run["run"])
+        ax.plot(xs, [r["global_accuracy_mean"] for r in rows], "--", color=colour, alpha=0.6)
+    ax.set_xlabel(xlabel)
+    if whole_x:
+        from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers: no 2.5 tick
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers: no 2.5 tick
     ax.set_ylabel("mean held-out pairwise accuracy")
-    ax.set_title("personalized (solid) and global (dashed) accuracy per round")
+    ax.set_title(title)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(plt, fig, out / "accuracy_per_round.png")
+    return _save(plt, fig, out / name)
+
+
+def accuracy_per_round(out: Path, runs: list[dict[str, Any]]) -> Path:
+    return _accuracy_curves(out, runs, "round", 1, "round", "personalized (solid) and global (dashed) accuracy per "
+                            "round", "accuracy_per_round.png", whole_x=True)
 
 
 def per_user_accuracy(out: Path, runs: list[dict[str, Any]]) -> Path:
@@ -151,25 +161,9 @@ def accuracy_by_pairs(out: Path, runs: list[dict[str, Any]], train_pairs: dict[s
 def accuracy_by_simulated_time(out: Path, runs: list[dict[str, Any]]) -> Path:
     """Mean personalized (solid) and global (dashed) accuracy against the simulated hours at each evaluated
     round's end (``simulated_end_s`` of ``metrics.jsonl``), one colour per run."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    colours = plt.get_cmap("tab10")
-    for i, run in enumerate(runs):
-        rows = [r for r in _read_rows(out / run["out"] / "metrics.jsonl")
-                if r.get("personalized_accuracy_mean") is not None and r.get("simulated_end_s") is not None]
-        if not rows:
-            continue
-        hours = [r["simulated_end_s"] / 3600 for r in rows]
-        colour = colours(i % 10)
-        ax.plot(hours, [r["personalized_accuracy_mean"] for r in rows], "-o", ms=3, color=colour, label=run["run"])
-        ax.plot(hours, [r["global_accuracy_mean"] for r in rows], "--", color=colour, alpha=0.6)
-    ax.set_xlabel("simulated hours (the population's devices)")
-    ax.set_ylabel("mean held-out pairwise accuracy")
-    ax.set_title("personalized (solid) and global (dashed) accuracy against simulated time")
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    return _save(plt, fig, out / "accuracy_by_simulated_time.png")
+    return _accuracy_curves(out, runs, "simulated_end_s", 3600, "simulated hours (the population's devices)",
+                            "personalized (solid) and global (dashed) accuracy against simulated time",
+                            "accuracy_by_simulated_time.png", whole_x=False)
 
 
 def accuracy_by_group(out: Path, runs: list[dict[str, Any]]) -> Path:
